@@ -1,0 +1,208 @@
+"""KV-cache block pool with prefix caching. No policy in it.
+
+The pool only allocates, frees, caches and evicts. Admission and preemption
+decisions stay in the scheduler.
+
+- Fixed-size blocks with reference counts.
+- A full block of prompt tokens can be registered under a chained prefix hash
+  `hash((parent_hash, block_content_ids))`; a later request whose prompt has
+  the same hash chain reuses it (prefix caching).
+- An unreferenced block that carries a hash stays cached and evictable, in
+  LRU order; unhashed free blocks are handed out first, so caching never
+  costs capacity.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence as Seq
+
+from traces.workload import Request
+
+
+def prefix_block_hashes(req: Request, block_size: int) -> list[int]:
+    """Chained hashes of the request's full KV blocks that its trace hashes cover.
+
+    The trace gives one id per `req.hash_block_size` prompt tokens (Mooncake:
+    512); KV blocks are `block_size` tokens. KV block j's identity is the trace
+    ids covering tokens [j*B, (j+1)*B) plus its offset inside a trace block, so
+    equal trace prefixes give equal KV hash chains at any block size. Only
+    blocks that lie entirely inside the prompt and the covered range count.
+    """
+    hb, ids = req.hash_block_size, req.block_hashes
+    if not ids or hb <= 0:
+        return []
+    covered = min(req.input_tokens, len(ids) * hb)
+    n = covered // block_size
+    out: list[int] = []
+    parent = 0
+    if hb >= block_size:
+        per = hb // block_size if hb % block_size == 0 else 0
+        for j in range(n):
+            start = j * block_size
+            if per:
+                key = (ids[start // hb], j % per)
+            else:  # block sizes not nested: name the block by every trace id it touches
+                key = (tuple(ids[start // hb:(start + block_size - 1) // hb + 1]), start % hb)
+            parent = hash((parent, key))
+            out.append(parent)
+    else:
+        for j in range(n):
+            start = j * block_size
+            key = (tuple(ids[start // hb:(start + block_size - 1) // hb + 1]), start % hb)
+            parent = hash((parent, key))
+            out.append(parent)
+    return out
+
+
+class BlockManager:
+    """A pool of `num_blocks` KV blocks of `block_size` tokens each."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.ref = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        # Free blocks without a hash, as a stack: the end is handed out next (ids 0, 1, 2, ... at first).
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # Unreferenced blocks that carry a hash: evictable, least recently freed first.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.evictions = 0
+        self.queries = 0  # prompt blocks looked up in the prefix cache
+        self.hits = 0  # of those, found
+
+    # ---- capacity -------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can get now: free plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache ---------------------------------------------------------
+    def lookup(self, hashes: Seq[int]) -> list[int]:
+        """Block ids of the longest cached prefix of `hashes`. No side effects."""
+        out: list[int] = []
+        if not self.enable_caching:
+            return out
+        cached = self.cached
+        for h in hashes:
+            b = cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def count_query(self, queried: int, hit: int) -> None:
+        self.queries += queried
+        self.hits += hit
+
+    def evictable_among(self, block_ids: Seq[int]) -> int:
+        """How many of these (cached) blocks are unreferenced, i.e. counted in num_free."""
+        ev = self._evictable
+        return sum(1 for b in block_ids if b in ev)
+
+    def acquire(self, block_ids: Seq[int]) -> None:
+        """Take a reference on cached blocks (a prefix hit)."""
+        ref, ev = self.ref, self._evictable
+        for b in block_ids:
+            if ref[b] == 0:
+                del ev[b]
+            ref[b] += 1
+
+    def register(self, block_id: int, h: int) -> bool:
+        """Name a full, computed block by its prefix hash. False if the hash is already cached elsewhere."""
+        if not self.enable_caching or h in self.cached or self.block_hash[block_id] is not None:
+            return False
+        self.cached[h] = block_id
+        self.block_hash[block_id] = h
+        return True
+
+    # ---- allocate / free ------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """n new blocks with one reference each. Raises if fewer than n are free."""
+        if n <= 0:
+            return []
+        free = self._free
+        if n <= len(free):
+            out = free[-n:]
+            del free[-n:]
+            out.reverse()
+        else:
+            if n > len(free) + len(self._evictable):
+                raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
+            out = free[::-1]
+            free.clear()
+            ev, bh, cached = self._evictable, self.block_hash, self.cached
+            for _ in range(n - len(out)):
+                b, _ = ev.popitem(last=False)
+                del cached[bh[b]]
+                bh[b] = None
+                self.evictions += 1
+                out.append(b)
+        ref = self.ref
+        for b in out:
+            ref[b] = 1
+        return out
+
+    def free(self, block_ids: Seq[int]) -> None:
+        """Drop one reference on each block, tail first (so a sequence's last blocks are evicted first)."""
+        ref, bh, ev, free = self.ref, self.block_hash, self._evictable, self._free
+        for b in reversed(block_ids):
+            r = ref[b] - 1
+            ref[b] = r
+            if r == 0:
+                if bh[b] is None:
+                    free.append(b)
+                else:
+                    ev[b] = None
+            elif r < 0:
+                raise RuntimeError(f"KV block {b} freed more often than referenced")
+
+    def evict_cached(self, n: int) -> int:
+        """Reclaim up to n evictable cached blocks (LRU first) into the plain free list."""
+        ev, bh, cached, free = self._evictable, self.block_hash, self.cached, self._free
+        k = 0
+        while ev and k < n:
+            b, _ = ev.popitem(last=False)
+            del cached[bh[b]]
+            bh[b] = None
+            free.append(b)
+            k += 1
+        self.evictions += k
+        return k
+
+    def check(self) -> None:
+        """Assert internal consistency (tests)."""
+        free = set(self._free)
+        ev = set(self._evictable)
+        assert not free & ev
+        for b in range(self.num_blocks):
+            r = self.ref[b]
+            assert r >= 0
+            assert (r == 0) == (b in free or b in ev), b
+            if b in free:
+                assert self.block_hash[b] is None
+            if b in ev:
+                assert self.block_hash[b] is not None
+        for h, b in self.cached.items():
+            assert self.block_hash[b] == h

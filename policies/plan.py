@@ -1,0 +1,40 @@
+"""The boundary between a scheduler and whatever executes a step.
+
+A `StepPlan` says which sequences compute how many tokens this step. The
+simulator hands it to a cost model (which predicts the step's duration); the
+executor hands it to torch. Neither changes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from policies.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepPlan:
+    # Sequences computing prompt (or recomputed) tokens this step, and how many each.
+    # seq.num_computed is the position of the first token of its chunk.
+    prefill: list[Sequence] = field(default_factory=list)
+    prefill_tokens: list[int] = field(default_factory=list)
+    # Sequences computing exactly one token (their last sampled one).
+    decode: list[Sequence] = field(default_factory=list)
+    # Sequences preempted while building this plan (blocks freed, back to waiting).
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.prefill_tokens) + len(self.decode)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prefill) + len(self.decode)

@@ -1,0 +1,116 @@
+"""Waiting-queue disciplines behind one small interface, and a factory.
+
+Items are `Sequence`-like objects with `.req`, `.order` (tie-breaker) and
+`.t_arrival`. A preempted sequence goes back with `push_front` and is served
+before anything else.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Any, Callable, Iterator, Protocol
+
+
+class RequestQueue(Protocol):
+    def push(self, seq: Any, now: float) -> None: ...
+    def push_front(self, seq: Any) -> None: ...
+    def peek(self, now: float) -> Any | None: ...
+    def pop(self, now: float) -> Any: ...
+    def remove(self, seq: Any) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class FCFSQueue:
+    """First come, first served."""
+
+    def __init__(self) -> None:
+        self._q: deque = deque()
+
+    def push(self, seq: Any, now: float) -> None:
+        self._q.append(seq)
+
+    def push_front(self, seq: Any) -> None:
+        self._q.appendleft(seq)
+
+    def peek(self, now: float) -> Any | None:
+        return self._q[0] if self._q else None
+
+    def pop(self, now: float) -> Any:
+        return self._q.popleft()
+
+    def remove(self, seq: Any) -> None:
+        self._q.remove(seq)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._q)
+
+
+class PriorityQueue:
+    """Lowest `req.priority` first, then arrival order. Preempted sequences go first."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, int, Any]] = []
+        self._front: deque = deque()
+        self._removed: set[int] = set()
+        self._n = 0
+
+    def push(self, seq: Any, now: float) -> None:
+        heapq.heappush(self._heap, (seq.req.priority, seq.order, id(seq), seq))
+        self._n += 1
+
+    def push_front(self, seq: Any) -> None:
+        self._front.appendleft(seq)
+        self._n += 1
+
+    def _clean(self) -> None:
+        h, rm = self._heap, self._removed
+        while h and id(h[0][3]) in rm:
+            rm.discard(id(heapq.heappop(h)[3]))
+
+    def peek(self, now: float) -> Any | None:
+        if self._front:
+            return self._front[0]
+        self._clean()
+        return self._heap[0][3] if self._heap else None
+
+    def pop(self, now: float) -> Any:
+        self._n -= 1
+        if self._front:
+            return self._front.popleft()
+        self._clean()
+        return heapq.heappop(self._heap)[3]
+
+    def remove(self, seq: Any) -> None:
+        if seq in self._front:
+            self._front.remove(seq)
+        else:
+            self._removed.add(id(seq))
+        self._n -= 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._front
+        for _, _, i, s in sorted(self._heap):
+            if i not in self._removed:
+                yield s
+
+
+QUEUES: dict[str, Callable[..., RequestQueue]] = {
+    "fcfs": FCFSQueue,
+    "priority": PriorityQueue,
+}
+
+
+def create_queue(name: str, **kwargs: Any) -> RequestQueue:
+    try:
+        factory = QUEUES[name]
+    except KeyError:
+        raise ValueError(f"unknown queue discipline '{name}'; valid: {', '.join(sorted(QUEUES))}") from None
+    return factory(**kwargs)

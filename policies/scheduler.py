@@ -1,0 +1,417 @@
+"""Step schedulers: which sequences compute how many tokens next.
+
+`ContinuousBatchingScheduler` is the vLLM/Sarathi family: a token budget per
+step, a cap on running sequences, chunked prefill, preemption by recompute
+when KV blocks run out. `DynamicBatchScheduler` is a classic request batcher
+(max batch size, max wait; a batch runs to completion).
+
+Both follow one cycle, driven by the simulator or the executor:
+
+    plan = sched.schedule(now)                 # a StepPlan
+    ... execute it (cost model or torch), the step ends at `end` ...
+    sched.update(plan, start=now, end=end)
+
+A run of decode-only steps whose shape cannot change (no prefill, no
+admission possible, no preemption) can be applied in one call:
+`k = sched.horizon(plan)` steps are safe, and `sched.advance(plan, ends)`
+applies the first len(ends) of them, giving the same state and records that
+len(ends) single steps would.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from policies.kv_cache import BlockManager, prefix_block_hashes
+from policies.plan import StepPlan
+from policies.queues import RequestQueue, create_queue, QUEUES
+from policies.sequence import SeqStatus, Sequence
+
+
+def _check(name: str, ok: bool, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    kind: str = "continuous"  # "continuous" or "dynamic"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = True
+    block_size: int = 16
+    prefix_caching: bool = True
+    queue: str = "fcfs"
+    max_waiting: int | None = None  # admission limit: arrivals beyond it are rejected
+    queue_timeout: float | None = None  # s a request may wait before first admission
+    # dynamic batching only
+    max_batch_size: int = 32
+    max_wait: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check("scheduler.kind", self.kind in SCHEDULERS, " | ".join(SCHEDULERS), self.kind)
+        _check("scheduler.max_num_seqs", self.max_num_seqs >= 1, ">= 1", self.max_num_seqs)
+        _check("scheduler.max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1",
+               self.max_num_batched_tokens)
+        _check("scheduler.block_size", 1 <= self.block_size <= 4096, "1..4096", self.block_size)
+        _check("scheduler.queue", self.queue in QUEUES, " | ".join(sorted(QUEUES)), self.queue)
+        _check("scheduler.max_waiting", self.max_waiting is None or self.max_waiting >= 0, ">= 0 or unset",
+               self.max_waiting)
+        _check("scheduler.queue_timeout", self.queue_timeout is None or self.queue_timeout > 0, "> 0 or unset",
+               self.queue_timeout)
+        _check("scheduler.max_batch_size", self.max_batch_size >= 1, ">= 1", self.max_batch_size)
+        _check("scheduler.max_wait", self.max_wait >= 0, ">= 0", self.max_wait)
+
+
+class ContinuousBatchingScheduler:
+    def __init__(self, cfg: SchedulerConfig, num_blocks: int, queue: RequestQueue | None = None):
+        self.cfg = cfg
+        self.kv = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.waiting: RequestQueue = queue if queue is not None else create_queue(cfg.queue)
+        self.running: list[Sequence] = []
+        self.done: list[Sequence] = []  # terminal sequences not yet collected by the driver
+        self.num_preemptions = 0
+        # Inter-token latency samples: one (duration, count) pair per step for the sequences whose
+        # previous token came at that step's start, plus single gaps for the rest.
+        self.itl_steps: list[tuple[float, int]] = []
+        self.itl_runs: list[tuple[list[float], int]] = []  # from advance(): durations, count each
+        self.itl_single: list[float] = []
+        self._deadlines: list[tuple[float, int, Sequence]] = []
+        self._jumpable = False
+
+    # ---- arrivals ---------------------------------------------------------------
+    def add(self, seq: Sequence, now: float) -> bool:
+        """Queue a new request. False (and the sequence is in `done`, rejected) if it cannot be admitted."""
+        cfg = self.cfg
+        need = self.kv.blocks_for(seq.req.input_tokens + seq.req.output_tokens - 1)
+        if need > self.kv.num_blocks:
+            return self._reject(seq, now, f"needs {need} KV blocks, replica has {self.kv.num_blocks}")
+        if cfg.max_waiting is not None and len(self.waiting) >= cfg.max_waiting:
+            return self._reject(seq, now, f"waiting queue full (max_waiting={cfg.max_waiting})")
+        seq.status = SeqStatus.WAITING
+        self.waiting.push(seq, now)
+        if cfg.queue_timeout is not None:
+            heapq.heappush(self._deadlines, (seq.t_arrival + cfg.queue_timeout, seq.order, seq))
+        return True
+
+    def _reject(self, seq: Sequence, now: float, reason: str) -> bool:
+        seq.status, seq.outcome, seq.reason, seq.t_finish = SeqStatus.FINISHED, "rejected", reason, now
+        self.done.append(seq)
+        return False
+
+    def _expire(self, now: float) -> None:
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, _, seq = heapq.heappop(dl)
+            if seq.status is SeqStatus.WAITING and seq.t_admitted is None:
+                self.waiting.remove(seq)
+                seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "timed_out", now
+                seq.reason = f"not admitted within queue_timeout={self.cfg.queue_timeout}s"
+                self.done.append(seq)
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time the scheduler needs to be asked again even if nothing else happens."""
+        dl = self._deadlines
+        while dl and (dl[0][2].status is not SeqStatus.WAITING or dl[0][2].t_admitted is not None):
+            heapq.heappop(dl)
+        return dl[0][0] if dl else None
+
+    # ---- load, for routers --------------------------------------------------------
+    @property
+    def num_outstanding(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def pending_tokens(self) -> int:
+        """Tokens still to compute or generate for everything on this replica."""
+        t = 0
+        for s in self.running:
+            t += s.num_tokens - s.num_computed + s.remaining_output
+        for s in self.waiting:
+            t += s.num_tokens - s.num_computed + s.remaining_output
+        return t
+
+    # ---- one step -------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        if self.cfg.queue_timeout is not None:
+            self._expire(now)
+        plan = StepPlan()
+        budget = self.cfg.max_num_batched_tokens
+        if self.cfg.chunked_prefill:
+            budget, all_scheduled = self._schedule_running(plan, budget)
+            if not plan.preempted:
+                self._admit(plan, budget, now)
+        else:
+            # Prefill first (whole prompts, no decodes in that step), as vLLM does without chunking.
+            self._admit(plan, budget, now)
+            all_scheduled = not self.running
+            if not plan.prefill:
+                _, all_scheduled = self._schedule_running(plan, budget)
+        self._jumpable = all_scheduled and not plan.prefill and not plan.preempted
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
+        kv, chunked = self.kv, self.cfg.chunked_prefill
+        running = self.running
+        all_scheduled = True
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            n = seq.num_tokens - seq.num_computed
+            if n > budget:  # without chunking, running sequences are all decodes (n == 1)
+                n = budget if chunked else 0
+            if n <= 0:
+                all_scheduled = False
+                i += 1
+                continue
+            need = kv.blocks_for(seq.num_computed + n) - len(seq.block_table)
+            while need > kv.num_free:
+                victim = running.pop()
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break
+            if need > 0:
+                seq.block_table.extend(kv.allocate(need))
+            if n == 1 and seq.num_generated > 0:
+                plan.decode.append(seq)
+            else:
+                plan.prefill.append(seq)
+                plan.prefill_tokens.append(n)
+            budget -= n
+            i += 1
+        return budget, all_scheduled
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        """Recompute preemption: free its blocks, send it back to the front of the queue."""
+        self.kv.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.num_hashed_blocks = 0
+        seq.status = SeqStatus.WAITING
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push_front(seq)
+        plan.preempted.append(seq)
+
+    def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
+        cfg, kv, waiting, running = self.cfg, self.kv, self.waiting, self.running
+        bs = cfg.block_size
+        while len(waiting) and len(running) < cfg.max_num_seqs and budget > 0:
+            seq = waiting.peek(now)
+            if seq.hashes is None:
+                seq.hashes = prefix_block_hashes(seq.req, bs) if cfg.prefix_caching else []
+            hit = kv.lookup(seq.hashes) if seq.hashes else []
+            max_hit = (seq.num_tokens - 1) // bs  # always compute at least the last token
+            if len(hit) > max_hit:
+                hit = hit[:max_hit]
+            cached = len(hit) * bs
+            n = seq.num_tokens - cached
+            if n > budget:
+                if cfg.chunked_prefill:
+                    n = budget
+                elif plan.prefill:
+                    break
+                # else: a prompt longer than the budget runs alone in its own step
+            need = kv.blocks_for(cached + n) - len(hit)
+            if need + (kv.evictable_among(hit) if hit else 0) > kv.num_free:
+                break
+            waiting.pop(now)
+            if hit:
+                kv.acquire(hit)
+            kv.count_query(seq.num_tokens, cached)
+            seq.block_table = hit + kv.allocate(need)
+            seq.num_computed = cached
+            seq.num_hashed_blocks = len(hit)
+            if seq.t_admitted is None:
+                seq.t_admitted = now
+                seq.num_cached_tokens = cached
+            seq.status = SeqStatus.RUNNING
+            running.append(seq)
+            plan.prefill.append(seq)
+            plan.prefill_tokens.append(n)
+            budget -= n
+
+    def update(self, plan: StepPlan, start: float, end: float) -> None:
+        """Apply one executed step that ran from `start` to `end`."""
+        finished = False
+        bs = self.cfg.block_size
+        kv = self.kv
+        for seq, n in zip(plan.prefill, plan.prefill_tokens):
+            seq.num_computed += n
+            hashes = seq.hashes
+            if hashes:
+                k = seq.num_hashed_blocks
+                full = min(len(hashes), seq.num_computed // bs)
+                while k < full:
+                    kv.register(seq.block_table[k], hashes[k])
+                    k += 1
+                seq.num_hashed_blocks = k
+            if seq.num_computed == seq.num_tokens:
+                if seq.num_generated:  # resumed after preemption: the gap spans it
+                    self.itl_single.append(end - seq.t_last_token)
+                else:
+                    seq.t_first_token = end
+                seq.num_generated += 1
+                seq.t_last_token = end
+                if seq.num_generated >= seq.req.output_tokens:
+                    self._finish(seq, end)
+                    finished = True
+        c = 0
+        for seq in plan.decode:
+            seq.num_computed += 1
+            if seq.t_last_token == start:
+                c += 1
+            else:
+                self.itl_single.append(end - seq.t_last_token)
+            seq.t_last_token = end
+            seq.num_generated += 1
+            if seq.num_generated >= seq.req.output_tokens:
+                self._finish(seq, end)
+                finished = True
+        if c:
+            self.itl_steps.append((end - start, c))
+        if finished:
+            self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+
+    def _finish(self, seq: Sequence, now: float) -> None:
+        seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "ok", now
+        self.kv.free(seq.block_table)
+        seq.block_table = []
+        self.done.append(seq)
+
+    # ---- many identical decode steps at once ------------------------------------------
+    def _alloc_events(self, plan: StepPlan, k: int) -> list[tuple[int, int]]:
+        """(step, position in plan.decode) of each block allocation in steps 2..k, in stepping order."""
+        bs = self.cfg.block_size
+        ev: list[tuple[int, int]] = []
+        for pos, seq in enumerate(plan.decode):
+            # Step i computes the token at position num_computed + i - 1 (num_computed as planned).
+            i = len(seq.block_table) * bs - seq.num_computed + 1
+            while i <= k:
+                ev.append((i, pos))
+                i += bs
+        ev.sort()
+        return ev
+
+    def horizon(self, plan: StepPlan) -> int:
+        """How many steps of this plan's shape are certain to follow, this one included."""
+        if not self._jumpable or not plan.decode:
+            return 1
+        k = min(s.req.output_tokens - s.num_generated for s in plan.decode)
+        if k > 1:
+            ev = self._alloc_events(plan, k)
+            free = self.kv.num_free
+            if len(ev) > free:
+                k = ev[free][0] - 1  # that step would need a preemption
+        return max(k, 1)
+
+    def advance(self, plan: StepPlan, ends: list[float], start: float) -> None:
+        """Apply len(ends) decode steps of `plan` (len(ends) <= horizon(plan)); step i ends at ends[i]."""
+        m = len(ends)
+        if m == 1:
+            self.update(plan, start, ends[0])
+            return
+        decode = plan.decode
+        ev = self._alloc_events(plan, m)
+        if ev:
+            blocks = self.kv.allocate(len(ev))
+            for (_, pos), b in zip(ev, blocks):
+                decode[pos].block_table.append(b)
+        end = ends[-1]
+        c = 0
+        finished = False
+        for seq in decode:
+            if seq.t_last_token == start:
+                c += 1
+            else:
+                self.itl_single.append(ends[0] - seq.t_last_token)
+            seq.num_computed += m
+            seq.num_generated += m
+            seq.t_last_token = end
+            if seq.num_generated >= seq.req.output_tokens:
+                self._finish(seq, end)
+                finished = True
+        if c:
+            self.itl_steps.append((ends[0] - start, c))
+        b = len(decode)
+        self.itl_runs.append(([ends[i] - ends[i - 1] for i in range(1, m)], b))
+        if finished:
+            self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+
+    def abort_all(self, now: float, reason: str) -> None:
+        """End everything still here as failed (a crash, or the end of a run)."""
+        for seq in list(self.running) + list(self.waiting):
+            if seq.block_table:
+                self.kv.free(seq.block_table)
+                seq.block_table = []
+            seq.status, seq.outcome, seq.reason, seq.t_finish = SeqStatus.FINISHED, "failed", reason, now
+            self.done.append(seq)
+        self.running = []
+        self.waiting = create_queue(self.cfg.queue)
+
+
+class DynamicBatchScheduler(ContinuousBatchingScheduler):
+    """Classic request batching: wait for `max_batch_size` requests or `max_wait` seconds since the
+    oldest arrived, then run that batch (whole prompts, then decode) until every member finishes.
+    KV blocks for the full sequence are reserved when the batch forms, so it never preempts."""
+
+    def _oldest_waiting(self) -> float | None:
+        return min((s.t_arrival for s in self.waiting), default=None)
+
+    def next_wakeup(self) -> float | None:
+        t = super().next_wakeup()
+        if not self.running and len(self.waiting):
+            w = self._oldest_waiting() + self.cfg.max_wait
+            t = w if t is None else min(t, w)
+        return t
+
+    def schedule(self, now: float) -> StepPlan:
+        cfg = self.cfg
+        if cfg.queue_timeout is not None:
+            self._expire(now)
+        plan = StepPlan()
+        if not self.running and len(self.waiting):
+            oldest = self._oldest_waiting()
+            if len(self.waiting) >= cfg.max_batch_size or now >= oldest + cfg.max_wait:
+                self._form_batch(plan, now)
+        else:
+            for seq in self.running:
+                plan.decode.append(seq)
+        self._jumpable = not plan.prefill
+        return plan
+
+    def _form_batch(self, plan: StepPlan, now: float) -> None:
+        kv, bs = self.kv, self.cfg.block_size
+        while len(self.waiting) and len(self.running) < self.cfg.max_batch_size:
+            seq = self.waiting.peek(now)
+            if seq.hashes is None:
+                seq.hashes = prefix_block_hashes(seq.req, bs) if self.cfg.prefix_caching else []
+            hit = kv.lookup(seq.hashes) if seq.hashes else []
+            max_hit = (seq.req.input_tokens - 1) // bs
+            hit = hit[:max_hit]
+            need = kv.blocks_for(seq.req.input_tokens + seq.req.output_tokens - 1) - len(hit)
+            if need + (kv.evictable_among(hit) if hit else 0) > kv.num_free:
+                break
+            self.waiting.pop(now)
+            if hit:
+                kv.acquire(hit)
+            cached = len(hit) * bs
+            kv.count_query(seq.num_tokens, cached)
+            seq.block_table = hit + kv.allocate(need)
+            seq.num_computed = cached
+            seq.num_hashed_blocks = len(hit)
+            seq.t_admitted = now
+            seq.num_cached_tokens = cached
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            plan.prefill.append(seq)
+            plan.prefill_tokens.append(seq.num_tokens - cached)
+
+
+SCHEDULERS = {"continuous": ContinuousBatchingScheduler, "dynamic": DynamicBatchScheduler}
+
+
+def create_scheduler(cfg: SchedulerConfig, num_blocks: int) -> ContinuousBatchingScheduler:
+    return SCHEDULERS[cfg.kind](cfg, num_blocks)

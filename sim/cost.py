@@ -1,0 +1,211 @@
+"""Cost models: how long one engine step takes, predicted from its plan.
+
+A plan is reduced to five features (see `StepFeatures`); both cost models
+are functions of them, so a decode-only run of k steps (context growing by
+the batch size each step) is predicted in one vectorised call with exactly
+the arithmetic that k single calls would do.
+
+- `AnalyticCost`: FLOPs and bytes moved against a device's peak compute and
+  memory bandwidth (a roofline per step), plus a per-step overhead and, for
+  tensor parallelism, two all-reduces per layer.
+- fitted models (calibrated on the executor) live in sim/calibrate.py and
+  provide the same two methods.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from policies.plan import StepPlan
+
+
+@dataclass(frozen=True, slots=True)
+class StepFeatures:
+    prefill_tokens: int  # tokens computed by prefill chunks
+    decode_seqs: int  # sequences computing one decode token
+    prefill_attn: float  # sum over prefill query tokens of their attended context length
+    decode_ctx: int  # sum over decode sequences of their context length (incl. the new token)
+    logits: int  # sequences sampling a token this step
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_seqs
+
+
+def plan_features(plan: StepPlan) -> StepFeatures:
+    """Features of a plan, read before the scheduler's update()."""
+    pt = 0
+    attn = 0.0
+    logits = 0
+    for seq, n in zip(plan.prefill, plan.prefill_tokens):
+        c0 = seq.num_computed
+        pt += n
+        attn += n * c0 + n * (n + 1) / 2
+        if c0 + n == seq.num_tokens:
+            logits += 1
+    ctx = 0
+    for seq in plan.decode:
+        ctx += seq.num_computed + 1
+    nd = len(plan.decode)
+    return StepFeatures(pt, nd, attn, ctx, logits + nd)
+
+
+class CostModel(Protocol):
+    kv_capacity_tokens: int
+
+    def step_time(self, f: StepFeatures) -> float: ...
+
+    def decode_times(self, f: StepFeatures, k: int) -> np.ndarray:
+        """Durations of k decode-only steps: f, then decode_ctx growing by decode_seqs per step."""
+        ...
+
+
+# ---- profiles -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    key: str
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    mem_bw_gbs: float
+    link_bw_gbs: float
+    compute_efficiency: float
+    bandwidth_efficiency: float
+    step_overhead_s: float
+    allreduce_latency_s: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    bytes_per_param: float = 2
+    kv_bytes: float = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def params_per_layer(self) -> int:
+        h, kvd = self.hidden, self.kv_heads * self.head_dim
+        return h * h * 2 + h * kvd * 2 + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.params_per_layer + 2 * self.vocab * self.hidden + self.hidden
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_bytes
+
+
+def _load_table(name: str) -> dict:
+    with resources.files("sim.profiles").joinpath(name).open("rb") as f:
+        return tomllib.load(f)
+
+
+def device_names() -> list[str]:
+    return sorted(_load_table("devices.toml"))
+
+
+def model_names() -> list[str]:
+    return sorted(_load_table("models.toml"))
+
+
+def profile_names() -> list[str]:
+    return [f"{m}@{d}" for m in model_names() for d in device_names()]
+
+
+def load_device(key: str) -> DeviceSpec:
+    t = _load_table("devices.toml")
+    if key not in t:
+        raise ValueError(f"unknown device '{key}'; valid: {', '.join(sorted(t))}")
+    return DeviceSpec(key=key, **t[key])
+
+
+def load_model(key: str) -> ModelSpec:
+    t = _load_table("models.toml")
+    if key not in t:
+        raise ValueError(f"unknown model '{key}'; valid: {', '.join(sorted(t))}")
+    return ModelSpec(key=key, **t[key])
+
+
+class AnalyticCost:
+    """Roofline per step: max(FLOPs / achieved compute, bytes / achieved bandwidth) + overheads."""
+
+    def __init__(self, model: ModelSpec, device: DeviceSpec, tp: int = 1, gpu_memory_utilization: float = 0.9,
+                 activation_reserve_gib: float = 2.0):
+        if tp < 1 or tp & (tp - 1):
+            raise ValueError(f"tp={tp} is out of range; allowed: a power of two >= 1")
+        if model.heads % tp or model.kv_heads % tp and tp % model.kv_heads:
+            raise ValueError(f"tp={tp} does not divide the model's {model.heads} attention heads")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} is out of range; allowed: (0, 1]")
+        self.model, self.device, self.tp = model, device, tp
+        m, d = model, device
+        self.name = f"{m.key}@{d.key}" + (f" tp={tp}" if tp > 1 else "")
+        weight_bytes = m.params * m.bytes_per_param
+        budget = tp * (d.memory_gib * gpu_memory_utilization - activation_reserve_gib) * 2**30
+        kv_bytes = budget - weight_bytes
+        if kv_bytes <= 0:
+            raise ValueError(
+                f"{m.key} ({weight_bytes / 2**30:.1f} GiB of weights) does not fit on {tp} x {d.key} "
+                f"({d.memory_gib} GiB each at gpu_memory_utilization={gpu_memory_utilization}); raise tp")
+        self.kv_capacity_tokens = int(kv_bytes // m.kv_bytes_per_token)
+        flops_rate = tp * d.peak_tflops * 1e12 * d.compute_efficiency
+        bw_rate = tp * d.mem_bw_gbs * 1e9 * d.bandwidth_efficiency
+        nonembed = m.layers * m.params_per_layer
+        attn_dim = m.heads * m.head_dim
+        # time = max(c_tok*tokens + c_log*logits + c_att*attn, b_w + b_tok*tokens + b_ctx*ctx) + overhead
+        self._c_tok = 2 * nonembed / flops_rate
+        self._c_log = 2 * m.hidden * m.vocab / flops_rate
+        self._c_att = 4 * m.layers * attn_dim / flops_rate
+        self._b_w = weight_bytes / bw_rate
+        self._b_tok = m.kv_bytes_per_token / bw_rate  # KV written
+        self._b_ctx = m.kv_bytes_per_token / bw_rate  # KV read
+        self._overhead = d.step_overhead_s
+        if tp > 1:
+            ring = 2 * (tp - 1) / tp
+            self._ar_tok = 2 * m.layers * ring * m.hidden * m.bytes_per_param / (d.link_bw_gbs * 1e9)
+            self._ar_fixed = 2 * m.layers * d.allreduce_latency_s
+        else:
+            self._ar_tok = self._ar_fixed = 0.0
+
+    def step_time(self, f: StepFeatures) -> float:
+        tokens = f.prefill_tokens + f.decode_seqs
+        # Prefill attention reads the chunk's context once per chunk; decode reads each context once.
+        compute = self._c_tok * tokens + self._c_log * f.logits + self._c_att * (f.prefill_attn + f.decode_ctx)
+        memory = self._b_w + self._b_tok * tokens + self._b_ctx * f.decode_ctx
+        return max(compute, memory) + self._overhead + self._ar_fixed + self._ar_tok * tokens
+
+    def decode_times(self, f: StepFeatures, k: int) -> np.ndarray:
+        tokens = f.prefill_tokens + f.decode_seqs
+        ctx = f.decode_ctx + f.decode_seqs * np.arange(k, dtype=np.float64)
+        compute = self._c_tok * tokens + self._c_log * f.logits + self._c_att * (f.prefill_attn + ctx)
+        memory = self._b_w + self._b_tok * tokens + self._b_ctx * ctx
+        return np.maximum(compute, memory) + self._overhead + self._ar_fixed + self._ar_tok * tokens
+
+
+def load_cost_model(profile: str, tp: int = 1, gpu_memory_utilization: float = 0.9) -> CostModel:
+    """A shipped analytic profile 'MODEL@DEVICE', or a profile file written by `twinfer profile`."""
+    if profile.endswith((".toml", ".json")) or Path(profile).is_file():
+        from sim.calibrate import load_profile_file  # fitted profiles
+
+        return load_profile_file(profile)
+    if "@" not in profile:
+        raise ValueError(f"unknown profile '{profile}'; valid: {', '.join(profile_names())}, or a profile file")
+    m, d = profile.split("@", 1)
+    return AnalyticCost(load_model(m), load_device(d), tp=tp, gpu_memory_utilization=gpu_memory_utilization)
