@@ -99,9 +99,9 @@ class SJFQueue(_KeyedQueue):
     item x pushed at t_x only if J_y + aging*t_y <= J_x + aging*t_x, hence
     only if t_y <= t_x + W_x with W_x = (J_x - J_min) / aging
     (`overtake_window`). So x is popped within Q + A + 1 pops, where Q is
-    the queue length when x was pushed and A the number of pushes in
-    (t_x, t_x + W_x] (preempted sequences put back with push_front come on
-    top of that). If the server pops at least every s seconds while the queue
+    the queue length when x was pushed and A the number of items pushed
+    after x at times <= t_x + W_x (preempted sequences put back with
+    push_front come on top of that). If the server pops at least every s seconds while the queue
     is non-empty, x waits at most s * (Q + A + 1) (`wait_bound`).
     """
 
@@ -114,9 +114,6 @@ class SJFQueue(_KeyedQueue):
 
     def job_size(self, req: Request) -> float:
         return req.input_tokens + max(0.0, float(self.predict_output(req)))
-
-    def effective_priority(self, seq: Any, pushed_at: float, now: float) -> float:
-        return self.job_size(seq.req) - self.aging * (now - pushed_at)
 
     def overtake_window(self, job_size: float, min_job_size: float = 1.0) -> float:
         """Seconds after its push during which later pushes can still overtake a job of this size."""

@@ -1,8 +1,8 @@
 """Consistent hashing with virtual nodes and replication, and a cache over it.
 
-Each node owns `vnodes` points on a 64-bit ring (blake2b of the node's repr
-and the point's number, so placement is the same in every process). A key's
-replica set is the first `replication` distinct nodes met walking clockwise
+Each node owns `vnodes` points on a 64-bit ring (blake2b of the node's
+`ring_label` and the point's number, so placement is the same in every
+process). A key's replica set is the first `replication` distinct nodes met walking clockwise
 from the key's point; the first of them is its primary. Removing a node moves
 only the keys it owned (about 1/N of them); adding one takes about 1/(N+1).
 
@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import numbers
 from dataclasses import dataclass
 from typing import Generic, Hashable, Iterable, TypeVar
 
 from policies.result_cache import CacheEntry, ResultCache, ResultCacheConfig
 
-Node = Hashable  # usually a replica index or a host name; nodes are told apart by repr()
+Node = Hashable  # usually a replica index or a host name; nodes are told apart by ring_label()
 V = TypeVar("V")
 
 
 def ring_hash(label: str) -> int:
     return int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "big")
+
+
+def ring_label(x: Hashable) -> str:
+    """The name a node or key is hashed and told apart by: repr(), with numpy integers read as ints."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        return repr(int(x))
+    return repr(x)
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class HashRing:
         self.config = config or HashRingConfig()
         # Sorted (point, node label); equal points (a 2^-64 event) are ordered by label, not insertion.
         self._ring: list[tuple[int, str]] = []
-        self._nodes: dict[str, Node] = {}  # label (repr) -> node, in insertion order
+        self._nodes: dict[str, Node] = {}  # ring_label -> node, in insertion order
         self._down: set[str] = set()
         for node in nodes:
             self.add_node(node)
@@ -58,11 +66,11 @@ class HashRing:
         return len(self._nodes)
 
     def is_up(self, node: Node) -> bool:
-        label = repr(node)
+        label = ring_label(node)
         return label in self._nodes and label not in self._down
 
     def add_node(self, node: Node) -> None:
-        label = repr(node)
+        label = ring_label(node)
         if label in self._nodes:
             raise ValueError(f"node {label} is already in the ring")
         self._nodes[label] = node
@@ -85,7 +93,7 @@ class HashRing:
         want = min(self.config.replication, len(self._nodes))
         out: list[str] = []
         n = len(self._ring)
-        start = bisect.bisect_left(self._ring, (ring_hash(repr(key)),))
+        start = bisect.bisect_left(self._ring, (ring_hash(ring_label(key)),))
         for k in range(n):
             if len(out) == want:
                 break
@@ -109,7 +117,7 @@ class HashRing:
         return ring
 
     def _label(self, node: Node) -> str:
-        label = repr(node)
+        label = ring_label(node)
         if label not in self._nodes:
             raise KeyError(f"node {label} is not in the ring")
         return label
@@ -146,7 +154,7 @@ class DistributedCache(Generic[V]):
         self._caches: dict[str, ResultCache[V]] = {}
 
     def cache(self, node: Node) -> ResultCache[V]:
-        label = repr(node)
+        label = ring_label(node)
         if label not in self._caches:
             self._caches[label] = ResultCache(self.cache_config)
         return self._caches[label]
@@ -157,7 +165,7 @@ class DistributedCache(Generic[V]):
     def remove_node(self, node: Node) -> None:
         """Take a node out of the ring; its contents are lost."""
         self.ring.remove_node(node)
-        self._caches.pop(repr(node), None)
+        self._caches.pop(ring_label(node), None)
 
     def put(self, key: Hashable, value: V, now: float) -> int:
         """Write to every live replica; returns how many took it (0 = the write failed)."""

@@ -56,7 +56,13 @@ def prefix_block_hashes(req: Request, block_size: int) -> list[int]:
 
 
 class BlockManager:
-    """A pool of `num_blocks` KV blocks of `block_size` tokens each."""
+    """A pool of `num_blocks` KV blocks of `block_size` tokens each.
+
+    Reference counts are kept for blocks that carry a prefix hash (only those
+    can be shared). A block without a hash has exactly one owner while it is
+    allocated, so handing it out and taking it back are plain list operations:
+    the pool's cost does not grow with prompt length when nothing is shared.
+    """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
         if num_blocks < 1:
@@ -66,7 +72,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.ref = [0] * num_blocks
+        self.shared_ref: dict[int, int] = {}  # hashed block -> reference count (0: evictable)
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
         # Free blocks without a hash, as a stack: the end is handed out next (ids 0, 1, 2, ... at first).
@@ -74,7 +80,7 @@ class BlockManager:
         # Unreferenced blocks that carry a hash: evictable, least recently freed first.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.evictions = 0
-        self.queries = 0  # prompt blocks looked up in the prefix cache
+        self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of those, found
 
     # ---- capacity -------------------------------------------------------------
@@ -97,6 +103,15 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def ref_count(self, block_id: int) -> int:
+        r = self.shared_ref.get(block_id)
+        if r is not None:
+            return r
+        return 0 if block_id in self._free_set() else 1
+
+    def _free_set(self) -> set[int]:
+        return set(self._free)
 
     # ---- prefix cache ---------------------------------------------------------
     def lookup(self, hashes: Seq[int]) -> list[int]:
@@ -123,23 +138,26 @@ class BlockManager:
 
     def acquire(self, block_ids: Seq[int]) -> None:
         """Take a reference on cached blocks (a prefix hit)."""
-        ref, ev = self.ref, self._evictable
+        ref, ev = self.shared_ref, self._evictable
         for b in block_ids:
-            if ref[b] == 0:
+            r = ref[b]
+            if r == 0:
                 del ev[b]
-            ref[b] += 1
+            ref[b] = r + 1
 
     def register(self, block_id: int, h: int) -> bool:
-        """Name a full, computed block by its prefix hash. False if the hash is already cached elsewhere."""
+        """Name a full, computed, allocated block by its prefix hash. False if the hash is already cached
+        under another block (this one then stays private)."""
         if not self.enable_caching or h in self.cached or self.block_hash[block_id] is not None:
             return False
         self.cached[h] = block_id
         self.block_hash[block_id] = h
+        self.shared_ref[block_id] = 1
         return True
 
     # ---- allocate / free ------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
-        """n new blocks with one reference each. Raises if fewer than n are free."""
+        """n new private blocks. Free blocks first, then the least recently used cached ones."""
         if n <= 0:
             return []
         free = self._free
@@ -147,44 +165,55 @@ class BlockManager:
             out = free[-n:]
             del free[-n:]
             out.reverse()
-        else:
-            if n > len(free) + len(self._evictable):
-                raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
-            out = free[::-1]
-            free.clear()
-            ev, bh, cached = self._evictable, self.block_hash, self.cached
-            for _ in range(n - len(out)):
-                b, _ = ev.popitem(last=False)
-                del cached[bh[b]]
-                bh[b] = None
-                self.evictions += 1
-                out.append(b)
-        ref = self.ref
-        for b in out:
-            ref[b] = 1
+            return out
+        if n > len(free) + len(self._evictable):
+            raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
+        out = free[::-1]
+        free.clear()
+        ev, bh, cached, ref = self._evictable, self.block_hash, self.cached, self.shared_ref
+        for _ in range(n - len(out)):
+            b, _ = ev.popitem(last=False)
+            del cached[bh[b]]
+            del ref[b]
+            bh[b] = None
+            self.evictions += 1
+            out.append(b)
         return out
 
-    def free(self, block_ids: Seq[int]) -> None:
-        """Drop one reference on each block, tail first (so a sequence's last blocks are evicted first)."""
-        ref, bh, ev, free = self.ref, self.block_hash, self._evictable, self._free
-        for b in reversed(block_ids):
-            r = ref[b] - 1
-            ref[b] = r
-            if r == 0:
-                if bh[b] is None:
+    def free(self, block_ids: Seq[int], num_leading: int | None = None) -> None:
+        """Drop one reference on each block, tail first (so a sequence's last blocks are evicted first).
+
+        Only the first `num_leading` blocks may carry a hash (a sequence knows how many of its
+        leading blocks it registered or reused); the rest go straight back to the free list.
+        None means any block may.
+        """
+        n = len(block_ids) if num_leading is None else min(num_leading, len(block_ids))
+        free = self._free
+        if n < len(block_ids):
+            free.extend(block_ids[:n - len(block_ids) - 1:-1] if n else block_ids[::-1])
+        if n:
+            ref, ev = self.shared_ref, self._evictable
+            for i in range(n - 1, -1, -1):
+                b = block_ids[i]
+                r = ref.get(b)
+                if r is None:
                     free.append(b)
-                else:
+                elif r > 1:
+                    ref[b] = r - 1
+                elif r == 1:
+                    ref[b] = 0
                     ev[b] = None
-            elif r < 0:
-                raise RuntimeError(f"KV block {b} freed more often than referenced")
+                else:
+                    raise RuntimeError(f"KV block {b} freed more often than referenced")
 
     def evict_cached(self, n: int) -> int:
         """Reclaim up to n evictable cached blocks (LRU first) into the plain free list."""
-        ev, bh, cached, free = self._evictable, self.block_hash, self.cached, self._free
+        ev, bh, cached, free, ref = self._evictable, self.block_hash, self.cached, self._free, self.shared_ref
         k = 0
         while ev and k < n:
             b, _ = ev.popitem(last=False)
             del cached[bh[b]]
+            del ref[b]
             bh[b] = None
             free.append(b)
             k += 1
@@ -193,16 +222,16 @@ class BlockManager:
 
     def check(self) -> None:
         """Assert internal consistency (tests)."""
-        free = set(self._free)
+        free = self._free
+        fs = set(free)
         ev = set(self._evictable)
-        assert not free & ev
-        for b in range(self.num_blocks):
-            r = self.ref[b]
-            assert r >= 0
-            assert (r == 0) == (b in free or b in ev), b
-            if b in free:
-                assert self.block_hash[b] is None
-            if b in ev:
-                assert self.block_hash[b] is not None
+        assert len(fs) == len(free), "a block is on the free list twice"
+        assert not fs & ev
+        for b in fs:
+            assert self.block_hash[b] is None and b not in self.shared_ref
+        for b in ev:
+            assert self.block_hash[b] is not None and self.shared_ref[b] == 0
+        for b, r in self.shared_ref.items():
+            assert r >= 0 and self.block_hash[b] is not None
         for h, b in self.cached.items():
             assert self.block_hash[b] == h

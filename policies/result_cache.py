@@ -128,8 +128,9 @@ def key_for_request(req: Request) -> int | None:
     should carry `cache_key`.
     """
     if req.cache_key is not None:
-        return req.cache_key
+        return int(req.cache_key)
     if not req.block_hashes:
         return None
-    return stable_hash(req.input_tokens, req.hash_block_size, tuple(req.block_hashes))
+    # int(): a numpy integer's repr differs from an int's, and the hash is over repr.
+    return stable_hash(int(req.input_tokens), int(req.hash_block_size), tuple(int(h) for h in req.block_hashes))
 

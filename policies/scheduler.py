@@ -21,12 +21,14 @@ len(ends) single steps would.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from policies.kv_cache import BlockManager, prefix_block_hashes
 from policies.plan import StepPlan
 from policies.queues import RequestQueue, create_queue, QUEUES
 from policies.sequence import SeqStatus, Sequence
+from traces.records import ItlLog
 
 
 def _check(name: str, ok: bool, allowed: str, value: object) -> None:
@@ -72,13 +74,12 @@ class ContinuousBatchingScheduler:
         self.running: list[Sequence] = []
         self.done: list[Sequence] = []  # terminal sequences not yet collected by the driver
         self.num_preemptions = 0
-        # Inter-token latency samples: one (duration, count) pair per step for the sequences whose
-        # previous token came at that step's start, plus single gaps for the rest.
-        self.itl_steps: list[tuple[float, int]] = []
-        self.itl_runs: list[tuple[list[float], int]] = []  # from advance(): durations, count each
-        self.itl_single: list[float] = []
+        # Inter-token latency samples: one (duration, count) entry per step for the sequences whose
+        # previous token came at that step's start, single gaps for the rest, closed-form runs from advance().
+        self.itl = ItlLog()
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._jumpable = False
+        self._events: tuple[StepPlan, list[tuple[int, int]]] | None = None
 
     # ---- arrivals ---------------------------------------------------------------
     def add(self, seq: Sequence, now: float) -> bool:
@@ -185,7 +186,7 @@ class ContinuousBatchingScheduler:
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Recompute preemption: free its blocks, send it back to the front of the queue."""
-        self.kv.free(seq.block_table)
+        self.kv.free(seq.block_table, seq.num_hashed_blocks)
         seq.block_table = []
         seq.num_computed = 0
         seq.num_hashed_blocks = 0
@@ -250,7 +251,7 @@ class ContinuousBatchingScheduler:
                 seq.num_hashed_blocks = k
             if seq.num_computed == seq.num_tokens:
                 if seq.num_generated:  # resumed after preemption: the gap spans it
-                    self.itl_single.append(end - seq.t_last_token)
+                    self.itl.single(end - seq.t_last_token)
                 else:
                     seq.t_first_token = end
                 seq.num_generated += 1
@@ -264,20 +265,20 @@ class ContinuousBatchingScheduler:
             if seq.t_last_token == start:
                 c += 1
             else:
-                self.itl_single.append(end - seq.t_last_token)
+                self.itl.single(end - seq.t_last_token)
             seq.t_last_token = end
             seq.num_generated += 1
             if seq.num_generated >= seq.req.output_tokens:
                 self._finish(seq, end)
                 finished = True
         if c:
-            self.itl_steps.append((end - start, c))
+            self.itl.step(end - start, c)
         if finished:
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
 
     def _finish(self, seq: Sequence, now: float) -> None:
         seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "ok", now
-        self.kv.free(seq.block_table)
+        self.kv.free(seq.block_table, seq.num_hashed_blocks)
         seq.block_table = []
         self.done.append(seq)
 
@@ -305,28 +306,37 @@ class ContinuousBatchingScheduler:
             free = self.kv.num_free
             if len(ev) > free:
                 k = ev[free][0] - 1  # that step would need a preemption
+                del ev[free:]
+            self._events = (plan, ev)
         return max(k, 1)
 
-    def advance(self, plan: StepPlan, ends: list[float], start: float) -> None:
-        """Apply len(ends) decode steps of `plan` (len(ends) <= horizon(plan)); step i ends at ends[i]."""
-        m = len(ends)
+    def advance(self, plan: StepPlan, m: int, start: float, first_end: float, end: float, run) -> None:
+        """Apply m decode steps of `plan` (m <= horizon(plan)), from `start` to `end`, the first ending at
+        `first_end`. `run.params()` gives the closed-form durations of steps 1..m-1 (see ItlLog.run)."""
         if m == 1:
-            self.update(plan, start, ends[0])
+            self.update(plan, start, end)
             return
         decode = plan.decode
-        ev = self._alloc_events(plan, m)
+        cached = self._events
+        if cached is not None and cached[0] is plan:
+            ev = cached[1]
+            if ev and ev[-1][0] > m:
+                ev = ev[:bisect_right(ev, (m, len(decode)))]
+        else:
+            ev = self._alloc_events(plan, m)
+        self._events = None
         if ev:
             blocks = self.kv.allocate(len(ev))
             for (_, pos), b in zip(ev, blocks):
                 decode[pos].block_table.append(b)
-        end = ends[-1]
         c = 0
         finished = False
+        itl = self.itl
         for seq in decode:
             if seq.t_last_token == start:
                 c += 1
             else:
-                self.itl_single.append(ends[0] - seq.t_last_token)
+                itl.single(first_end - seq.t_last_token)
             seq.num_computed += m
             seq.num_generated += m
             seq.t_last_token = end
@@ -334,9 +344,8 @@ class ContinuousBatchingScheduler:
                 self._finish(seq, end)
                 finished = True
         if c:
-            self.itl_steps.append((ends[0] - start, c))
-        b = len(decode)
-        self.itl_runs.append(([ends[i] - ends[i - 1] for i in range(1, m)], b))
+            itl.step(first_end - start, c)
+        itl.run(run.params(), 1, m, len(decode))
         if finished:
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
 
@@ -344,7 +353,7 @@ class ContinuousBatchingScheduler:
         """End everything still here as failed (a crash, or the end of a run)."""
         for seq in list(self.running) + list(self.waiting):
             if seq.block_table:
-                self.kv.free(seq.block_table)
+                self.kv.free(seq.block_table, seq.num_hashed_blocks)
                 seq.block_table = []
             seq.status, seq.outcome, seq.reason, seq.t_finish = SeqStatus.FINISHED, "failed", reason, now
             self.done.append(seq)

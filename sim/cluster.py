@@ -18,7 +18,6 @@ the same records.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +29,7 @@ from policies.scheduler import ContinuousBatchingScheduler, create_scheduler
 from policies.sequence import SeqStatus, Sequence
 from sim.config import SimConfig
 from sim.cost import CostModel, load_cost_model, plan_features
-from traces.records import RecordTable, ReplicaStats, RunResult, merge_itl
+from traces.records import ItlLog, RecordTable, ReplicaStats, RunResult
 from traces.workload import Workload
 
 
@@ -91,7 +90,7 @@ class Replica:
     def _loop(self):
         env, sched, cost, st = self.env, self.sched, self.cost, self.stats
         while True:
-            now = max(self.clock, env.now)
+            now = self.clock  # == env.now up to rounding; the step arithmetic is the reference
             plan = sched.schedule(now)
             self._collect()
             if plan.empty:
@@ -112,26 +111,21 @@ class Replica:
                 st.steps += 1
                 st.tokens += f.prefill_tokens + f.decode_seqs
             else:
-                durs = cost.decode_times(f, k)
-                ends = [0.0] * k
-                t = now
-                for i, d in enumerate(durs.tolist()):
-                    t += d
-                    ends[i] = t
+                run = cost.decode_run(f)
+                m = k
                 deadline = sched.next_wakeup()
-                if deadline is not None and deadline < ends[-1]:
-                    ends = ends[:bisect_left(ends, deadline) + 1]
-                self._arm(ends[-1])
+                if deadline is not None and deadline < now + run.elapsed(k):
+                    m = run.step_at(deadline - now, k) + 1
+                end = now + run.elapsed(m)
+                self._arm(end)
                 yield from self._sleep()
                 woke = env.now
-                if woke < ends[-1]:  # an arrival: finish the step in progress, then look again
-                    j = bisect_left(ends, woke)
-                    if ends[j] > woke:
-                        yield env.timeout(ends[j] - woke)
-                    ends = ends[:j + 1]
-                m = len(ends)
-                sched.advance(plan, ends, now)
-                end = ends[-1]
+                if woke < end:  # an arrival: finish the step in progress, then look again
+                    m = run.step_at(woke - now, m) + 1
+                    end = now + run.elapsed(m)
+                    if end > woke:
+                        yield env.timeout(end - woke)
+                sched.advance(plan, m, now, now + run.elapsed(1), end, run)
                 st.busy_time += end - now
                 st.steps += m
                 st.tokens += m * f.decode_seqs
@@ -207,21 +201,8 @@ def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
     start = float(workload.arrival[0]) if len(workload) else 0.0
     meta = dict(cluster.meta, source="sim", workload=workload.name, requests=len(workload),
                 wall_s=time.perf_counter() - t0, seed=cfg.seed)
-    return RunResult(records=rec, itl=_merge_steps(cluster), start=start, end=max(last, start),
-                     replicas=[r.stats for r in cluster.replicas], meta=meta)
-
-
-def _merge_steps(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
-    gaps: list[float] = []
-    weights: list[int] = []
-    parts = []
-    singles: list[float] = []
+    itl = ItlLog()
     for rep in cluster.replicas:
-        s = rep.sched
-        for d, c in s.itl_steps:
-            gaps.append(d)
-            weights.append(c)
-        parts.extend(s.itl_runs)
-        singles.extend(s.itl_single)
-    g, w = merge_itl(parts, singles)
-    return np.concatenate([np.array(gaps), g]), np.concatenate([np.array(weights, dtype=np.int64), w])
+        itl.extend(rep.sched.itl)
+    return RunResult(records=rec, itl=itl, start=start, end=max(last, start),
+                     replicas=[r.stats for r in cluster.replicas], meta=meta)

@@ -14,6 +14,7 @@ the arithmetic that k single calls would do.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -56,13 +57,61 @@ def plan_features(plan: StepPlan) -> StepFeatures:
     return StepFeatures(pt, nd, attn, ctx, logits + nd)
 
 
+class DecodeRun:
+    """Durations of consecutive decode-only steps i = 0, 1, ... of one shape, whose context grows by the
+    batch size each step: d(i) = max(a1 + b1*i, a2 + b2*i) + c (slopes >= 0, so d never decreases).
+
+    Both cost models reduce to this form (a fitted linear model has a2 = a1, b2 = b1), which gives the
+    time to the end of step m in closed form: a run of a thousand steps costs what one step does.
+    """
+
+    __slots__ = ("a1", "b1", "a2", "b2", "c")
+
+    def __init__(self, a1: float, b1: float, a2: float, b2: float, c: float):
+        self.a1, self.b1, self.a2, self.b2, self.c = a1, b1, a2, b2, c
+
+    def duration(self, i: int) -> float:
+        return max(self.a1 + self.b1 * i, self.a2 + self.b2 * i) + self.c
+
+    def elapsed(self, m: int) -> float:
+        """Sum of the first m durations."""
+        if m <= 0:
+            return 0.0
+        a1, b1, a2, b2 = self.a1, self.b1, self.a2, self.b2
+        if a2 > a1 or (a2 == a1 and b2 > b1):  # line 1 = the one on top at i = 0
+            a1, b1, a2, b2 = a2, b2, a1, b1
+        if b2 <= b1:
+            cross = m
+        else:  # line 2 overtakes from i >= ceil((a1 - a2) / (b2 - b1))
+            cross = min(m, max(0, math.ceil((a1 - a2) / (b2 - b1))))
+        tot = cross * a1 + b1 * (cross * (cross - 1) / 2)
+        if cross < m:
+            n = m - cross
+            tot += n * a2 + b2 * (n * (cross + m - 1) / 2)
+        return tot + m * self.c
+
+    def step_at(self, t: float, k: int) -> int:
+        """Smallest j in [0, k) with elapsed(j + 1) >= t: the step in progress at time t after the start."""
+        lo, hi = 0, k - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.elapsed(mid + 1) >= t:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def params(self) -> tuple[float, float, float, float, float]:
+        return self.a1, self.b1, self.a2, self.b2, self.c
+
+
 class CostModel(Protocol):
     kv_capacity_tokens: int
 
     def step_time(self, f: StepFeatures) -> float: ...
 
-    def decode_times(self, f: StepFeatures, k: int) -> np.ndarray:
-        """Durations of k decode-only steps: f, then decode_ctx growing by decode_seqs per step."""
+    def decode_run(self, f: StepFeatures) -> DecodeRun:
+        """The durations of decode-only steps of shape f, then decode_ctx growing by decode_seqs per step."""
         ...
 
 
@@ -191,12 +240,13 @@ class AnalyticCost:
         memory = self._b_w + self._b_tok * tokens + self._b_ctx * f.decode_ctx
         return max(compute, memory) + self._overhead + self._ar_fixed + self._ar_tok * tokens
 
-    def decode_times(self, f: StepFeatures, k: int) -> np.ndarray:
+    def decode_run(self, f: StepFeatures) -> DecodeRun:
         tokens = f.prefill_tokens + f.decode_seqs
-        ctx = f.decode_ctx + f.decode_seqs * np.arange(k, dtype=np.float64)
-        compute = self._c_tok * tokens + self._c_log * f.logits + self._c_att * (f.prefill_attn + ctx)
-        memory = self._b_w + self._b_tok * tokens + self._b_ctx * ctx
-        return np.maximum(compute, memory) + self._overhead + self._ar_fixed + self._ar_tok * tokens
+        b = f.decode_seqs
+        a1 = self._c_tok * tokens + self._c_log * f.logits + self._c_att * (f.prefill_attn + f.decode_ctx)
+        a2 = self._b_w + self._b_tok * tokens + self._b_ctx * f.decode_ctx
+        return DecodeRun(a1, self._c_att * b, a2, self._b_ctx * b,
+                         self._overhead + self._ar_fixed + self._ar_tok * tokens)
 
 
 def load_cost_model(profile: str, tp: int = 1, gpu_memory_utilization: float = 0.9) -> CostModel:

@@ -8,10 +8,10 @@ time. Missing times (a rejected request has no first token) are NaN.
 from __future__ import annotations
 
 import csv
+from array import array
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class ReplicaStats:
 @dataclass
 class RunResult:
     records: dict[str, np.ndarray]
-    itl: tuple[np.ndarray, np.ndarray]  # (gap seconds, weight): exact ITL samples, run-length encoded
+    itl: ItlLog  # exact inter-token latency samples, compactly stored
     start: float  # first intended send time
     end: float  # last finish
     replicas: list[ReplicaStats] = field(default_factory=list)
@@ -146,15 +146,120 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def merge_itl(parts: Iterable[tuple[list[float] | np.ndarray, int]], singles: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten ITL samples: each part is (gaps, weight applying to each gap)."""
-    gaps: list[np.ndarray] = []
-    weights: list[np.ndarray] = []
-    for g, w in parts:
-        g = np.asarray(g, dtype=np.float64)
-        gaps.append(g)
-        weights.append(np.full(len(g), w, dtype=np.int64))
-    s = np.asarray(list(singles), dtype=np.float64)
-    gaps.append(s)
-    weights.append(np.ones(len(s), dtype=np.int64))
-    return np.concatenate(gaps), np.concatenate(weights)
+class ItlLog:
+    """Inter-token latency samples, stored compactly and summarised exactly.
+
+    Three kinds of entries: `step(d, c)` = c samples of value d (one engine step in which c sequences
+    each produced their next token d seconds after their previous one); `single(g)` = one sample;
+    `run(params, lo, hi, w)` = for every i in [lo, hi), w samples of d(i) = max(a1 + b1*i, a2 + b2*i) + c
+    with params = (a1, b1, a2, b2, c) and b1, b2 >= 0 (a run of decode steps predicted in closed form).
+    Memory is O(entries), not O(tokens); percentiles are found by bisection on the value with an exact
+    count of samples below it, so they are the exact sample percentiles up to float precision.
+    """
+
+    def __init__(self) -> None:
+        self.step_d = array("d")
+        self.step_w = array("d")
+        self.runs = array("d")  # a1, b1, a2, b2, c, lo, hi, w per run
+
+    def step(self, d: float, c: int) -> None:
+        self.step_d.append(d)
+        self.step_w.append(c)
+
+    def single(self, g: float) -> None:
+        self.step_d.append(g)
+        self.step_w.append(1)
+
+    def run(self, params: tuple[float, float, float, float, float], lo: int, hi: int, w: int) -> None:
+        if hi > lo:
+            self.runs.extend(params)
+            self.runs.extend((lo, hi, w))
+
+    def extend(self, other: "ItlLog") -> None:
+        self.step_d.extend(other.step_d)
+        self.step_w.extend(other.step_w)
+        self.runs.extend(other.runs)
+
+    def _arrays(self):
+        sd = np.frombuffer(self.step_d, dtype=np.float64) if len(self.step_d) else np.zeros(0)
+        sw = np.frombuffer(self.step_w, dtype=np.float64) if len(self.step_w) else np.zeros(0)
+        r = np.frombuffer(self.runs, dtype=np.float64).reshape(-1, 8) if len(self.runs) else np.zeros((0, 8))
+        return sd, sw, r
+
+    def count(self) -> int:
+        sd, sw, r = self._arrays()
+        return int(sw.sum() + ((r[:, 6] - r[:, 5]) * r[:, 7]).sum())
+
+    def mean(self) -> float:
+        sd, sw, r = self._arrays()
+        n = sw.sum() + ((r[:, 6] - r[:, 5]) * r[:, 7]).sum()
+        if n == 0:
+            return math.nan
+        tot = (sd * sw).sum()
+        if len(r):
+            tot += ((_run_sum(r, r[:, 6]) - _run_sum(r, r[:, 5])) * r[:, 7]).sum()
+        return float(tot / n)
+
+    def _count_le(self, x: float, sd, sw, r) -> float:
+        n = sw[sd <= x].sum()
+        if len(r):
+            a1, b1, a2, b2, c, lo, hi, w = r.T
+            y = x - c
+            with np.errstate(divide="ignore", invalid="ignore"):
+                i1 = np.where(b1 > 0, np.floor((y - a1) / b1), np.where(a1 <= y, np.inf, -np.inf))
+                i2 = np.where(b2 > 0, np.floor((y - a2) / b2), np.where(a2 <= y, np.inf, -np.inf))
+            last = np.minimum(i1, i2)  # largest i with d(i) <= x
+            k = np.clip(last - lo + 1, 0, hi - lo)
+            n += (k * w).sum()
+        return float(n)
+
+    def quantiles(self, qs=(50, 90, 95, 99)) -> list[float]:
+        """Percentiles with linear interpolation between order statistics (numpy's default method)."""
+        sd, sw, r = self._arrays()
+        n = self.count()
+        if n == 0:
+            return [math.nan] * len(qs)
+        vals = [sd] if len(sd) else []
+        if len(r):
+            a1, b1, a2, b2, c, lo, hi, _ = r.T
+            vals += [np.maximum(a1 + b1 * lo, a2 + b2 * lo) + c, np.maximum(a1 + b1 * (hi - 1), a2 + b2 * (hi - 1)) + c]
+        allv = np.concatenate(vals)
+        vmin, vmax = float(allv.min()), float(allv.max())
+
+        def order_stat(k: int) -> float:  # the k-th smallest sample (0-based)
+            lo_x, hi_x = vmin, vmax
+            if self._count_le(lo_x, sd, sw, r) >= k + 1:
+                return lo_x
+            for _ in range(200):
+                mid = (lo_x + hi_x) / 2
+                if mid <= lo_x or mid >= hi_x:
+                    break
+                if self._count_le(mid, sd, sw, r) >= k + 1:
+                    hi_x = mid
+                else:
+                    lo_x = mid
+            return hi_x
+
+        out = []
+        for q in qs:
+            h = (n - 1) * q / 100.0
+            lo_k = int(math.floor(h))
+            a = order_stat(lo_k)
+            b = order_stat(min(lo_k + 1, n - 1)) if h > lo_k else a
+            out.append(a + (h - lo_k) * (b - a))
+        return out
+
+
+def _run_sum(r: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Vectorised sum over i in [0, m) of max(a1 + b1*i, a2 + b2*i) + c, per row of r."""
+    a1, b1, a2, b2, c = r[:, 0], r[:, 1], r[:, 2], r[:, 3], r[:, 4]
+    swap = (a2 > a1) | ((a2 == a1) & (b2 > b1))
+    A1, B1 = np.where(swap, a2, a1), np.where(swap, b2, b1)
+    A2, B2 = np.where(swap, a1, a2), np.where(swap, b1, b2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = np.where(B2 > B1, np.clip(np.ceil((A1 - A2) / (B2 - B1)), 0, None), np.inf)
+    cross = np.minimum(cross, m)
+    tot = cross * A1 + B1 * (cross * (cross - 1) / 2)
+    n = m - cross
+    tot += np.where(n > 0, n * A2 + B2 * (n * (cross + m - 1) / 2), 0.0)
+    return tot + m * c

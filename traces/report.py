@@ -73,9 +73,8 @@ def summarize(result: RunResult, slo=None) -> dict[str, Any]:
     duration = max(result.end - result.start, 1e-12)
     ok = rec["status"] == "ok"
     gen = int(rec["generated_tokens"][ok].sum())
-    itl_g, itl_w = result.itl
-    itl = {"n": int(itl_w.sum()), "mean": float((itl_g * itl_w).sum() / itl_w.sum()) if itl_w.sum() else math.nan}
-    itl.update({f"p{q}": p for q, p in zip(QUANTILES, weighted_percentiles(itl_g, itl_w))})
+    itl = {"n": result.itl.count(), "mean": result.itl.mean()}
+    itl.update({f"p{q}": p for q, p in zip(QUANTILES, result.itl.quantiles(QUANTILES))})
     met = ok.copy()
     slo_d = {}
     if slo is not None:
