@@ -152,34 +152,37 @@ class ContinuousBatchingScheduler:
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
-        kv, chunked = self.kv, self.cfg.chunked_prefill
+        kv, chunked, bs = self.kv, self.cfg.chunked_prefill, self.cfg.block_size
         running = self.running
+        decode, prefill, prefill_tokens = plan.decode, plan.prefill, plan.prefill_tokens
         all_scheduled = True
         i = 0
         while i < len(running):
             seq = running[i]
-            n = seq.num_tokens - seq.num_computed
+            computed = seq.num_computed
+            n = seq.req.input_tokens + seq.num_generated - computed
             if n > budget:  # without chunking, running sequences are all decodes (n == 1)
                 n = budget if chunked else 0
-            if n <= 0:
-                all_scheduled = False
-                i += 1
-                continue
-            need = kv.blocks_for(seq.num_computed + n) - len(seq.block_table)
-            while need > kv.num_free:
-                victim = running.pop()
-                self._preempt(victim, plan)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                break
+                if n <= 0:
+                    all_scheduled = False
+                    i += 1
+                    continue
+            table = seq.block_table
+            need = -(-(computed + n) // bs) - len(table)
             if need > 0:
-                seq.block_table.extend(kv.allocate(need))
-            if n == 1 and seq.num_generated > 0:
-                plan.decode.append(seq)
+                while need > kv.num_free:
+                    victim = running.pop()
+                    self._preempt(victim, plan)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    break
+                table.extend(kv.allocate(need))
+            if n == 1 and seq.num_generated:
+                decode.append(seq)
             else:
-                plan.prefill.append(seq)
-                plan.prefill_tokens.append(n)
+                prefill.append(seq)
+                prefill_tokens.append(n)
             budget -= n
             i += 1
         return budget, all_scheduled

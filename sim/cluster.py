@@ -176,11 +176,39 @@ def _arrivals(cluster: Cluster, workload: Workload, router, progress: Callable[[
             progress(i)
 
 
+def _checked(sched: ContinuousBatchingScheduler) -> None:
+    """Wrap a scheduler so that every step verifies the KV pool (tests; slow)."""
+    def verify():
+        kv = sched.kv
+        kv.check()
+        held = sum(len(s.block_table) for s in sched.running)
+        assert kv.num_used <= kv.num_blocks
+        assert kv.num_used <= held, "a block is used that no running sequence holds"
+        for s in sched.waiting:
+            assert not s.block_table, "a waiting sequence holds KV blocks"
+
+    upd, adv = sched.update, sched.advance
+
+    def update(*a, **k):
+        upd(*a, **k)
+        verify()
+
+    def advance(*a, **k):
+        adv(*a, **k)
+        verify()
+
+    sched.update, sched.advance = update, advance
+
+
 def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
-             progress: Callable[[int], None] | None = None) -> RunResult:
-    """Replay `workload` through a simulated cluster; every request ends with one record."""
+             progress: Callable[[int], None] | None = None, check: bool = False) -> RunResult:
+    """Replay `workload` through a simulated cluster; every request ends with one record.
+    `check=True` verifies the KV pool's invariants after every step (for tests)."""
     t0 = time.perf_counter()
     cluster = build_cluster(workload, cfg, cost)
+    if check:
+        for rep in cluster.replicas:
+            _checked(rep.sched)
     router = create_router(cfg.router, seed=cfg.seed)
     cluster.env.process(_arrivals(cluster, workload, router, progress))
     cluster.env.run()
@@ -188,6 +216,11 @@ def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
     for rep in cluster.replicas:  # nothing should be left; if it is, say so rather than lose it
         rep.sched.abort_all(end, "simulation ended before the request finished")
         rep._collect()
+    if check:
+        for rep in cluster.replicas:
+            kv = rep.sched.kv
+            kv.check()
+            assert kv.num_free == kv.num_blocks, "KV blocks still held at the end of the run"
     missing = cluster.records.missing()
     if len(missing):
         raise RuntimeError(f"{len(missing)} requests have no record (first: {missing[:5].tolist()})")

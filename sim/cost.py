@@ -92,14 +92,24 @@ class DecodeRun:
 
     def step_at(self, t: float, k: int) -> int:
         """Smallest j in [0, k) with elapsed(j + 1) >= t: the step in progress at time t after the start."""
-        lo, hi = 0, k - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.elapsed(mid + 1) >= t:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        # Start from the root of the upper line's quadratic, a close guess, then settle it exactly.
+        a = max(self.a1, self.a2) + self.c
+        b = max(self.b1, self.b2)
+        if b > 0:
+            # elapsed(m) ~ m*a + b*m*(m-1)/2 = t  =>  b/2 m^2 + (a - b/2) m - t = 0
+            p = a - b / 2
+            g = int((-p + math.sqrt(p * p + 2 * b * t)) / b) if a > 0 else 0
+        else:
+            g = int(t / a) if a > 0 else 0
+        j = min(max(g - 1, 0), k - 1)
+        elapsed = self.elapsed
+        if elapsed(j + 1) >= t:
+            while j > 0 and elapsed(j) >= t:
+                j -= 1
+        else:
+            while j < k - 1 and elapsed(j + 1) < t:
+                j += 1
+        return j
 
     def params(self) -> tuple[float, float, float, float, float]:
         return self.a1, self.b1, self.a2, self.b2, self.c
