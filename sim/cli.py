@@ -60,6 +60,10 @@ def add_trace_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", default=None,
                    help="trace file or directory (default: the bundled Azure LLM inference 2023 conversation trace)")
     g.add_argument("--format", default=None, help="trace format (default: detected from the content)")
+    g.add_argument("--rate", type=float, default=None,
+                   help="arrival rate (req/s) for traces without arrival times (ShareGPT lengths)")
+    g.add_argument("--arrival-cv", type=float, default=None,
+                   help="inter-arrival coefficient of variation for those synthetic arrivals (1 = Poisson)")
     g.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     g.add_argument("--rate-scale", type=float, default=None,
                    help="multiply the arrival rate by this factor (time compression)")
@@ -97,7 +101,14 @@ def load_workload(args: argparse.Namespace):
         run_cfg = load_toml(args.config).get("run", {})
     path = args.trace or run_cfg.get("trace") or str(default_trace_path())
     fmt = args.format or run_cfg.get("format")
-    w = load_trace(path, format=fmt)
+    opts: dict[str, Any] = {}
+    if getattr(args, "rate", None) is not None:
+        opts["rate"] = args.rate
+    if getattr(args, "arrival_cv", None) is not None:
+        opts["cv"] = args.arrival_cv
+    if opts:
+        opts.setdefault("seed", getattr(args, "cfg__seed", None) or 0)
+    w = load_trace(path, format=fmt, **opts)
     if args.window:
         w = transforms.window(w, args.window[0], args.window[1])
     if args.limit is not None:
@@ -169,7 +180,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
     t = Table(title="shipped analytic profiles (MODEL@DEVICE)")
     for c in ("profile", "tp", "params (B)", "KV capacity (tokens)", "decode step, batch 1 (ms)"):
-        t.add_column(c, justify="right" if c != "profile" else "left")
+        t.add_column(c, justify="right" if c != "profile" else "left", no_wrap=c == "profile")
     from sim.cost import StepFeatures
 
     for m in model_names():
