@@ -103,6 +103,10 @@ ROW = {"arrival": 0.0, "input_tokens": 3, "output_tokens": 4, "step": 0}
     (HEADER, [ROW, {k: v for k, v in ROW.items() if k != "step"}], 3, "step"),
     (HEADER, [ROW, {**ROW, "priority": 1}], 3, None),
     (HEADER, [ROW, "[1]"], 3, None),
+    (HEADER, [ROW, "", {**ROW, "step": -1}], 4, "step"),  # blank lines are skipped, lines still counted
+    (HEADER, [ROW, '{"arrival": NaN, "input_tokens": 3, "output_tokens": 4, "step": 0}'], 3, "arrival"),
+    (HEADER, [ROW, {**ROW, "input_tokens": 2 ** 70}], 3, "input_tokens"),
+    (HEADER, [ROW, '{"arrival": 1, "input_tokens": 3, "output_tokens": 4, "step": 0}, {"arrival": 1}'], 3, None),
     (HEADER, [ROW, "{"], 3, None),
 ])
 def test_bad_files(tmp_path, header, rows, line, field):
@@ -111,6 +115,12 @@ def test_bad_files(tmp_path, header, rows, line, field):
     with pytest.raises(TraceError) as ei:
         load_canonical(p)
     assert (ei.value.line, ei.value.field) == (line, field), str(ei.value)
+
+
+def test_blank_lines_allowed(tmp_path):
+    p = tmp_path / "w.jsonl"
+    p.write_text("\n".join([json.dumps(HEADER), "", json.dumps(ROW), json.dumps({**ROW, "arrival": 1.5}), ""]))
+    assert load_canonical(p).arrival.tolist() == [0.0, 1.5]
 
 
 def test_empty_workload_round_trips(tmp_path):

@@ -34,7 +34,6 @@ import hashlib
 import inspect
 import io
 import json
-import math
 import warnings
 from datetime import datetime, timezone
 from importlib import resources
@@ -55,6 +54,7 @@ DEFAULT_TRACE = "AzureLLMInferenceTrace_conv.csv"
 CHARS_PER_TOKEN = 4
 LMCACHE_BLOCK_TOKENS = 16
 _INT63 = (1 << 63) - 1
+_INT_ONLY = {int}
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -129,18 +129,34 @@ def _read_csv(path: Path, required: Sequence[str], optional: Sequence[str] = ()
             if col not in names:
                 raise TraceError(path, header_line, col, f"missing column (header has {names})")
         width = len(names)
-        rows: list[list[str]] = []
-        lines: list[int] = []
+        rows = list(reader)
+        # Fast path: every row has the full width and sits on its own line (the usual file).
+        simple = reader.line_num == header_line + len(rows) and (not rows or set(map(len, rows)) == {width})
+    if simple:
+        lines = list(range(header_line + 1, header_line + 1 + len(rows)))
+    else:
+        rows, lines = _csv_rows_slow(path, header_line, width)
+    wanted = [c for c in (*required, *optional) if c in names]
+    cols_t = list(zip(*rows)) if rows else [()] * width
+    return {c: list(cols_t[names.index(c)]) for c in wanted}, lines
+
+
+def _csv_rows_slow(path: Path, header_line: int, width: int) -> tuple[list[list[str]], list[int]]:
+    """Rows after the header with their line numbers, skipping blank lines, checking widths."""
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    with _open_text(path) as f:
+        reader = csv.reader(f)
         for row in reader:
+            if reader.line_num <= header_line:
+                continue
             if len(row) != width:
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # a blank line is not a row
                 raise TraceError(path, reader.line_num, None, f"expected {width} fields, got {len(row)}")
             rows.append(row)
             lines.append(reader.line_num)
-    wanted = [c for c in (*required, *optional) if c in names]
-    cols_t = list(zip(*rows)) if rows else [()] * width
-    return {c: list(cols_t[names.index(c)]) for c in wanted}, lines
+    return rows, lines
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
@@ -162,7 +178,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     return records, lines
 
 
-def _field(path: Path, records: list[dict], lines: list[int], key: str, required: bool = True) -> list[Any] | None:
+def _field(path: Path, records: list[dict], lines: list[int], key: str, required: bool = True) -> list[Any]:
     try:
         return [r[key] for r in records]
     except KeyError:
@@ -178,8 +194,8 @@ def _field(path: Path, records: list[dict], lines: list[int], key: str, required
 # Converters for one value. CSV cells are strings; JSON values must already be numbers (exact
 # types, so a JSON true does not pass as 1 nor "12" as 12).
 
-def _int_text(v: str) -> int:
-    return int(v)
+_int_text = int
+_float_text = float
 
 
 def _int_json(v: Any) -> int:
@@ -189,10 +205,6 @@ def _int_json(v: Any) -> int:
     if t is float and v.is_integer():
         return int(v)
     raise ValueError(v)
-
-
-def _float_text(v: str) -> float:
-    return float(v)
 
 
 def _float_json(v: Any) -> float:
@@ -260,6 +272,8 @@ def _datetimes_ns(path: Path, field: str, values: Sequence[str], lines: Sequence
                 ok = False
             if not ok:
                 raise TraceError(path, line, field, f"unparsable date-time {v!r}")
+        if ns is None:  # each value parses alone though the batch did not (mixed forms)
+            ns = np.array([parse([v])[0] for v in values], dtype="datetime64[ns]")
     return ns.astype(np.int64)
 
 
@@ -292,7 +306,7 @@ def _build(path: Path, fmt: str, t: np.ndarray, inp: np.ndarray, out: np.ndarray
         i, kind, field = min(refused)  # the first bad line in the file
         raise TraceError(path, lines[i], field,
                          f"0 {kind} tokens; load with zero_{kind}='drop' or 'clamp' to accept such rows")
-    for kind, col, policy, field in checks:
+    for kind, col, policy, _ in checks:
         zero = col == 0
         nz = int(zero.sum())
         if policy == "clamp":
@@ -376,7 +390,7 @@ def load_mooncake(path: str | Path, *, block_size: int = 512, zero_input: ZeroPo
     raw = _field(path, records, lines, "hash_ids")
     hashes: list[tuple[int, ...]] = []
     for ids, n_in, line in zip(raw, inp.tolist(), lines):
-        if type(ids) is not list or not all(type(h) is int for h in ids):
+        if type(ids) is not list or (ids and set(map(type, ids)) != _INT_ONLY):
             raise TraceError(path, line, "hash_ids", "expected a list of integers")
         if len(ids) > -(-n_in // block_size):
             raise TraceError(path, line, "hash_ids", f"{len(ids)} block ids for {n_in} tokens "
@@ -531,9 +545,8 @@ def load_sharegpt(path: str | Path, *, rate: float | None = None, cv: float = 1.
     t = renewal_arrivals(len(inp), rate, cv, np.random.default_rng(seed))
     meta = {"arrivals": {"process": "poisson" if cv == 1 else "gamma", "rate": rate, "cv": cv,
                          "seed": seed if isinstance(seed, int) else "generator"}}
-    w = _build(path, "sharegpt", t, inp, out, lines, token_fields=("num_prefill_tokens", "num_decode_tokens"),
-               zero_input=zero_input, zero_output=zero_output, rebase=True, name=name, meta=meta)
-    return w
+    return _build(path, "sharegpt", t, inp, out, lines, token_fields=("num_prefill_tokens", "num_decode_tokens"),
+                  zero_input=zero_input, zero_output=zero_output, rebase=True, name=name, meta=meta)
 
 
 # ---- generic CSV / JSONL with a column mapping --------------------------------------------------------
@@ -668,7 +681,7 @@ def load_trace(path: str | Path, format: str | None = None, **options: Any) -> W
     if not path.exists():
         raise TraceError(path, None, None, "no such file or directory")
     if path.is_dir() and format not in (None, "lmcache"):
-        raise TraceError(path, None, None, f"is a directory; only the lmcache format reads directories")
+        raise TraceError(path, None, None, "is a directory; only the lmcache format reads directories")
     fmt = format or detect_format(path)
     loader = FORMATS[fmt]
     accepted = [p for p in inspect.signature(loader).parameters if p != "path"]
@@ -679,6 +692,8 @@ def load_trace(path: str | Path, format: str | None = None, **options: Any) -> W
         return loader(path, **options)
     except UnicodeDecodeError as e:
         raise TraceError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:  # unreadable, or a truncated .gz
+        raise TraceError(path, None, None, f"cannot read: {e}") from None
 
 
 def default_trace_path() -> Path:
@@ -687,4 +702,5 @@ def default_trace_path() -> Path:
 
 
 def load_default_trace(**options: Any) -> Workload:
+    """The embedded default workload, loaded (options as for `load_azure`)."""
     return load_azure(default_trace_path(), **options)

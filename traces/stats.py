@@ -49,11 +49,14 @@ def compute_stats(w: Workload) -> dict[str, Any]:
     s["output_tokens"] = _dist(w.output_tokens)
 
     if w.block_hashes is not None:
-        ids = np.fromiter(itertools.chain.from_iterable(w.block_hashes), dtype=np.int64)
         # Positions seen before = all positions - first occurrences (one per distinct id).
-        unique = len(np.unique(ids))
-        s["prefix"] = {"block_tokens": w.hash_block_size, "blocks": len(ids), "distinct": unique,
-                       "reuse": (len(ids) - unique) / len(ids) if len(ids) else None}
+        total = sum(map(len, w.block_hashes))
+        try:
+            unique = len(np.unique(np.fromiter(itertools.chain.from_iterable(w.block_hashes), np.int64, total)))
+        except OverflowError:  # ids beyond int64 (not from our loaders): count them in Python
+            unique = len(set(itertools.chain.from_iterable(w.block_hashes)))
+        s["prefix"] = {"block_tokens": w.hash_block_size, "blocks": total, "distinct": unique,
+                       "reuse": (total - unique) / total if total else None}
     if w.session_id is not None:
         sizes = np.array(list(_session_sizes(w.session_id).values()), dtype=np.int64)
         s["sessions"] = {"count": len(sizes), "calls_mean": float(sizes.mean()) if len(sizes) else None,
@@ -108,7 +111,7 @@ def render_stats(stats: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     t.add_row("requests", _fmt(stats["requests"]))
     t.add_row("span", f"{_fmt(stats['span_s'], 1)} s")
-    t.add_row("mean rate", f"{_fmt(stats['mean_rate'])} req/s")
+    t.add_row("mean rate", "-" if stats["mean_rate"] is None else f"{stats['mean_rate']:,.2f} req/s")
     t.add_row("inter-arrival CV", _fmt(stats["interarrival_cv"]))
     bm = stats["busiest_minute"]
     if bm:
@@ -124,7 +127,8 @@ def render_stats(stats: dict[str, Any]) -> Table:
         t.add_row("prefix blocks seen before", f"{reuse} of {p['blocks']:,} ({p['block_tokens']}-token blocks)")
     if "sessions" in stats:
         ss = stats["sessions"]
-        t.add_row("sessions", f"{ss['count']:,}, calls/session mean {_fmt(ss['calls_mean'], 1)} max {_fmt(ss['calls_max'])}")
+        t.add_row("sessions", f"{ss['count']:,}, calls/session mean {_fmt(ss['calls_mean'], 1)} "
+                  f"max {_fmt(ss['calls_max'])}")
     for k, v in stats.get("notes", {}).items():
         t.add_row(k.replace("_", " "), _fmt(v), style="yellow")
     return t

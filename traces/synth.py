@@ -102,7 +102,7 @@ class EmpiricalLengths:
             raise ValueError("need a non-empty set of (input, output) pairs of equal length")
 
     @classmethod
-    def from_workload(cls, w: Workload) -> "EmpiricalLengths":
+    def from_workload(cls, w: Workload) -> EmpiricalLengths:
         return cls(w.input_tokens.copy(), w.output_tokens.copy(), source=w.name)
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ def rebase(w: Workload, t0: float | None = None) -> Workload:
 def window(w: Workload, t0: float, t1: float) -> Workload:
     """Requests arriving in [t0, t1). Times are unchanged (compose with `rebase` to start at 0)."""
     if t1 < t0:
-        raise ValueError(f"empty window: t1 ({t1}) < t0 ({t0})")
+        raise ValueError(f"window ends before it starts: t1 ({t1}) < t0 ({t0})")
     lo, hi = np.searchsorted(w.arrival, [t0, t1], side="left")
     return dataclasses.replace(w.take(np.arange(lo, hi)), meta=_meta(w, "window", t0=t0, t1=t1))
 
