@@ -24,34 +24,36 @@ def prefix_block_hashes(req: Request, block_size: int) -> list[int]:
     """Chained hashes of the request's full KV blocks that its trace hashes cover.
 
     The trace gives one id per `req.hash_block_size` prompt tokens (Mooncake:
-    512); KV blocks are `block_size` tokens. KV block j's identity is the trace
-    ids covering tokens [j*B, (j+1)*B) plus its offset inside a trace block, so
-    equal trace prefixes give equal KV hash chains at any block size. Only
-    blocks that lie entirely inside the prompt and the covered range count.
+    512); KV blocks are `block_size` tokens. KV block j's identity is the
+    chain of trace ids up to the one covering it plus its offset inside that
+    trace block, so equal trace prefixes give equal KV hash chains at any block
+    size. Only blocks that lie entirely inside the prompt and the covered range
+    count.
     """
     hb, ids = req.hash_block_size, req.block_hashes
     if not ids or hb <= 0:
         return []
     covered = min(req.input_tokens, len(ids) * hb)
     n = covered // block_size
-    out: list[int] = []
+    if n == 0:
+        return []
+    if hb % block_size == 0:
+        # Chain once per trace block, then name its KV blocks by offset: per-block cost is arithmetic.
+        per = hb // block_size
+        out: list[int] = []
+        parent = 0
+        for k in range(-(-n // per)):
+            parent = hash((parent, ids[k]))
+            base = parent * per
+            out.extend(range(base, base + min(per, n - k * per)))
+        return out
+    out = []
     parent = 0
-    if hb >= block_size:
-        per = hb // block_size if hb % block_size == 0 else 0
-        for j in range(n):
-            start = j * block_size
-            if per:
-                key = (ids[start // hb], j % per)
-            else:  # block sizes not nested: name the block by every trace id it touches
-                key = (tuple(ids[start // hb:(start + block_size - 1) // hb + 1]), start % hb)
-            parent = hash((parent, key))
-            out.append(parent)
-    else:
-        for j in range(n):
-            start = j * block_size
-            key = (tuple(ids[start // hb:(start + block_size - 1) // hb + 1]), start % hb)
-            parent = hash((parent, key))
-            out.append(parent)
+    for j in range(n):  # block sizes not nested: name the block by every trace id it touches
+        start = j * block_size
+        key = (tuple(ids[start // hb:(start + block_size - 1) // hb + 1]), start % hb)
+        parent = hash((parent, key))
+        out.append(parent)
     return out
 
 
@@ -154,6 +156,20 @@ class BlockManager:
         self.block_hash[block_id] = h
         self.shared_ref[block_id] = 1
         return True
+
+    def register_range(self, block_table: Seq[int], hashes: Seq[int], start: int, stop: int) -> None:
+        """register(block_table[k], hashes[k]) for k in [start, stop)."""
+        if not self.enable_caching:
+            return
+        cached, bh, ref = self.cached, self.block_hash, self.shared_ref
+        for k in range(start, stop):
+            h = hashes[k]
+            if h not in cached:
+                b = block_table[k]
+                if bh[b] is None:
+                    cached[h] = b
+                    bh[b] = h
+                    ref[b] = 1
 
     # ---- allocate / free ------------------------------------------------------
     def allocate(self, n: int) -> list[int]:

@@ -248,10 +248,9 @@ class ContinuousBatchingScheduler:
             if hashes:
                 k = seq.num_hashed_blocks
                 full = min(len(hashes), seq.num_computed // bs)
-                while k < full:
-                    kv.register(seq.block_table[k], hashes[k])
-                    k += 1
-                seq.num_hashed_blocks = k
+                if full > k:
+                    kv.register_range(seq.block_table, hashes, k, full)
+                    seq.num_hashed_blocks = full
             if seq.num_computed == seq.num_tokens:
                 if seq.num_generated:  # resumed after preemption: the gap spans it
                     self.itl.single(end - seq.t_last_token)
