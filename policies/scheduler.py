@@ -21,7 +21,6 @@ len(ends) single steps would.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 from dataclasses import dataclass
 
 from policies.kv_cache import BlockManager, prefix_block_hashes
@@ -79,7 +78,6 @@ class ContinuousBatchingScheduler:
         self.itl = ItlLog()
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._jumpable = False
-        self._events: tuple[StepPlan, list[tuple[int, int]]] | None = None
 
     # ---- arrivals ---------------------------------------------------------------
     def add(self, seq: Sequence, now: float) -> bool:
@@ -201,6 +199,8 @@ class ContinuousBatchingScheduler:
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         cfg, kv, waiting, running = self.cfg, self.kv, self.waiting, self.running
+        if not len(waiting):
+            return
         bs = cfg.block_size
         while len(waiting) and len(running) < cfg.max_num_seqs and budget > 0:
             seq = waiting.peek(now)
@@ -304,12 +304,15 @@ class ContinuousBatchingScheduler:
             return 1
         k = min(s.req.output_tokens - s.num_generated for s in plan.decode)
         if k > 1:
-            ev = self._alloc_events(plan, k)
+            bs = self.cfg.block_size
+            need = 0
+            for seq in plan.decode:  # blocks the next k-1 steps allocate
+                i = len(seq.block_table) * bs - seq.num_computed + 1
+                if i <= k:
+                    need += (k - i) // bs + 1
             free = self.kv.num_free
-            if len(ev) > free:
-                k = ev[free][0] - 1  # that step would need a preemption
-                del ev[free:]
-            self._events = (plan, ev)
+            if need > free:
+                k = self._alloc_events(plan, k)[free][0] - 1  # that step would need a preemption
         return max(k, 1)
 
     def advance(self, plan: StepPlan, m: int, start: float, first_end: float, end: float, run) -> None:
@@ -319,14 +322,7 @@ class ContinuousBatchingScheduler:
             self.update(plan, start, end)
             return
         decode = plan.decode
-        cached = self._events
-        if cached is not None and cached[0] is plan:
-            ev = cached[1]
-            if ev and ev[-1][0] > m:
-                ev = ev[:bisect_right(ev, (m, len(decode)))]
-        else:
-            ev = self._alloc_events(plan, m)
-        self._events = None
+        ev = self._alloc_events(plan, m)
         if ev:
             blocks = self.kv.allocate(len(ev))
             for (_, pos), b in zip(ev, blocks):

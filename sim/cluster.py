@@ -46,6 +46,8 @@ class Replica:
         self._wake = env.event()
         self._token = 0  # invalidates timers armed before the last wake-up
         self._asleep = False
+        self._jumping = False  # sleeping through a decode run; an arrival interrupts it
+        self._interrupted = False
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.proc = env.process(self._loop())
 
@@ -60,8 +62,13 @@ class Replica:
     def submit(self, seq: Sequence) -> None:
         seq.replica = self.idx
         self.sched.add(seq, self.env.now)
-        if self._asleep and not self._wake.triggered:
-            self._wake.succeed()
+        if self._asleep:
+            if not self._wake.triggered:
+                self._wake.succeed()
+        elif self._jumping and not self._interrupted:
+            # Cheaper than arming a wake-up event for every run: only arrivals pay.
+            self._interrupted = True
+            self.proc.interrupt()
 
     def _arm(self, at: float) -> None:
         tok = self._token
@@ -117,14 +124,19 @@ class Replica:
                 if deadline is not None and deadline < now + run.elapsed(k):
                     m = run.step_at(deadline - now, k) + 1
                 end = now + run.elapsed(m)
-                self._arm(end)
-                yield from self._sleep()
-                woke = env.now
-                if woke < end:  # an arrival: finish the step in progress, then look again
-                    m = run.step_at(woke - now, m) + 1
-                    end = now + run.elapsed(m)
+                self._jumping = True
+                try:
+                    yield env.timeout(end - env.now)
+                except simpy.Interrupt:  # an arrival: finish the step in progress, then look again
+                    woke = env.now
+                    self._interrupted = False
+                    if woke < end:
+                        m = run.step_at(woke - now, m) + 1
+                        end = now + run.elapsed(m)
                     if end > woke:
+                        self._jumping = False
                         yield env.timeout(end - woke)
+                self._jumping = False
                 sched.advance(plan, m, now, now + run.elapsed(1), end, run)
                 st.busy_time += end - now
                 st.steps += m
