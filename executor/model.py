@@ -66,7 +66,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     dtype: str = "float32"
     norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
     head_dim_override: int | None = None  # HF `head_dim` when it is not hidden // heads
     rope_scaling: RopeScaling | None = None
     name: str = field(default="custom", compare=False)
@@ -285,9 +285,9 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Build with `from_seed` or `from_pretrained`; the constructor leaves weights uninitialised."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        kw = {"device": device, "dtype": cfg.torch_dtype}
+        kw = {"dtype": cfg.torch_dtype}
         self.cfg = cfg
         self.model = LlamaModel(cfg, **kw)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False, **kw)

@@ -12,14 +12,14 @@ chunk), then decode tokens (one query each, attending to its whole context).
 For every layer `PagedAttention`:
 
 1. writes the batch's new K/V into their slots (so a chunk sees itself);
-2. gathers each prefill chunk's blocks and runs one SDPA call per chunk with a
-   bottom-right causal mask;
+2. gathers each prefill chunk's blocks and runs one SDPA call per chunk
+   (`is_causal` when the chunk starts at position 0, else a bottom-right causal
+   mask), with SDPA's own grouped-query support;
 3. gathers the decode tokens' blocks in groups of similar context length
    (padding each group to its longest member, masked) and runs one SDPA call
-   per group.
-
-Grouped-query attention without copying K/V: the G query heads that share a
-KV head are folded into the query-length axis, so SDPA sees n_kv_heads heads.
+   per group. There the G query heads sharing a KV head are folded into the
+   query-length axis (a view, no K/V copy), so any SDPA kernel that takes a
+   mask can run it.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class _Prefill:
     end: int
     context: int  # keys visible to the chunk's last token (= its start position + n)
     block_ids: Tensor  # [ceil(context / B)]
-    mask: Tensor  # [G * n, context] additive, rows g-major (row g*n + i is query i of group head g)
+    mask: Tensor | None  # [n, context] additive; None when the chunk starts at 0 (plain causal)
 
 
 @dataclass(slots=True)
@@ -123,9 +123,11 @@ class PagedAttention:
             pos = np.arange(start, ctx, dtype=np.int64)
             positions.append(pos)
             slots.append(tab[pos // bs] * bs + pos % bs)
-            key = torch.arange(ctx, device=dev)
-            qpos = torch.arange(start, ctx, device=dev)
-            mask = _additive(key[None, :] <= qpos[:, None], dt).repeat(self.group, 1)
+            mask = None
+            if start:
+                key = torch.arange(ctx, device=dev)
+                qpos = torch.arange(start, ctx, device=dev)
+                mask = _additive(key[None, :] <= qpos[:, None], dt)
             self.prefills.append(_Prefill(row, row + n, ctx, _to(tab, dev), mask))
             row += n
         self.num_prefill_tokens = row
@@ -138,11 +140,11 @@ class PagedAttention:
                 if -(-ctx // bs) > len(table):
                     raise ValueError(f"block table has {len(table)} blocks, decode reaches token {ctx}")
                 slots.append(np.array([table[p // bs] * bs + p % bs], dtype=np.int64))
-            for lo, hi in _groups(-(-ctxs // bs), bs):
-                nb = int(-(-ctxs[lo:hi] // bs).max())
+            nblk = -(-ctxs // bs)
+            for lo, hi in _groups(nblk, bs):
+                nb = int(nblk[lo:hi].max())
                 ids = np.empty((hi - lo, nb), dtype=np.int64)
-                for r, (table, ctx) in enumerate(decodes[lo:hi]):
-                    k = -(-ctx // bs)
+                for r, ((table, _), k) in enumerate(zip(decodes[lo:hi], nblk[lo:hi].tolist())):
                     ids[r, :k] = table[:k]
                     ids[r, k:] = table[0]
                 key = torch.arange(nb * bs, device=dev)
@@ -159,12 +161,11 @@ class PagedAttention:
         cache.write(layer, self.slots, k, v)
         out = torch.empty_like(q)
         for c in self.prefills:
-            n = c.end - c.start
-            qg = q[c.start:c.end].view(n, kvh, g, hd).permute(1, 2, 0, 3).reshape(kvh, g * n, hd)
             kc, vc = cache.gather(layer, c.block_ids)
             kc, vc = kc[:c.context].transpose(0, 1), vc[:c.context].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=c.mask)
-            out[c.start:c.end] = o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, self.n_heads, hd)
+            o = F.scaled_dot_product_attention(q[c.start:c.end].transpose(0, 1), kc, vc, attn_mask=c.mask,
+                                               is_causal=c.mask is None, enable_gqa=g > 1)
+            out[c.start:c.end] = o.transpose(0, 1)
         for d in self.decode_groups:
             rows = d.end - d.start
             qg = q[d.start:d.end].view(rows, kvh, g, hd)

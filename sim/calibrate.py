@@ -1,0 +1,688 @@
+"""Calibration: a cost model fitted to step times measured on the executor, and the sim-vs-real comparison.
+
+    points = default_grid(...)                       # step shapes: decode batches, prefill chunks, mixes
+    meas = measure_grid(runner, points, repeats=7)   # the executor's ModelRunner, median of N per shape
+    fit = fit_cost(features, medians, holdout=...)   # FittedCost + its error on held-back shapes
+    save_profile_file(profile, "cpu.toml")           # `twinfer profile` does these four
+    load_cost_model("cpu.toml")                      # -> FittedCost, used by the simulator as any cost model
+
+The fitted form is
+
+    duration = max(A . x, B . x) + C . x,    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits)
+
+with every coefficient >= 0, so a prediction never decreases when any feature grows and
+extrapolates beyond the grid as straight lines. The plain linear model is A = B = 0; `fit_cost`
+also tries a max of two lines (a "roofline": a flat, weight-bound line for small batches and a
+steeper, compute-bound one for large) and keeps it only when it cuts the held-out error clearly.
+A decode-only run of such steps has exactly the `DecodeRun` form the simulator integrates in
+closed form. Fits minimise relative error (rows weighted by 1/duration), since a step of 5 ms
+matters as much as one of 500 ms to a latency percentile.
+
+Profiles are TOML or JSON (by extension) and carry what produced them: device, model, library
+versions, KV capacity, coefficients, fit error on held-back grid points, and the grid itself.
+torch is imported only by the measuring functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import nnls
+
+from sim.cost import DecodeRun, StepFeatures
+
+FEATURES = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits")
+PROFILE_FORMAT = "twinfer-profile"
+PROFILE_VERSION = 1
+
+
+# ---- the cost model ---------------------------------------------------------------------------
+
+def feature_row(f: StepFeatures) -> np.ndarray:
+    return np.array([1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits])
+
+
+def feature_matrix(fs: Iterable[StepFeatures]) -> np.ndarray:
+    """[n, 6]: a leading column of ones, then the features in FEATURES order."""
+    rows = [feature_row(f) for f in fs]
+    return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES))
+
+
+def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.ndarray:
+    if v is None:
+        return np.zeros(len(FEATURES))
+    if isinstance(v, Mapping):
+        unknown = set(v) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown coefficient(s) {sorted(unknown)}; valid: {', '.join(FEATURES)}")
+        v = [float(v.get(k, 0.0)) for k in FEATURES]
+    a = np.asarray(v, dtype=np.float64)
+    if a.shape != (len(FEATURES),):
+        raise ValueError(f"expected {len(FEATURES)} coefficients ({', '.join(FEATURES)}), got shape {a.shape}")
+    if not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise ValueError(f"coefficients must be finite and >= 0, got {a.tolist()}")
+    return a
+
+
+class FittedCost:
+    """duration = max(A . x, B . x) + C . x over x = (1, features); all coefficients >= 0 (see the module doc).
+
+    `shared` is C, `line_a`/`line_b` are A and B (zero for a linear model).
+    """
+
+    def __init__(self, shared: Any, kv_capacity_tokens: int, line_a: Any = None, line_b: Any = None,
+                 name: str = "fitted"):
+        self.shared = _coefs(shared)
+        self.line_a = _coefs(line_a)
+        self.line_b = _coefs(line_b)
+        if kv_capacity_tokens < 1:
+            raise ValueError(f"kv_capacity_tokens={kv_capacity_tokens} is out of range; allowed: >= 1")
+        self.kv_capacity_tokens = int(kv_capacity_tokens)
+        self.name = name
+        self._c = self.shared.tolist()
+        self._a = self.line_a.tolist()
+        self._b = self.line_b.tolist()
+        self._max = bool(self.line_a.any() or self.line_b.any())
+
+    @property
+    def form(self) -> str:
+        return "max" if self.line_a.any() or self.line_b.any() else "linear"
+
+    def step_time(self, f: StepFeatures) -> float:
+        x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits)
+        c, a, b = self._c, self._a, self._b
+        base = sum(ci * xi for ci, xi in zip(c, x))
+        if not self._max:
+            return base
+        return max(sum(ai * xi for ai, xi in zip(a, x)), sum(bi * xi for bi, xi in zip(b, x))) + base
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """step_time for every row of a feature_matrix."""
+        X = np.asarray(X, dtype=np.float64)
+        return np.maximum(X @ self.line_a, X @ self.line_b) + X @ self.shared
+
+    def decode_run(self, f: StepFeatures) -> DecodeRun:
+        # Step i of the run has decode_ctx + i * decode_seqs, nothing else moves; max(p, q) + s =
+        # max(p + s, q + s) folds the shared term (which also grows with decode_ctx) into both lines.
+        x = feature_row(f)
+        k = FEATURES.index("decode_ctx")
+        b = f.decode_seqs
+        a, bb = self.line_a + self.shared, self.line_b + self.shared
+        return DecodeRun(float(x @ a), float(a[k] * b), float(x @ bb), float(bb[k] * b), 0.0)
+
+    def coefficients(self) -> dict[str, dict[str, float]]:
+        out = {"shared": dict(zip(FEATURES, self.shared.tolist()))}
+        if self.form == "max":
+            out["line_a"] = dict(zip(FEATURES, self.line_a.tolist()))
+            out["line_b"] = dict(zip(FEATURES, self.line_b.tolist()))
+        return out
+
+    def __repr__(self) -> str:
+        return f"FittedCost(name={self.name!r}, form={self.form}, kv_capacity_tokens={self.kv_capacity_tokens})"
+
+
+# ---- fitting ----------------------------------------------------------------------------------
+
+def _wnnls(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """min ||diag(w) (X c - y)|| over c >= 0, with each column scaled to unit norm first (the features
+    span ten orders of magnitude: attention pairs in the millions next to a column of ones)."""
+    A = X * w[:, None]
+    scale = np.linalg.norm(A, axis=0)
+    live = scale > 0
+    c = np.zeros(X.shape[1])
+    if not live.any():
+        return c
+    sol, _ = nnls(A[:, live] / scale[live], y * w, maxiter=50 * X.shape[1])
+    c[live] = sol / scale[live]
+    return c
+
+
+def rel_errors(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.abs(pred - y) / y
+
+
+def error_stats(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    if not len(y):
+        return {"n": 0, "median_rel_error": math.nan, "p90_rel_error": math.nan, "max_rel_error": math.nan}
+    e = rel_errors(pred, y)
+    return {"n": int(len(y)), "median_rel_error": float(np.median(e)), "p90_rel_error": float(np.percentile(e, 90)),
+            "max_rel_error": float(e.max())}
+
+
+def fit_linear(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, name: str = "fitted") -> FittedCost:
+    """Non-negative least squares on relative error: duration = C . x."""
+    return FittedCost(_wnnls(X, y, 1.0 / y), kv_capacity_tokens, name=name)
+
+
+def fit_max(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, name: str = "fitted", seed: int = 0,
+            iters: int = 50) -> FittedCost | None:
+    """duration = max(A . x, B . x), A, B >= 0, by alternating partitions (max-affine regression,
+    Magnani & Boyd 2009): fit each line on the points where it is the larger, reassign, repeat; several
+    starting splits, the best relative-error objective wins. None when no split leaves both lines
+    enough points to be determined."""
+    n, p = X.shape
+    w = 1.0 / y
+    minpts = p + 1
+    if n < 2 * minpts:
+        return None
+    rng = np.random.default_rng(seed)
+    tokens = X[:, 1] + X[:, 2]
+    starts = [tokens > np.quantile(tokens, q) for q in (0.25, 0.5, 0.75)]
+    starts.append(X[:, 1] > 0)  # prefill vs pure decode
+    starts += [rng.random(n) < 0.5 for _ in range(4)]
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for part in starts:
+        part = part.copy()
+        a = b = None
+        for _ in range(iters):
+            if part.sum() < minpts or (~part).sum() < minpts:
+                break
+            a = _wnnls(X[part], y[part], w[part])
+            b = _wnnls(X[~part], y[~part], w[~part])
+            new = X @ a >= X @ b
+            if np.array_equal(new, part):
+                break
+            part = new
+        if a is None or b is None:
+            continue
+        obj = float(np.sum(((np.maximum(X @ a, X @ b) - y) * w) ** 2))
+        if best is None or obj < best[0]:
+            best = (obj, a, b)
+    if best is None:
+        return None
+    return FittedCost(np.zeros(p), kv_capacity_tokens, line_a=best[1], line_b=best[2], name=name)
+
+
+@dataclass
+class FitResult:
+    model: FittedCost
+    train: np.ndarray  # row indices used for the fit
+    test: np.ndarray  # held-back rows
+    errors: dict[str, dict[str, float]]  # "train" / "heldout" -> error_stats
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)  # form -> held-out error_stats
+    chosen_because: str = ""
+
+
+def holdout_split(kinds: Sequence[str], share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hold back about `share` of the points of each kind (at least one of any kind with >= 3 points),
+    chosen by a seeded shuffle. Returns (train, test) index arrays."""
+    if not 0 <= share < 1:
+        raise ValueError(f"holdout share={share} is out of range; allowed: [0, 1)")
+    rng = np.random.default_rng(seed)
+    test: list[int] = []
+    by_kind: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        by_kind.setdefault(k, []).append(i)
+    for k in sorted(by_kind):
+        idx = by_kind[k]
+        m = int(round(share * len(idx)))
+        if share > 0 and m == 0 and len(idx) >= 3:
+            m = 1
+        m = min(m, len(idx) - 1)
+        if m > 0:
+            test += rng.permutation(idx)[:m].tolist()
+    test_a = np.array(sorted(test), dtype=np.int64)
+    train_a = np.setdiff1d(np.arange(len(kinds)), test_a)
+    return train_a, test_a
+
+
+def fit_cost(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, *, kinds: Sequence[str] | None = None,
+             holdout: float = 0.25, form: str = "auto", seed: int = 0, name: str = "fitted") -> FitResult:
+    """Fit on the training share, report errors on the held-back share; the stored model is the one
+    whose held-out error is reported (it is not refitted on every point afterwards).
+
+    form: "linear", "max", or "auto" (the max of two lines only if it cuts the held-out median relative
+    error by a fifth or more without a worse maximum: a second line must earn its six parameters)."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(FEATURES) or len(X) != len(y):
+        raise ValueError(f"X must be [n, {len(FEATURES)}] and y [n]; got {X.shape} and {y.shape}")
+    if not len(y) or np.any(~np.isfinite(y)) or np.any(y <= 0):
+        raise ValueError("durations must be finite and > 0")
+    if form not in ("auto", "linear", "max"):
+        raise ValueError(f"form={form!r}; allowed: auto | linear | max")
+    kinds = list(kinds) if kinds is not None else ["all"] * len(y)
+    train, test = holdout_split(kinds, holdout, seed)
+    Xt, yt = X[train], y[train]
+    lin = fit_linear(Xt, yt, kv_capacity_tokens, name)
+    mx = fit_max(Xt, yt, kv_capacity_tokens, name, seed) if form in ("auto", "max") else None
+    eval_idx = test if len(test) else train  # with nothing held back, compare on the training points
+
+    def stats(m: FittedCost, idx: np.ndarray) -> dict[str, float]:
+        return error_stats(m.predict(X[idx]), y[idx])
+
+    cands = {"linear": stats(lin, eval_idx)}
+    if mx is not None:
+        cands["max"] = stats(mx, eval_idx)
+    where = "held-out" if len(test) else "training"
+    if form == "linear" or mx is None:
+        model = lin
+        why = "linear requested" if form == "linear" else "too few points for two lines; linear"
+    elif form == "max":
+        model, why = mx, "max of two lines requested"
+    else:
+        lm, mm = cands["linear"], cands["max"]
+        if mm["median_rel_error"] <= 0.8 * lm["median_rel_error"] and mm["max_rel_error"] <= lm["max_rel_error"]:
+            model = mx
+            why = (f"max of two lines: {where} median error {mm['median_rel_error']:.1%} vs linear "
+                   f"{lm['median_rel_error']:.1%}")
+        else:
+            model = lin
+            why = (f"linear: the max of two lines does not clearly beat it ({where} median "
+                   f"{mm['median_rel_error']:.1%} vs {lm['median_rel_error']:.1%}, max "
+                   f"{mm['max_rel_error']:.1%} vs {lm['max_rel_error']:.1%})")
+    errors = {"train": stats(model, train), "heldout": stats(model, test)}
+    return FitResult(model, train, test, errors, cands, why)
+
+
+# ---- profile files ----------------------------------------------------------------------------
+
+@dataclass
+class Profile:
+    """A fitted profile: the model plus everything needed to judge and reproduce it."""
+
+    cost: FittedCost
+    device: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)  # executor ModelConfig (config_dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    kv: dict[str, Any] = field(default_factory=dict)  # capacity_tokens, block_size, num_blocks
+    fit: dict[str, Any] = field(default_factory=dict)  # errors, form, why, holdout share
+    measure: dict[str, Any] = field(default_factory=dict)  # repeats, warmup, threads, seconds
+    grid: list[dict[str, Any]] = field(default_factory=list)  # one row per shape: features, timings, heldout
+    created: str = ""
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": self.name or self.cost.name,
+            "created": self.created or utc_now(), "form": self.cost.form,
+            "device": self.device, "model": self.model, "versions": self.versions,
+            "kv": {**self.kv, "capacity_tokens": self.cost.kv_capacity_tokens},
+            "coefficients": self.cost.coefficients(), "fit": self.fit, "measure": self.measure, "grid": self.grid,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any], where: str = "profile") -> "Profile":
+        if d.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{where}: not a twinfer profile (format={d.get('format')!r}, "
+                             f"expected {PROFILE_FORMAT!r})")
+        if int(d.get("version", 0)) > PROFILE_VERSION:
+            raise ValueError(f"{where}: profile version {d.get('version')} is newer than this twinfer "
+                             f"reads ({PROFILE_VERSION})")
+        try:
+            co = d["coefficients"]
+            kv = dict(d["kv"])
+            cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
+                              name=str(d.get("name", "fitted")))
+        except KeyError as e:
+            raise ValueError(f"{where}: missing {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        return Profile(cost=cost, device=dict(d.get("device", {})), model=dict(d.get("model", {})),
+                       versions=dict(d.get("versions", {})), kv=kv, fit=dict(d.get("fit", {})),
+                       measure=dict(d.get("measure", {})), grid=[dict(g) for g in d.get("grid", [])],
+                       created=str(d.get("created", "")), name=str(d.get("name", "")))
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import scipy
+
+        out["scipy"] = scipy.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:
+        out["torch"] = "not installed"
+    return out
+
+
+def save_profile_file(profile: Profile, path: str | Path) -> Path:
+    """Write TOML (.toml) or JSON (anything else, conventionally .json)."""
+    p = Path(path)
+    d = profile.to_dict()
+    if p.suffix == ".toml":
+        text = to_toml(d)
+    else:
+        text = json.dumps(_plain(d), indent=2) + "\n"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def read_profile_file(path: str | Path) -> Profile:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: profile file not found") from None
+    if p.suffix == ".toml":
+        import tomllib
+
+        try:
+            d = tomllib.loads(raw.decode())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML: {e}") from None
+    else:
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON: {e}") from None
+    return Profile.from_dict(d, where=str(p))
+
+
+def load_profile_file(path: str | Path) -> FittedCost:
+    """The cost model of a profile file (what sim.cost.load_cost_model returns for a .toml/.json path).
+    The profile's other fields ride along as `cost.profile`."""
+    prof = read_profile_file(path)
+    cost = prof.cost
+    cost.profile = prof  # type: ignore[attr-defined]
+    return cost
+
+
+def _plain(o: Any) -> Any:
+    """numpy scalars/arrays and tuples -> JSON/TOML-able Python values."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return [_plain(v) for v in o.tolist()]
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+def _toml_key(k: str) -> str:
+    if k and all(c.isalnum() or c in "_-" for c in k):
+        return k
+    return json.dumps(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        r = repr(v)
+        return r if any(c in r for c in ".en") else r + ".0"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):  # inline table (only inside arrays)
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(d: Mapping[str, Any]) -> str:
+    """A small TOML writer for profile-shaped data: scalars, lists, nested tables, arrays of tables.
+    None values are left out (TOML has no null)."""
+    d = _plain(d)
+    lines: list[str] = []
+
+    def is_table_array(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def emit(table: Mapping[str, Any], path: list[str]) -> None:
+        for k, v in table.items():
+            if v is None or isinstance(v, dict) or is_table_array(v):
+                continue
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                lines.append("")
+                lines.append("[" + ".".join(_toml_key(x) for x in path + [k]) + "]")
+                emit(v, path + [k])
+        for k, v in table.items():
+            if is_table_array(v):
+                for row in v:
+                    lines.append("")
+                    lines.append("[[" + ".".join(_toml_key(x) for x in path + [k]) + "]]")
+                    emit(row, path + [k])
+
+    emit(d, [])
+    return "\n".join(lines) + "\n"
+
+
+# ---- the measurement grid ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One step shape. prefills: (start position, tokens, completes the prompt) per chunk;
+    decodes: context length (the new token included, >= 2) per decoding sequence."""
+
+    kind: str
+    prefills: tuple[tuple[int, int, bool], ...] = ()
+    decodes: tuple[int, ...] = ()
+
+    def features(self) -> StepFeatures:
+        pt = sum(n for _, n, _ in self.prefills)
+        attn = sum(n * s + n * (n + 1) / 2 for s, n, _ in self.prefills)
+        logits = sum(1 for *_, done in self.prefills if done) + len(self.decodes)
+        return StepFeatures(pt, len(self.decodes), attn, sum(self.decodes), logits)
+
+    @property
+    def max_context(self) -> int:
+        return max([s + n for s, n, _ in self.prefills] + list(self.decodes) + [0])
+
+    def label(self) -> str:
+        parts = []
+        if self.prefills:
+            chunks: dict[tuple[int, int, bool], int] = {}
+            for c in self.prefills:
+                chunks[c] = chunks.get(c, 0) + 1
+            parts.append("+".join(f"{k}x{n}@{s}{'' if done else '~'}" if k > 1 else f"{n}@{s}{'' if done else '~'}"
+                                  for (s, n, done), k in chunks.items()))
+        if self.decodes:
+            lo, hi = min(self.decodes), max(self.decodes)
+            parts.append(f"dec{len(self.decodes)}@{lo}" + (f"-{hi}" if hi != lo else ""))
+        return f"{self.kind}:" + " ".join(parts)
+
+
+def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int = 4096,
+                 max_seqs: int = 128) -> list[GridPoint]:
+    """Step shapes covering what a continuous-batching scheduler produces: decode batches at several
+    context lengths (uniform and spread), prefill chunks from position 0 and deep in a prompt, several
+    chunks in one step, chunks that do not finish their prompt, and prefill + decode mixes."""
+    pts: list[GridPoint] = []
+
+    def add(kind: str, prefills=(), decodes=()) -> None:
+        p = GridPoint(kind, tuple(prefills), tuple(decodes))
+        f = p.features()
+        if 0 < f.tokens <= max_tokens and p.max_context <= max_context and len(p.prefills) + len(p.decodes) <= max_seqs:
+            pts.append(p)
+
+    if quick:
+        batches, ctxs = (1, 8, 32), (64, 512, 1536)
+        chunk_sizes = (32, 256, 1024)
+        deep = ((512, 256), (1536, 512))
+        multi = ((4, 128),)
+        mixes = ((256, 16, 512), (64, 32, 256))
+        spread = ((16, 1024),)
+    else:
+        batches, ctxs = (1, 2, 4, 8, 16, 32, 64, 128), (32, 256, 1024, 2048)
+        chunk_sizes = (16, 64, 128, 256, 512, 1024, 2048)
+        deep = ((256, 256), (512, 512), (1024, 256), (1024, 1024), (1536, 512), (2048, 1024), (3072, 512))
+        multi = ((2, 512), (4, 64), (4, 256), (8, 128), (16, 32))
+        mixes = ((64, 8, 256), (256, 8, 1024), (256, 32, 256), (512, 32, 1024), (1024, 16, 512), (128, 64, 512),
+                 (512, 64, 2048))
+        spread = ((8, 2048), (32, 1024), (64, 512), (128, 2048))
+    for b in batches:
+        for c in ctxs:
+            add("decode", decodes=[c] * b)
+    for b, hi in spread:
+        add("decode", decodes=np.linspace(32, hi, b).astype(int).tolist())
+    for n in chunk_sizes:
+        add("prefill", prefills=[(0, n, True)])
+    for s, n in deep:
+        add("prefill", prefills=[(s, n, True)])
+    add("prefill", prefills=[(0, min(512, max_tokens), False)])
+    add("prefill", prefills=[(1024, 512, False)])
+    for k, n in multi:
+        add("prefill", prefills=[(0, n, True)] * k)
+    for n, b, c in mixes:
+        add("mixed", prefills=[(0, n, True)], decodes=[c] * b)
+    return pts
+
+
+@dataclass
+class Measurement:
+    point: GridPoint
+    samples: list[float]  # seconds, after warm-up
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    def stats(self) -> dict[str, float]:
+        s = np.asarray(self.samples)
+        q25, q75 = np.percentile(s, [25, 75])
+        med = float(np.median(s))
+        return {"median_s": med, "min_s": float(s.min()), "max_s": float(s.max()),
+                "iqr_rel": float((q75 - q25) / med), "n": int(len(s))}
+
+
+def _build_plan(point: GridPoint, vocab: int, block_size: int, num_blocks: int, first_id: int):
+    """A StepPlan of fresh Sequences in exactly the state the scheduler would leave them in."""
+    from executor.tokens import prompt_tokens
+    from policies.kv_cache import BlockManager
+    from policies.plan import StepPlan
+    from policies.sequence import SeqStatus, Sequence
+    from traces.workload import Request
+
+    kv = BlockManager(num_blocks, block_size, enable_caching=False)
+    plan = StepPlan()
+    rid = first_id
+    for start, n, done in point.prefills:
+        prompt = start + n + (0 if done else block_size)
+        req = Request(index=rid, arrival=0.0, input_tokens=prompt, output_tokens=4)
+        seq = Sequence(req)
+        seq.num_computed = start
+        seq.tokens = prompt_tokens(req, vocab)
+        seq.block_table = kv.allocate(kv.blocks_for(start + n))
+        seq.status = SeqStatus.RUNNING
+        plan.prefill.append(seq)
+        plan.prefill_tokens.append(n)
+        rid += 1
+    for ctx in point.decodes:
+        if ctx < 2:
+            raise ValueError(f"decode context {ctx} < 2: a decoding sequence has a prompt and one generated token")
+        req = Request(index=rid, arrival=0.0, input_tokens=ctx - 1, output_tokens=1_000_000)
+        seq = Sequence(req)
+        seq.num_generated = 1
+        seq.num_computed = ctx - 1
+        seq.tokens = prompt_tokens(req, vocab) + [rid % vocab]
+        seq.block_table = kv.allocate(kv.blocks_for(ctx))
+        seq.status = SeqStatus.RUNNING
+        plan.decode.append(seq)
+        rid += 1
+    return plan
+
+
+def grid_blocks_needed(points: Sequence[GridPoint], block_size: int) -> int:
+    """KV blocks the largest point needs (points reuse the same block ids: only timing matters)."""
+    need = 0
+    for p in points:
+        n = sum(-(-(s + k) // block_size) for s, k, _ in p.prefills) + sum(-(-c // block_size) for c in p.decodes)
+        need = max(need, n)
+    return need
+
+
+def measure_grid(runner: Any, points: Sequence[GridPoint], repeats: int = 7, warmup: int = 2, seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> list[Measurement]:
+    """Time `runner.run(plan)` (executor.runner.ModelRunner) for every point.
+
+    Each point first runs `warmup` times (allocator and kernel set-up for its shapes), then the timed
+    runs go in rounds, each round over every point in a fresh random order, so a burst of load from
+    another process spreads over many points instead of spoiling one. The sampled tokens `run`
+    appends are removed after each call, so every run sees the same state."""
+    from executor.device import timer
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    cfg = runner.cfg
+    if grid_blocks_needed(points, runner.block_size) > runner.num_blocks:
+        raise ValueError(f"the grid needs {grid_blocks_needed(points, runner.block_size)} KV blocks; "
+                         f"the runner has {runner.num_blocks}")
+    plans = [_build_plan(p, cfg.vocab, runner.block_size, runner.num_blocks, 1000 * i) for i, p in enumerate(points)]
+    total = len(points) * (warmup + repeats)
+    done = 0
+
+    def once(plan) -> float:
+        with timer(runner.device) as t:
+            runner.run(plan)
+        for s in plan.prefill:
+            if len(s.tokens) > s.num_tokens:
+                s.tokens.pop()
+        for s in plan.decode:
+            s.tokens.pop()
+        return t.elapsed
+
+    samples: list[list[float]] = [[] for _ in points]
+    for i, plan in enumerate(plans):
+        for _ in range(warmup):
+            once(plan)
+            done += 1
+            if progress:
+                progress(done, total)
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        for i in rng.permutation(len(plans)).tolist():
+            samples[i].append(once(plans[i]))
+            done += 1
+            if progress:
+                progress(done, total)
+    return [Measurement(p, s) for p, s in zip(points, samples)]
+
+
+def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: int, *, holdout: float = 0.25,
+                              form: str = "auto", seed: int = 0, name: str = "fitted",
+                              device: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
+                              kv: Mapping[str, Any] | None = None,
+                              measure: Mapping[str, Any] | None = None) -> tuple[Profile, FitResult]:
+    feats = [m.point.features() for m in meas]
+    X = feature_matrix(feats)
+    y = np.array([m.median for m in meas])
+    fit = fit_cost(X, y, kv_capacity_tokens, kinds=[m.point.kind for m in meas], holdout=holdout, form=form,
+                   seed=seed, name=name)
+    held = set(fit.test.tolist())
+    pred = fit.model.predict(X)
+    grid = []
+    for i, (m, f) in enumerate(zip(meas, feats)):
+        grid.append({"kind": m.point.kind, "label": m.point.label(), "prefill_tokens": f.prefill_tokens,
+                     "decode_seqs": f.decode_seqs, "prefill_attn": float(f.prefill_attn), "decode_ctx": f.decode_ctx,
+                     "logits": f.logits, **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held})
+    spreads = [g["iqr_rel"] for g in grid]
+    fit_d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
+             "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
+             "median_iqr_rel": float(np.median(spreads)) if spreads else math.nan,
+             "max_iqr_rel": float(np.max(spreads)) if spreads else math.nan}
+    prof = Profile(cost=fit.model, device=dict(device or {}), model=dict(model or {}), versions=library_versions(),
+                   kv=dict(kv or {}), fit=fit_d, measure=dict(measure or {}), grid=grid, created=utc_now(), name=name)
+    return prof, fit

@@ -1,0 +1,819 @@
+"""Bayesian tuning of any dotted config key against an objective over the simulation report.
+
+The tuner sees a function of named parameters (STYLE.md item 9): `evaluate(**params)` returns a
+float (minimised) or an `Outcome`. `SimEvaluator` is that function for the simulator; tests pass
+plain Python functions.
+
+scikit-optimize's `Optimizer` is driven in batches: ask k points (k = parallel workers; constant
+liar for k > 1), evaluate them, tell the k results in index order. Resuming replays the recorded
+batches (the same asks, the recorded results told), so the optimizer's state and every later point
+are what an uninterrupted run with the same seed, space and batch size would have produced.
+
+Base estimator: a Gaussian process by default. Spaces here are small (a handful of integer,
+ordinal and categorical knobs) and evaluations cost a simulation each, so the GP's sample
+efficiency wins; its fit cost (~0.1 s per step at 100 points, single-threaded BLAS) is noise
+next to a simulation. GBRT (and RF/ET) are offered for rougher, larger spaces; "random" is
+random search without repeats, the baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from sim.config import ConfigError, SimConfig, config_from_dict, load_toml, with_overrides
+
+PARAM_TYPES = ("real", "integer", "categorical", "ordinal")
+PRIORS = ("uniform", "log-uniform")
+OBJECTIVES = ("max_goodput", "min_replicas", "min_cost", "min_p99_ttft", "weighted")
+ESTIMATORS = ("GP", "GBRT", "RF", "ET", "random")
+
+# Metrics an objective can weigh, and the ones every evaluations.csv row carries.
+_DISTS = ("ttft", "tpot", "e2e", "queueing", "itl")
+_STATS = ("mean", "p50", "p90", "p95", "p99")
+_SCALARS = ("goodput_rps", "slo_attainment", "throughput_rps", "output_tokens_per_s", "ok", "rejected", "timed_out",
+            "failed", "preemptions", "prefix_hit_rate", "duration_s")
+_DERIVED = ("replicas", "tp", "gpus", "cost_per_hour", "goodput_per_gpu", "offered_rps")
+METRIC_NAMES = (*_SCALARS, *(f"{d}.{s}" for d in _DISTS for s in _STATS), *_DERIVED)
+KEY_METRICS = ("goodput_rps", "slo_attainment", "throughput_rps", "ttft.p50", "ttft.p99", "tpot.p99", "e2e.p99",
+               "rejected", "timed_out", "gpus", "cost_per_hour")
+
+
+class TuneError(ConfigError):
+    """A bad search space, objective or tuning setting: names the file and the key."""
+
+
+# --------------------------------------------------------------------------- search space
+
+@dataclass(frozen=True)
+class Param:
+    """One tuned config key. `values` are the categories (categorical) or the ordered values (ordinal)."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    prior: str = "uniform"
+    values: tuple[Any, ...] = ()
+
+    def dimension(self):
+        from skopt.space import Categorical, Integer, Real
+
+        if self.type == "real":
+            return Real(self.low, self.high, prior=self.prior, name=self.name)
+        if self.type == "integer":
+            return Integer(int(self.low), int(self.high), prior=self.prior, name=self.name)
+        if self.type == "categorical":
+            return Categorical(list(self.values), name=self.name)
+        return Integer(0, len(self.values) - 1, name=self.name)  # ordinal: the GP sees the rank
+
+    def decode(self, x: Any) -> Any:
+        """Optimizer value -> config value, as a plain Python object."""
+        if self.type == "real":
+            return float(x)
+        if self.type == "integer":
+            return int(x)
+        if self.type == "ordinal":
+            return self.values[int(x)]
+        for c in self.values:
+            if c == x:
+                return c
+        raise ValueError(f"{self.name}: {x!r} is not one of {list(self.values)}")
+
+    def encode(self, v: Any) -> Any:
+        """Config value -> optimizer value."""
+        if self.type == "ordinal":
+            for i, c in enumerate(self.values):
+                if c == v:
+                    return i
+            raise ValueError(f"{self.name}: {v!r} is not one of {list(self.values)}")
+        return self.decode(v)
+
+    def parse(self, text: str) -> Any:
+        """A CSV cell -> config value."""
+        if self.type == "real":
+            return float(text)
+        if self.type == "integer":
+            return int(float(text))
+        for c in self.values:
+            if _cell(c) == text:
+                return c
+        raise ValueError(f"{self.name}: {text!r} is not one of {list(self.values)}")
+
+    def candidates(self) -> list[Any]:
+        """Values that must each build a valid config: the bounds, or every category."""
+        if self.type == "real":
+            return [float(self.low), float(self.high)]
+        if self.type == "integer":
+            return [int(self.low), int(self.high)]
+        return list(self.values)
+
+    @property
+    def size(self) -> int | None:
+        if self.type == "real":
+            return None
+        if self.type == "integer":
+            return int(self.high) - int(self.low) + 1
+        return len(self.values)
+
+
+def space_size(params: Sequence[Param]) -> int | None:
+    """Number of distinct points, or None when a dimension is continuous."""
+    n = 1
+    for p in params:
+        if p.size is None:
+            return None
+        n *= p.size
+    return n
+
+
+# --------------------------------------------------------------------------- objective
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one evaluation gave. `value` is in the objective's natural units (req/s, replicas, $/h, s)."""
+
+    value: float
+    feasible: bool = True
+    reason: str = ""
+    shortfall: float = 0.0  # (target - attainment) / target for an infeasible point, in (0, 1]
+    metrics: dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What to optimise. kind "value": a plain function's return, minimised (or maximised).
+
+    Infeasible points are told `worst + scale * (1 + shortfall)` where the space bounds the worst
+    feasible loss (min_replicas, min_cost, max_goodput), else their own loss made worse in
+    proportion to the shortfall: always worse than any feasible point of the same kind, and less
+    bad the closer the point came to the target, so the surrogate sees where feasibility lies.
+    A failed evaluation is told the worst loss so far plus 3 * scale.
+    """
+
+    kind: str = "value"
+    slo_target: float | None = None
+    gpu_hour_price: float = 1.0
+    weights: tuple[tuple[str, float], ...] = ()
+    maximize: bool = False  # for kind "weighted" and "value"
+    worst: float | None = None  # the worst loss a feasible point can have, where known
+    scale: float = 1.0  # the loss unit penalties are measured in
+
+    @property
+    def maximizes(self) -> bool:
+        return self.kind == "max_goodput" or (self.kind in ("weighted", "value") and self.maximize)
+
+    @property
+    def label(self) -> str:
+        return {"max_goodput": "goodput (req/s)", "min_replicas": "replicas", "min_cost": "cost ($/h)",
+                "min_p99_ttft": "p99 TTFT (s)", "weighted": "weighted objective",
+                "value": "objective"}[self.kind]
+
+    def describe(self) -> str:
+        s = f"{'maximise' if self.maximizes else 'minimise'} {self.label}"
+        if self.kind == "weighted":
+            s += " = " + " + ".join(f"{w:g} x {m}" for m, w in self.weights)
+        if self.slo_target is not None:
+            s += f" subject to SLO attainment >= {self.slo_target:g}"
+        return s
+
+    def metric_names(self) -> list[str]:
+        return list(dict.fromkeys([*KEY_METRICS, *(m for m, _ in self.weights)]))
+
+    def measure(self, summary: Mapping[str, Any], cfg: SimConfig, offered_rps: float) -> Outcome:
+        """A simulation report -> Outcome."""
+        m = report_metrics(summary, cfg, offered_rps, self.gpu_hour_price)
+        if self.kind == "max_goodput":
+            value = m["goodput_rps"]
+        elif self.kind == "min_replicas":
+            value = m["replicas"]
+        elif self.kind == "min_cost":
+            value = m["cost_per_hour"]
+        elif self.kind == "min_p99_ttft":
+            value = m["ttft.p99"]
+        elif self.kind == "weighted":
+            value = sum(w * m[k] for k, w in self.weights)
+        else:
+            raise TuneError(f"objective kind '{self.kind}' needs a function, not a simulation report")
+        keep = {k: float(m[k]) for k in self.metric_names()}
+        if self.slo_target is not None:
+            att = m["slo_attainment"]
+            if not att >= self.slo_target:
+                short = (self.slo_target - att) / self.slo_target if math.isfinite(att) else 1.0
+                return Outcome(value, False, f"SLO attainment {att:.4f} < target {self.slo_target:g}",
+                               min(max(short, 1e-9), 1.0), keep)
+        if not math.isfinite(value):
+            return Outcome(value, False, f"{self.label} is undefined (no request completed)", 1.0, keep, failed=True)
+        return Outcome(value, True, "", 0.0, keep)
+
+    def loss(self, out: Outcome, told: Sequence[float]) -> float:
+        """The number told to the optimizer (smaller is better)."""
+        raw = -out.value if self.maximizes else out.value
+        if out.failed or not math.isfinite(raw):
+            bound = [t for t in told if math.isfinite(t)] + ([self.worst] if self.worst is not None else [])
+            return (max(bound) if bound else 0.0) + 3 * self.scale
+        if out.feasible:
+            return float(raw)
+        if self.worst is not None:
+            return self.worst + self.scale * (1 + out.shortfall)
+        return float(raw + (abs(raw) + self.scale) * (1 + out.shortfall))
+
+    def with_bounds(self, params: Sequence[Param], base: SimConfig, offered_rps: float) -> Objective:
+        """Fill `worst` and `scale` from the space (largest replicas/tp) and the workload's rate."""
+        def top(key: str) -> float:
+            for p in params:
+                if p.name == key:
+                    return float(max(p.candidates()))
+            return float(getattr(base, key))
+
+        if self.kind == "min_replicas":
+            return replace(self, worst=top("replicas"), scale=1.0)
+        if self.kind == "min_cost":
+            return replace(self, worst=top("replicas") * top("tp") * self.gpu_hour_price, scale=self.gpu_hour_price)
+        if self.kind == "max_goodput":
+            return replace(self, worst=0.0, scale=max(offered_rps, 1e-9))
+        if self.kind == "min_p99_ttft":
+            return replace(self, scale=base.slo.ttft or 1.0)
+        return self
+
+
+def report_metrics(summary: Mapping[str, Any], cfg: SimConfig, offered_rps: float,
+                   gpu_hour_price: float = 1.0) -> dict[str, float]:
+    """The flat metric vocabulary (METRIC_NAMES) of one simulation report."""
+    m: dict[str, float] = {k: float(summary[k]) for k in _SCALARS}
+    for d in _DISTS:
+        for s in _STATS:
+            v = summary[d][s]
+            m[f"{d}.{s}"] = math.nan if v is None else float(v)
+    gpus = cfg.replicas * cfg.tp
+    m.update(replicas=float(cfg.replicas), tp=float(cfg.tp), gpus=float(gpus),
+             cost_per_hour=gpus * gpu_hour_price, goodput_per_gpu=m["goodput_rps"] / gpus,
+             offered_rps=float(offered_rps))
+    return m
+
+
+# --------------------------------------------------------------------------- space files
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """A parsed search-space file."""
+
+    base: dict[str, Any]
+    params: tuple[Param, ...]
+    objective: Objective
+    tuner: dict[str, Any] = field(default_factory=dict)  # estimator, initial, calls, parallel, seed
+    run: dict[str, Any] = field(default_factory=dict)  # trace, format, limit, rate_scale, window
+    where: str = "space"
+
+    def base_config(self) -> SimConfig:
+        return config_from_dict(self.base, where=f"{self.where} [base]")
+
+
+_TABLES = ("base", "space", "objective", "tuner", "run")
+_PARAM_KEYS = {"real": ("type", "low", "high", "prior"), "integer": ("type", "low", "high", "prior"),
+               "categorical": ("type", "categories"), "ordinal": ("type", "values")}
+_OBJECTIVE_KEYS = ("kind", "slo_target", "gpu_hour_price", "weights", "direction")
+_TUNER_KEYS = {"estimator": str, "initial": int, "calls": int, "parallel": int, "seed": int}
+_RUN_KEYS = ("trace", "format", "limit", "rate_scale", "window")
+
+
+def load_space(path: str | Path) -> SpaceSpec:
+    return parse_space(load_toml(path), where=str(path))
+
+
+def parse_space(data: Mapping[str, Any], where: str = "space") -> SpaceSpec:
+    """A search-space file's tables -> SpaceSpec; every error names the file and the key."""
+    for k in data:
+        if k not in _TABLES:
+            raise TuneError(f"{where}: unknown table [{k}]; valid: {', '.join(f'[{t}]' for t in _TABLES)}")
+    for k in _TABLES:
+        if k in data and not isinstance(data[k], dict):
+            raise TuneError(f"{where}: '{k}' must be a table ([{k}])")
+    base = dict(data.get("base", {}))
+    base_cfg = config_from_dict(base, where=f"{where} [base]")
+    params = tuple(_params(data.get("space", {}), where))
+    if not params:
+        raise TuneError(f"{where}: no parameters to tune; add [space.<key>] tables, e.g. [space.replicas] "
+                        f"type = \"integer\", low = 1, high = 8")
+    for p in params:
+        for v in p.candidates():
+            config_from_dict(with_overrides(base, {p.name: v}), where=f"{where} [space.\"{p.name}\"] = {v!r}")
+    objective = _objective(data.get("objective"), where, base_cfg, params)
+    tuner = dict(data.get("tuner", {}))
+    for k, v in tuner.items():
+        if k not in _TUNER_KEYS:
+            raise TuneError(f"{where}: unknown key 'tuner.{k}'; valid: {', '.join('tuner.' + t for t in _TUNER_KEYS)}")
+        if not isinstance(v, _TUNER_KEYS[k]) or isinstance(v, bool):
+            raise TuneError(f"{where}: 'tuner.{k}' must be {_TUNER_KEYS[k].__name__}, got {v!r}")
+    if "estimator" in tuner:
+        tuner["estimator"] = check_estimator(tuner["estimator"], f"{where}: tuner.estimator")
+    run = dict(data.get("run", {}))
+    for k in run:
+        if k not in _RUN_KEYS:
+            raise TuneError(f"{where}: unknown key 'run.{k}'; valid: {', '.join('run.' + t for t in _RUN_KEYS)}")
+    return SpaceSpec(base, params, objective, tuner, run, where)
+
+
+def check_estimator(name: str, where: str) -> str:
+    for e in ESTIMATORS:
+        if e.lower() == str(name).lower():
+            return e
+    raise TuneError(f"{where}: unknown estimator {name!r}; valid: {' | '.join(ESTIMATORS)}")
+
+
+def _params(table: Mapping[str, Any], where: str, prefix: str = "") -> Iterable[Param]:
+    # [space."scheduler.max_num_seqs"] and [space.scheduler.max_num_seqs] (nested tables) both work
+    for k, v in table.items():
+        name = prefix + k
+        if not isinstance(v, dict):
+            raise TuneError(f"{where}: 'space.{name}' must be a table with a type, e.g. [space.\"{name}\"]")
+        if "type" in v and not isinstance(v["type"], dict):
+            yield _param(name, v, where)
+        else:
+            yield from _params(v, where, prefix=name + ".")
+
+
+def _param(name: str, t: Mapping[str, Any], where: str) -> Param:
+    at = f"{where}: [space.\"{name}\"]"
+    kind = t["type"]
+    if kind not in PARAM_TYPES:
+        raise TuneError(f"{at}: unknown type {kind!r}; valid: {' | '.join(PARAM_TYPES)}")
+    for k in t:
+        if k not in _PARAM_KEYS[kind]:
+            raise TuneError(f"{at}: unknown key '{k}' for type {kind!r}; valid: {', '.join(_PARAM_KEYS[kind])}")
+    if kind in ("categorical", "ordinal"):
+        key = "categories" if kind == "categorical" else "values"
+        vals = t.get(key)
+        if not isinstance(vals, list) or len(vals) < 2:
+            raise TuneError(f"{at}: '{key}' must list at least 2 values (a fixed value belongs in [base])")
+        if len({_cell(v) for v in vals}) != len(vals):
+            raise TuneError(f"{at}: '{key}' has repeated values: {vals}")
+        return Param(name, kind, values=tuple(vals))
+    for k in ("low", "high"):
+        if k not in t:
+            raise TuneError(f"{at}: missing '{k}'")
+        v = t[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TuneError(f"{at}: '{k}' must be a number, got {v!r}")
+        if kind == "integer" and not float(v).is_integer():
+            raise TuneError(f"{at}: '{k}' must be an integer for type \"integer\", got {v!r}")
+    low, high = t["low"], t["high"]
+    prior = t.get("prior", "uniform")
+    if prior not in PRIORS:
+        raise TuneError(f"{at}: unknown prior {prior!r}; valid: {' | '.join(PRIORS)}")
+    if not low < high:
+        raise TuneError(f"{at}: bad bounds: low ({low}) must be < high ({high})")
+    if prior == "log-uniform" and not low > 0:
+        raise TuneError(f"{at}: bad bounds: a log-uniform prior needs low > 0, got low = {low}")
+    if kind == "integer":
+        low, high = int(low), int(high)
+    return Param(name, kind, low, high, prior)
+
+
+def _objective(t: Any, where: str, base: SimConfig, params: Sequence[Param]) -> Objective:
+    if t is None:
+        raise TuneError(f"{where}: missing [objective] table, e.g. kind = \"min_replicas\", slo_target = 0.99")
+    for k in t:
+        if k not in _OBJECTIVE_KEYS:
+            raise TuneError(f"{where}: unknown key 'objective.{k}'; valid: "
+                            f"{', '.join('objective.' + o for o in _OBJECTIVE_KEYS)}")
+    kind = t.get("kind")
+    if kind not in OBJECTIVES:
+        raise TuneError(f"{where}: unknown objective kind {kind!r} (objective.kind); valid: {' | '.join(OBJECTIVES)}")
+    target = t.get("slo_target")
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise TuneError(f"{where}: objective.slo_target={target!r} is out of range; allowed: 0 < target <= 1")
+        has_slo = any(getattr(base.slo, k) is not None for k in ("ttft", "tpot", "e2e")) or \
+            any(p.name.startswith("slo.") for p in params)
+        if not has_slo:
+            raise TuneError(f"{where}: objective.slo_target needs an SLO: set [base.slo] ttft, tpot or e2e (seconds)")
+    elif kind in ("min_replicas", "min_cost"):
+        raise TuneError(f"{where}: objective.kind = \"{kind}\" needs objective.slo_target (e.g. 0.99); without a "
+                        f"constraint the answer is always the smallest cluster")
+    price = t.get("gpu_hour_price", 1.0)
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not price > 0:
+        raise TuneError(f"{where}: objective.gpu_hour_price={price!r} is out of range; allowed: > 0")
+    weights = t.get("weights", {})
+    if kind == "weighted":
+        if not isinstance(weights, dict) or not weights:
+            raise TuneError(f"{where}: objective.kind = \"weighted\" needs objective.weights, e.g. "
+                            f"weights = {{ \"ttft.p99\" = 1.0, goodput_rps = -0.1 }}")
+        for m, w in weights.items():
+            if m not in METRIC_NAMES:
+                raise TuneError(f"{where}: unknown metric 'objective.weights.{m}'; valid: {', '.join(METRIC_NAMES)}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise TuneError(f"{where}: objective.weights.{m} must be a number, got {w!r}")
+    elif "weights" in t:
+        raise TuneError(f"{where}: objective.weights applies only to kind = \"weighted\"")
+    direction = t.get("direction", "min")
+    if direction not in ("min", "max"):
+        raise TuneError(f"{where}: objective.direction={direction!r}; valid: min | max")
+    if "direction" in t and kind != "weighted":
+        raise TuneError(f"{where}: objective.direction applies only to kind = \"weighted\"")
+    return Objective(kind, None if target is None else float(target), float(price),
+                     tuple((m, float(w)) for m, w in weights.items()), direction == "max")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+class SimEvaluator:
+    """The simulator as a function of named parameters: overrides -> config -> simulate -> Outcome."""
+
+    def __init__(self, workload, base: Mapping[str, Any], objective: Objective, where: str = "tune"):
+        self.workload, self.base, self.objective, self.where = workload, dict(base), objective, where
+        arr = workload.arrival
+        span = float(arr[-1] - arr[0]) if len(arr) > 1 else 0.0
+        self.offered_rps = len(arr) / span if span > 0 else float(len(arr))
+
+    def config(self, params: Mapping[str, Any]) -> SimConfig:
+        return config_from_dict(with_overrides(self.base, dict(params)), where=self.where)
+
+    def __call__(self, **params: Any) -> Outcome:
+        from sim.cluster import simulate
+        from traces.report import summarize
+
+        cfg = self.config(params)
+        summary = summarize(simulate(self.workload, cfg), cfg.slo)
+        return self.objective.measure(summary, cfg, self.offered_rps)
+
+
+def timed_call(evaluate: Callable[..., Any], params: Mapping[str, Any]) -> tuple[Outcome, float]:
+    """evaluate(**params) -> (Outcome, wall s). An exception becomes a failed Outcome, never a crash."""
+    t0 = time.perf_counter()
+    try:
+        out = evaluate(**params)
+        if not isinstance(out, Outcome):
+            out = Outcome(float(out))
+    except Exception as e:  # noqa: BLE001 - a bad point must not end the search
+        msg = " ".join(f"{type(e).__name__}: {e}".split())
+        out = Outcome(math.nan, False, f"error: {msg[:400]}", 1.0, failed=True)
+    return out, time.perf_counter() - t0
+
+
+class InlineRunner:
+    def __init__(self, evaluate: Callable[..., Any]):
+        self.evaluate = evaluate
+
+    def map(self, points: Sequence[Mapping[str, Any]]) -> list[tuple[Outcome, float]]:
+        return [timed_call(self.evaluate, p) for p in points]
+
+    def close(self) -> None:
+        pass
+
+
+_WORKER_EVALUATE: Callable[..., Any] | None = None
+
+
+def _init_worker(evaluate: Callable[..., Any]) -> None:
+    global _WORKER_EVALUATE
+    _WORKER_EVALUATE = evaluate
+
+
+def _run_in_worker(params: Mapping[str, Any]) -> tuple[Outcome, float]:
+    assert _WORKER_EVALUATE is not None
+    return timed_call(_WORKER_EVALUATE, params)
+
+
+class PoolRunner:
+    """A local process pool; the evaluator (with its workload) goes to each worker once, at start."""
+
+    def __init__(self, evaluate: Callable[..., Any], workers: int):
+        self.evaluate, self.workers = evaluate, max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, points: Sequence[Mapping[str, Any]]) -> list[tuple[Outcome, float]]:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=(self.evaluate,))
+        futures = [self._pool.submit(_run_in_worker, dict(p)) for p in points]
+        out, broken = [], False
+        for f in futures:
+            try:
+                out.append(f.result())
+            except Exception as e:  # noqa: BLE001 - a worker that died (OOM, crash) fails its points only
+                broken = True
+                out.append((Outcome(math.nan, False, f"error: worker failed: {type(e).__name__}: {e}"[:400], 1.0,
+                                    failed=True), 0.0))
+        if broken:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+class RayRunner:
+    """Evaluations as Ray tasks on an existing cluster; the evaluator goes to the object store once."""
+
+    def __init__(self, evaluate: Callable[..., Any], address: str):
+        try:
+            import ray
+        except ImportError:
+            raise TuneError("--ray-address: Ray is not installed; pip install 'ray[default]', or leave out "
+                            "--ray-address to use the local process pool") from None
+        self._ray = ray
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        self._ref = ray.put(evaluate)
+        self._task = ray.remote(timed_call)
+
+    def map(self, points: Sequence[Mapping[str, Any]]) -> list[tuple[Outcome, float]]:
+        refs = [self._task.remote(self._ref, dict(p)) for p in points]
+        out = []
+        for r in refs:
+            try:
+                out.append(self._ray.get(r))
+            except Exception as e:  # noqa: BLE001
+                out.append((Outcome(math.nan, False, f"error: ray task failed: {e}"[:400], 1.0, failed=True), 0.0))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the search
+
+@dataclass(frozen=True)
+class Evaluation:
+    index: int
+    batch: int
+    params: dict[str, Any]
+    value: float  # the objective in natural units (NaN when the evaluation failed)
+    loss: float  # what the optimizer was told
+    feasible: bool
+    status: str  # ok | infeasible | failed
+    reason: str
+    metrics: dict[str, float]
+    wall_s: float
+
+
+@dataclass
+class TuneResult:
+    evaluations: list[Evaluation]
+    objective: Objective
+    resumed: int = 0  # evaluations read back from a previous run
+    diverged: bool = False  # the recorded history is not what this seed/space/batch size would ask
+    exhausted: bool = False  # every point of a finite space was evaluated
+
+    @property
+    def best(self) -> Evaluation | None:
+        return best_of(self.evaluations)
+
+
+def best_of(evals: Iterable[Evaluation]) -> Evaluation | None:
+    """Lowest loss among feasible evaluations (earliest on ties)."""
+    ok = [e for e in evals if e.feasible]
+    return min(ok, key=lambda e: (e.loss, e.index)) if ok else None
+
+
+def ranked(evals: Iterable[Evaluation]) -> list[Evaluation]:
+    """Feasible evaluations, best first, one per distinct point."""
+    seen, out = set(), []
+    for e in sorted((e for e in evals if e.feasible), key=lambda e: (e.loss, e.index)):
+        key = tuple(sorted((k, _cell(v)) for k, v in e.params.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+class _GBRT:
+    """skopt 0.10's GBRT surrogate, fixed for scikit-learn >= 1.6 tags and NumPy 2 (np.in1d is gone)."""
+
+    @staticmethod
+    def make(seed: int):
+        from sklearn.ensemble import GradientBoostingRegressor
+        from skopt.learning import GradientBoostingQuantileRegressor
+
+        class GBRT(GradientBoostingQuantileRegressor):
+            def __sklearn_tags__(self):
+                tags = super().__sklearn_tags__()
+                tags.estimator_type = "regressor"
+                return tags
+
+            def predict(self, X, return_std=False, return_quantiles=False):
+                if return_std and not return_quantiles:
+                    q = list(self.quantiles)
+                    low, mid, high = (self.regressors_[q.index(v)].predict(X) for v in (0.16, 0.5, 0.84))
+                    return mid, (high - low) / 2.0
+                return super().predict(X, return_std=return_std, return_quantiles=return_quantiles)
+
+        return GBRT(base_estimator=GradientBoostingRegressor(n_estimators=30, loss="quantile"), random_state=seed)
+
+
+def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int = 10, seed: int = 0):
+    from skopt import Optimizer
+
+    estimator = check_estimator(estimator, "estimator")
+    dims = [p.dimension() for p in params]
+    if estimator == "random":
+        # skopt's "dummy" estimator trips scikit-learn >= 1.6; an endless initial phase is the same thing
+        return Optimizer(dims, base_estimator="GP", n_initial_points=2**62, initial_point_generator="random",
+                         random_state=seed)
+    base = _GBRT.make(seed) if estimator == "GBRT" else estimator
+    return Optimizer(dims, base_estimator=base, n_initial_points=max(initial, 1), initial_point_generator="lhs",
+                     acq_optimizer="sampling", random_state=seed)
+
+
+def _key(params: Sequence[Param], x: Sequence[Any]) -> tuple:
+    return tuple(_cell(p.decode(v)) for p, v in zip(params, x))
+
+
+def _ask(opt, params: Sequence[Param], k: int, seen: set[tuple], seed: int, first_index: int) -> list[list[Any]]:
+    """k points from the optimizer; a repeat of an evaluated (or batch-mate) point is swapped for a random
+    unseen one, drawn from an RNG keyed by (seed, index) so that replays draw the same."""
+    xs = [opt.ask()] if k == 1 else opt.ask(n_points=k)
+    rng = np.random.default_rng([seed, first_index])
+    taken = set(seen)
+    out = []
+    for x in xs:
+        x = [p.encode(p.decode(v)) for p, v in zip(params, x)]
+        for _ in range(256):
+            if _key(params, x) not in taken:
+                break
+            x = [p.encode(p.decode(v)) for p, v in
+                 zip(params, opt.space.rvs(n_samples=1, random_state=int(rng.integers(2**31 - 1)))[0])]
+        taken.add(_key(params, x))
+        out.append(x)
+    return out
+
+
+def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, initial: int = 10, parallel: int = 1,
+         seed: int = 0, estimator: str = "GP", objective: Objective | None = None,
+         history: Sequence[Evaluation] = (), runner: Any = None,
+         on_batch: Callable[[list[Evaluation], list[Evaluation]], None] | None = None) -> TuneResult:
+    """Search `params` for the best `evaluate(**point)` in `calls` evaluations (history included).
+
+    `history` (from a previous run's evaluations.csv) is replayed first; numbering continues after it.
+    `on_batch(all, new)` runs after every batch (write files, move a progress bar).
+    """
+    import skopt  # noqa: F401 - load its BLAS before limiting threads: threadpoolctl sees loaded libraries only
+    from threadpoolctl import threadpool_limits
+
+    if calls < 1:
+        raise TuneError(f"calls={calls} is out of range; allowed: >= 1")
+    if parallel < 1:
+        raise TuneError(f"parallel={parallel} is out of range; allowed: >= 1")
+    objective = objective or Objective()
+    params = list(params)
+    size = space_size(params)
+    evals = sorted(history, key=lambda e: e.index)
+    result = TuneResult(evals, objective, resumed=len(evals))
+    own = runner is None
+    runner = runner or (InlineRunner(evaluate) if parallel == 1 else PoolRunner(evaluate, parallel))
+    # A GP fit is tiny: BLAS threads only contend with each other (and the workers) here.
+    with threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = make_optimizer(params, estimator, initial, seed)
+        seen: set[tuple] = set()
+        for b, group in groupby(evals, key=lambda e: e.batch):
+            done = list(group)
+            try:
+                xs = [[p.encode(e.params[p.name]) for p in params] for e in done]
+                asked = _ask(opt, params, len(done), seen, seed, done[0].index)
+                opt.tell(xs, [e.loss for e in done])
+            except (KeyError, ValueError) as e:
+                raise TuneError(f"resume: evaluation {done[0].index} does not fit this space: {e}") from None
+            result.diverged |= asked != xs
+            seen.update(_key(params, x) for x in xs)
+        try:
+            while len(evals) < calls:
+                k = min(parallel, calls - len(evals))
+                if size is not None:
+                    if len(seen) >= size:
+                        result.exhausted = True
+                        break
+                    k = min(k, size - len(seen))
+                first = evals[-1].index + 1 if evals else 0
+                batch = evals[-1].batch + 1 if evals else 0
+                xs = _ask(opt, params, k, seen, seed, first)
+                points = [{p.name: p.decode(v) for p, v in zip(params, x)} for x in xs]
+                outs = runner.map(points)
+                new = []
+                for i, (pt, (out, wall)) in enumerate(zip(points, outs)):
+                    loss = objective.loss(out, [e.loss for e in evals] + [e.loss for e in new])
+                    status = "failed" if out.failed else "ok" if out.feasible else "infeasible"
+                    new.append(Evaluation(first + i, batch, pt, float(out.value), float(loss), out.feasible and not
+                                          out.failed, status, out.reason, dict(out.metrics), wall))
+                opt.tell(xs, [e.loss for e in new])
+                seen.update(_key(params, x) for x in xs)
+                evals.extend(new)
+                if on_batch is not None:
+                    on_batch(evals, new)
+        finally:
+            if own:
+                runner.close()
+    return result
+
+
+# --------------------------------------------------------------------------- files
+
+_FIXED = ("index", "batch")
+_OUTCOME_COLS = ("objective", "loss", "feasible", "status", "reason")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def write_evaluations(evals: Sequence[Evaluation], params: Sequence[Param], path: str | Path) -> Path:
+    """evaluations.csv, rewritten whole (atomically) so a crash never leaves half a row."""
+    path = Path(path)
+    names = {p.name for p in params}
+    metrics = [m for m in dict.fromkeys(k for e in evals for k in e.metrics) if m not in names]
+    cols = [*_FIXED, *(p.name for p in params), *_OUTCOME_COLS, *metrics, "wall_s"]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".evaluations.", suffix=".csv")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for e in sorted(evals, key=lambda e: e.index):
+            w.writerow([e.index, e.batch, *(_cell(e.params[p.name]) for p in params), _cell(e.value), _cell(e.loss),
+                        _cell(e.feasible), e.status, e.reason,
+                        *(_cell(e.metrics[m]) if m in e.metrics else "" for m in metrics), f"{e.wall_s:.4f}"])
+    os.replace(tmp, path)
+    return path
+
+
+def read_evaluations(path: str | Path, params: Sequence[Param]) -> list[Evaluation]:
+    """Evaluations written by `write_evaluations`; the file's parameter columns must be this space's."""
+    path = Path(path)
+    try:
+        f = open(path, newline="")
+    except FileNotFoundError:
+        raise TuneError(f"{path}: nothing to resume (file not found)") from None
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = list(reader)
+    if header is None or header[:2] != list(_FIXED) or "objective" not in header or "wall_s" not in header:
+        raise TuneError(f"{path}: not an evaluations.csv written by twinfer tune")
+    names = header[2:header.index("objective")]
+    if sorted(names) != sorted(p.name for p in params):
+        raise TuneError(f"{path}: its parameters ({', '.join(names)}) are not this space's "
+                        f"({', '.join(p.name for p in params)}); resume with the same space")
+    metrics = header[header.index("reason") + 1:header.index("wall_s")]
+    out = []
+    for n, cells in enumerate(rows, start=2):
+        try:
+            r = dict(zip(header, cells, strict=True))
+            pt = {p.name: p.parse(r[p.name]) for p in params}
+            out.append(Evaluation(int(r["index"]), int(r["batch"]), pt, float(r["objective"]), float(r["loss"]),
+                                  r["feasible"] == "true", r["status"], r["reason"],
+                                  {m: float(r[m]) for m in metrics if r[m] != ""}, float(r["wall_s"])))
+        except (KeyError, ValueError, TypeError) as e:
+            raise TuneError(f"{path}:{n}: unreadable evaluation row: {e}") from None
+    return sorted(out, key=lambda e: e.index)
+
+
+def best_so_far(evals: Sequence[Evaluation], objective: Objective) -> list[float]:
+    """Best feasible objective (natural units) after each evaluation; NaN until one is feasible."""
+    out, best = [], None
+    for e in sorted(evals, key=lambda e: e.index):
+        if e.feasible and (best is None or e.loss < best.loss):
+            best = e
+        out.append(best.value if best is not None else math.nan)
+    return out
+
+
+def plot_convergence(evals: Sequence[Evaluation], objective: Objective, path: str | Path, title: str = "") -> Path:
+    """convergence.png: every evaluation's objective and the best so far, without touching pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    evals = sorted(evals, key=lambda e: e.index)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = [e.index + 1 for e in evals]
+    ok = [(e.index + 1, e.value) for e in evals if e.feasible]
+    bad = [(e.index + 1, e.value) for e in evals if e.status == "infeasible" and math.isfinite(e.value)]
+    if ok:
+        ax.scatter(*zip(*ok), s=14, color="tab:blue", alpha=0.6, label="feasible")
+    if bad:
+        ax.scatter(*zip(*bad), s=14, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
+    ax.step(x, best_so_far(evals, objective), where="post", color="tab:red", lw=2, label="best so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel(objective.label)
+    ax.set_title(title or objective.describe(), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

@@ -1,0 +1,206 @@
+"""The engine on the shared scheduler: a request's tokens do not depend on how it was served.
+
+Exact-token comparisons run the tiny model in float64, so that no argmax can flip on a
+last-bit difference between batch shapes (a float32 property of the hardware's kernels,
+not of this code); the logits of every sampled token are compared too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+import pytest
+import torch
+
+from executor.engine import Engine
+from executor.model import LlamaForCausalLM, preset
+from executor.runner import ModelRunner, SamplingParams
+from policies.scheduler import ContinuousBatchingScheduler, SchedulerConfig
+from policies.sequence import Sequence
+from traces.workload import Request
+
+BS = 8
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@lru_cache(maxsize=None)
+def _model(dtype: str) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_seed(preset("tiny", dtype=dtype), seed=11)
+
+
+class RecordingRunner(ModelRunner):
+    """Keeps the logits each token was sampled from, keyed by (request id, token index)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def sample(self, logits, seqs):
+        for row, s in zip(logits, seqs):
+            key = (s.id, s.num_generated)
+            assert key not in self.seen, f"token {key} sampled twice"
+            self.seen[key] = row.clone()
+        return super().sample(logits, seqs)
+
+
+def _engine(dtype: str = "float64", num_blocks: int = 256, sampling: SamplingParams = SamplingParams(),
+            **sched) -> Engine:
+    runner = RecordingRunner(_model(dtype), num_blocks, BS, sampling=sampling, num_threads=1)
+    cfg = SchedulerConfig(block_size=BS, **sched)
+    return Engine(runner, ContinuousBatchingScheduler(cfg, num_blocks))
+
+
+def _outputs(seqs: list[Sequence]) -> dict[int, list[int]]:
+    for s in seqs:
+        assert s.outcome == "ok", (s, s.reason)
+        assert len(s.tokens) == s.req.input_tokens + s.req.output_tokens
+    return {s.id: s.tokens[s.req.input_tokens:] for s in seqs}
+
+
+def _same_logits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-9)
+
+
+REQS = [Request(i, 0.0, n, m) for i, (n, m) in enumerate([(30, 9), (47, 14), (12, 6), (64, 11), (25, 20), (9, 1)])]
+
+
+@lru_cache(maxsize=None)
+def _alone(dtype: str = "float64") -> tuple[dict, dict]:
+    tokens, logits = {}, {}
+    for r in REQS:
+        e = _engine(dtype)
+        tokens.update(_outputs(e.run_offline([r])))
+        logits.update(e.runner.seen)
+    return tokens, logits
+
+
+def test_batched_chunked_and_preempted_runs_match_running_alone():
+    alone, alone_logits = _alone()
+    batched = _engine()
+    assert _outputs(batched.run_offline(REQS)) == alone
+    _same_logits(batched.runner.seen, alone_logits)
+    assert max(r.decode_seqs for r in batched.step_log) >= 4  # really batched
+
+    chunked = _engine(max_num_batched_tokens=8)
+    assert _outputs(chunked.run_offline(REQS)) == alone
+    _same_logits(chunked.runner.seen, alone_logits)
+    assert any(r.prefill_context > r.prefill_tokens for r in chunked.step_log)  # a chunk started mid-prompt
+
+    preempted = _engine(num_blocks=12)  # the longest request alone needs 10 blocks
+    seqs = preempted.run_offline(REQS)
+    assert _outputs(seqs) == alone
+    _same_logits(preempted.runner.seen, alone_logits)
+    assert preempted.scheduler.num_preemptions > 0 and any(s.preemptions for s in seqs)
+
+
+def test_engine_matches_dense_greedy_generation():
+    model = _model("float64")
+    alone, _ = _alone()
+    for r in REQS[:3]:
+        s = Sequence(r)
+        _engine().add(s, 0.0)  # just to get its prompt ids
+        toks = list(s.tokens)
+        for _ in range(r.output_tokens):
+            toks.append(int(model.reference_logits(toks)[-1].argmax()))
+        assert toks[r.input_tokens:] == alone[r.index]
+
+
+def test_prefix_cache_hit_skips_cached_prefill_and_changes_nothing():
+    # Trace blocks of 16 tokens, KV blocks of 8: A and B share two trace blocks = 4 KV blocks.
+    a = Request(0, 0.0, 56, 5, block_hashes=(1, 2, 3), hash_block_size=16)
+    b = Request(1, 0.0, 60, 7, block_hashes=(1, 2, 4), hash_block_size=16)
+    ref = {}
+    for r in (a, b):
+        e = _engine(prefix_caching=False)
+        ref.update(_outputs(e.run_offline([r])))
+        ref_logits = e.runner.seen
+
+    e = _engine()
+    sa, sb = Sequence(a), Sequence(b)
+    e.add(sa, e.now())
+    while e.has_work:
+        e.step()
+    e.add(sb, e.now())
+    first = e.step()
+    assert first.plan.prefill == [sb] and first.plan.prefill_tokens == [60 - 32]
+    while e.has_work:
+        e.step()
+    assert sa.num_cached_tokens == 0 and sb.num_cached_tokens == 32
+    assert sa.tokens[:32] == sb.tokens[:32] and sa.tokens[32:48] != sb.tokens[32:48]
+    assert _outputs([sa, sb]) == ref
+    _same_logits({k: v for k, v in e.runner.seen.items() if k[0] == 1}, ref_logits)
+    assert e.step_log[-1].start > e.step_log[0].start
+
+
+def test_engine_generates_exactly_the_requested_output_tokens():
+    reqs = [Request(i, 0.0, n, m) for i, (n, m) in enumerate([(5, 1), (33, 2), (17, 40), (80, 3), (1, 7)])]
+    e = _engine("float32", max_num_batched_tokens=32)
+    for r in reqs:
+        e.add(Sequence(r, now=0.0), 0.0)
+    streamed: dict[int, list[int]] = {r.index: [] for r in reqs}
+    finished = []
+    while e.has_work:
+        out = e.step()
+        assert out.end >= out.start
+        for s, t in out.tokens:
+            streamed[s.id].append(t)
+        finished += out.finished
+    assert sorted(s.id for s in finished) == [r.index for r in reqs]
+    for s in finished:
+        assert s.outcome == "ok" and s.num_generated == s.req.output_tokens
+        assert streamed[s.id] == s.tokens[s.req.input_tokens:]
+        assert len(streamed[s.id]) == s.req.output_tokens
+        assert s.t_admitted <= s.t_first_token <= s.t_finish
+    # Every computed token is in the step log once: whole prompts, then all but the last output.
+    t = e.step_table()
+    assert int((t["prefill_tokens"] + t["decode_seqs"]).sum()) == sum(r.input_tokens + r.output_tokens - 1
+                                                                     for r in reqs)
+    assert int(t["sampled"].sum()) == sum(r.output_tokens for r in reqs)
+    assert (t["duration"] > 0).all() and (t["duration"] >= t["schedule_s"]).all()
+    assert (t["start"][1:] > t["start"][:-1]).all()
+
+
+def test_seeded_sampling_does_not_depend_on_batching():
+    sp = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=3)
+    alone = {}
+    for r in REQS:
+        alone.update(_outputs(_engine(sampling=sp).run_offline([r])))
+    assert _outputs(_engine(sampling=sp, max_num_batched_tokens=16).run_offline(REQS)) == alone
+    greedy, _ = _alone()
+    other = _outputs(_engine(sampling=replace(sp, seed=4)).run_offline(REQS))
+    assert alone != greedy and alone != other
+
+
+def test_requests_beyond_the_models_positions_are_rejected():
+    e = _engine()
+    ok, too_long = Request(0, 0.0, 10, 3), Request(1, 0.0, 1000, 30)
+    seqs = e.run_offline([ok, too_long])
+    assert seqs[0].outcome == "ok"
+    assert seqs[1].outcome == "rejected" and "max_position" in seqs[1].reason
+
+
+def test_runner_refuses_a_plan_applied_twice():
+    e = _engine()
+    s = Sequence(REQS[0])
+    e.add(s, 0.0)
+    plan = e.scheduler.schedule(0.0)
+    e.runner.run(plan)
+    with pytest.raises(ValueError, match="scheduler.update"):
+        e.runner.run(plan)
+
+
+def test_engine_and_scheduler_must_agree_on_blocks():
+    runner = ModelRunner(_model("float32"), 16, BS, num_threads=1)
+    with pytest.raises(ValueError, match="block_size"):
+        Engine(runner, ContinuousBatchingScheduler(SchedulerConfig(block_size=16), 16))
+    with pytest.raises(ValueError, match="KV blocks"):
+        Engine(runner, ContinuousBatchingScheduler(SchedulerConfig(block_size=BS), 32))
