@@ -158,7 +158,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     summary["config"] = flatten(cfg)
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        from traces.report import to_json
+
+        print(to_json(summary))
     else:
         title = (f"twinfer simulate: {w.name}, {len(w):,} requests, {cfg.replicas} x {result.meta['cost_model']}, "
                  f"router {cfg.router}")

@@ -172,9 +172,24 @@ def write_outputs(result: RunResult, summary: dict[str, Any], out: str | Path) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sp, rp = out / "summary.json", out / "records.csv"
-    sp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    sp.write_text(to_json(summary) + "\n")
     result.write_csv(rp)
     return [sp, rp]
+
+
+def to_json(summary: dict[str, Any]) -> str:
+    """Strict JSON: NaN and infinities (undefined metrics) become null."""
+    return json.dumps(_clean(summary), indent=2, default=_json_default, allow_nan=False)
+
+
+def _clean(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
 
 
 def _json_default(o: Any) -> Any:
