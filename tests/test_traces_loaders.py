@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,15 +118,12 @@ def test_zero_token_policies(tmp_path):
         load_trace(p, zero_output="ignore")
 
 
-def test_default_trace_embedded_and_fast():
+def test_default_trace_embedded():
     p = default_trace_path()
     assert p.is_file() and (p.parent / "LICENSE").is_file()
-    t = time.perf_counter()
     w = load_default_trace()
-    elapsed = time.perf_counter() - t
     assert len(w) == 19_366 and w.arrival[0] == 0.0
     assert w.meta["time_origin_iso"] == "2023-11-16T18:15:46.680590+00:00"
-    assert elapsed < 1.0, f"default trace took {elapsed:.2f} s"
 
 
 # ---- mooncake ----------------------------------------------------------------------------------

