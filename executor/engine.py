@@ -13,8 +13,8 @@ data the simulator's fitted cost model is calibrated on.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -97,6 +97,8 @@ class Engine:
         cfg = self.runner.cfg
         if seq.tokens is None:
             seq.tokens = prompt_tokens(seq.req, cfg.vocab)
+        elif len(seq.tokens) != seq.num_tokens:
+            raise ValueError(f"request {seq.id}: {len(seq.tokens)} token ids for {seq.num_tokens} tokens")
         # The last generated token's KV is never computed, so positions reach input + output - 2.
         span = seq.req.input_tokens + seq.req.output_tokens - 1
         if span > cfg.max_position:

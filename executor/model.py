@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,7 @@ class ModelConfig:
 
     # ---- Hugging Face config.json ------------------------------------------------
     @staticmethod
-    def from_hf(d: dict[str, Any], name: str = "hf") -> "ModelConfig":
+    def from_hf(d: dict[str, Any], name: str = "hf") -> ModelConfig:
         """From a Hugging Face LlamaConfig dict (config.json). Refuses what this model cannot run."""
         mt = d.get("model_type", "llama")
         if mt not in ("llama", "mistral"):
@@ -298,7 +299,7 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_seed(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> "LlamaForCausalLM":
+    def from_seed(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> LlamaForCausalLM:
         """Random weights from `seed` (own torch.Generator, drawn on the CPU: same weights on any device).
 
         Scaled so that every layer's output is about as large as its input: attention, not just
@@ -324,7 +325,7 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
-                        dtype: str | None = None) -> "LlamaForCausalLM":
+                        dtype: str | None = None) -> LlamaForCausalLM:
         """Load a local HF-layout directory: config.json plus model.safetensors (or a sharded index)."""
         from safetensors.torch import load_file
 
@@ -407,9 +408,3 @@ def dense_causal_attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tenso
     p = p.to(q.dtype)
     return torch.einsum("hqk,khd->qhd", p, v)
 
-
-def config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """Plain dict of a config (for logs and reports)."""
-    d = asdict(cfg)
-    d["params"] = cfg.num_params
-    return d

@@ -24,8 +24,8 @@ For every layer `PagedAttention`:
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Sequence as Seq
 
 import numpy as np
 import torch
@@ -162,10 +162,12 @@ class PagedAttention:
         out = torch.empty_like(q)
         for c in self.prefills:
             kc, vc = cache.gather(layer, c.block_ids)
-            kc, vc = kc[:c.context].transpose(0, 1), vc[:c.context].transpose(0, 1)
-            o = F.scaled_dot_product_attention(q[c.start:c.end].transpose(0, 1), kc, vc, attn_mask=c.mask,
-                                               is_causal=c.mask is None, enable_gqa=g > 1)
-            out[c.start:c.end] = o.transpose(0, 1)
+            # [1, heads, tokens, head_dim]: the 4-D layout SDPA's fused GPU kernels require.
+            qc = q[c.start:c.end].transpose(0, 1)[None]
+            kc, vc = kc[:c.context].transpose(0, 1)[None], vc[:c.context].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
+                                               enable_gqa=g > 1)
+            out[c.start:c.end] = o[0].transpose(0, 1)
         for d in self.decode_groups:
             rows = d.end - d.start
             qg = q[d.start:d.end].view(rows, kvh, g, hd)

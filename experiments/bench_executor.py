@@ -27,12 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from executor.engine import Engine  # noqa: E402
-from executor.model import LlamaForCausalLM, PRESETS, preset  # noqa: E402
-from executor.runner import ModelRunner, kv_block_bytes  # noqa: E402
-from policies.scheduler import ContinuousBatchingScheduler, SchedulerConfig  # noqa: E402
-from policies.sequence import Sequence  # noqa: E402
-from traces.workload import Request  # noqa: E402
+from executor.engine import Engine
+from executor.model import PRESETS, LlamaForCausalLM, preset
+from executor.runner import ModelRunner, kv_block_bytes
+from policies.scheduler import ContinuousBatchingScheduler, SchedulerConfig
+from policies.sequence import Sequence
+from traces.workload import Request
+
+_SLACK = 64
 
 
 def decode_speed(runner: ModelRunner, batch: int, context: int, steps: int, block_size: int) -> dict:
@@ -40,8 +42,8 @@ def decode_speed(runner: ModelRunner, batch: int, context: int, steps: int, bloc
         SchedulerConfig(block_size=block_size, max_num_seqs=batch, max_num_batched_tokens=4096, prefix_caching=False),
         runner.num_blocks)
     engine = Engine(runner, sched)
-    for i in range(batch):
-        engine.add(Sequence(Request(i, 0.0, context, steps + 3)), 0.0)
+    for i in range(batch):  # outputs long enough that nobody finishes while the others still prefill
+        engine.add(Sequence(Request(i, 0.0, context, steps + _SLACK)), 0.0)
     while len(sched.waiting) or any(s.num_generated == 0 for s in sched.running):
         engine.step()
     engine.step()  # one untimed decode step
@@ -115,7 +117,7 @@ def main() -> None:
     model = LlamaForCausalLM.from_seed(cfg, seed=args.seed)
     reqs, src = workload(args.requests, args.length_scale, cfg.max_position, args.seed)
     need = sum(-(-(r.input_tokens + r.output_tokens) // args.block_size) for r in reqs)
-    need = max(need, max(batch_sizes) * -(-(args.context + args.decode_steps + 3) // args.block_size))
+    need = max(need, max(batch_sizes) * -(-(args.context + args.decode_steps + _SLACK) // args.block_size))
     runner = ModelRunner(model, need + 16, args.block_size, num_threads=args.threads)
     print(f"model {args.model}: {cfg.num_params / 1e6:.1f}M params, hidden {cfg.hidden}, {cfg.layers} layers, "
           f"{cfg.heads} heads / {cfg.kv_heads} KV heads, vocab {cfg.vocab}, {cfg.dtype}")

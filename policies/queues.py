@@ -2,7 +2,8 @@
 
 Items are `Sequence`-like objects with `.req`, `.order` (tie-breaker) and
 `.t_arrival`. A preempted sequence goes back with `push_front` and is served
-before anything else.
+before anything else. `create_queue(name, **options)` builds one; the SJF and
+EDF disciplines live in policies/disciplines.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from typing import Any, Callable, Iterator, Protocol
+
+from policies.disciplines import EDFQueue, SJFQueue
 
 
 class RequestQueue(Protocol):
@@ -102,9 +105,26 @@ class PriorityQueue:
                 yield s
 
 
+# SJF aging default: a job gains one token of priority per 10 ms waited, so a prompt 1,000 tokens longer
+# than a newcomer is overtaken for at most 10 s (see SJFQueue's bound).
+SJF_AGING = 100.0  # tokens per second waited
+EDF_DEFAULT_DEADLINE = 10.0  # s after the intended send time, for SLO classes without their own deadline
+
+
+def _sjf(aging: float = SJF_AGING, **kwargs: Any) -> RequestQueue:
+    return SJFQueue(aging=aging, **kwargs)
+
+
+def _edf(deadlines: Any = None, default_deadline: float = EDF_DEFAULT_DEADLINE, **kwargs: Any) -> RequestQueue:
+    return EDFQueue(deadlines=deadlines, default_deadline=default_deadline, **kwargs)
+
+
+# Every factory works with no arguments (sane defaults); keyword arguments override them.
 QUEUES: dict[str, Callable[..., RequestQueue]] = {
     "fcfs": FCFSQueue,
     "priority": PriorityQueue,
+    "sjf": _sjf,  # shortest predicted job first, with aging (policies/disciplines.py)
+    "edf": _edf,  # earliest deadline first, per SLO class (policies/disciplines.py)
 }
 
 

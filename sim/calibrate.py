@@ -94,7 +94,7 @@ class FittedCost:
 
     @property
     def form(self) -> str:
-        return "max" if self.line_a.any() or self.line_b.any() else "linear"
+        return "max" if self._max else "linear"
 
     def step_time(self, f: StepFeatures) -> float:
         x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits)
@@ -686,3 +686,135 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
     prof = Profile(cost=fit.model, device=dict(device or {}), model=dict(model or {}), versions=library_versions(),
                    kv=dict(kv or {}), fit=fit_d, measure=dict(measure or {}), grid=grid, created=utc_now(), name=name)
     return prof, fit
+
+
+# ---- validation: simulator vs executor ----------------------------------------------------------
+
+COMPARED = (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"), ("queueing", "queueing"))
+COMPARED_QUANTILES = ("p50", "p90", "p99")
+COMPARED_RATES = (("throughput_rps", "throughput (req/s)"), ("output_tokens_per_s", "output tokens/s"))
+# Below this a latency is "zero" (an idle system admits at once): relative error is undefined there.
+ZERO_S = 1e-4
+
+
+def _rel(sim: float, real: float, floor: float) -> float | None:
+    if not (math.isfinite(sim) and math.isfinite(real)):
+        return None
+    if abs(real) < floor:
+        return 0.0 if abs(sim) < floor else None
+    return (sim - real) / real
+
+
+def compare(sim_summary: Mapping[str, Any], real_summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Side by side: every compared figure of the simulator's summary against the executor's runs
+    (traces.report.summarize dicts). The reference is the median over real runs; with two or more runs
+    their min..max is the machine's own noise, and a simulator figure inside it is marked `in_noise`.
+
+    rel_error = (sim - real) / real, signed (positive: the simulator predicts more). None where
+    undefined: a figure missing on either side, or a real latency of ~0 with a simulated one that is not.
+    """
+    if not real_summaries:
+        raise ValueError("compare needs at least one real run")
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(key: str, label: str, sim: float, reals: list[float], floor: float) -> None:
+        r = np.asarray(reals, dtype=np.float64)
+        finite = r[np.isfinite(r)]
+        ref = float(np.median(finite)) if len(finite) else math.nan
+        lo = float(finite.min()) if len(finite) else math.nan
+        hi = float(finite.max()) if len(finite) else math.nan
+        rel = _rel(float(sim), ref, floor)
+        noise = None
+        if len(finite) >= 2 and math.isfinite(sim):
+            noise = bool(lo - floor <= sim <= hi + floor)
+        rows[key] = {"label": label, "sim": float(sim), "real": ref, "real_runs": [float(x) for x in r],
+                     "real_min": lo, "real_max": hi,
+                     "real_spread_rel": (hi - lo) / ref if len(finite) >= 2 and abs(ref) >= floor else None,
+                     "rel_error": rel, "abs_error": float(sim) - ref, "in_noise": noise}
+
+    for m, label in COMPARED:
+        for q in COMPARED_QUANTILES:
+            row(f"{m}.{q}", f"{label} {q}", sim_summary[m][q], [s[m][q] for s in real_summaries], ZERO_S)
+    for k, label in COMPARED_RATES:
+        row(k, label, sim_summary[k], [s[k] for s in real_summaries], 1e-12)
+    errs = {k: abs(v["rel_error"]) for k, v in rows.items() if v["rel_error"] is not None}
+    lat = {k: e for k, e in errs.items() if not k.startswith("queueing")}
+    worst = max(errs, key=errs.get) if errs else None
+    counts = {"sim": {s: sim_summary.get(s) for s in ("requests", "ok", "rejected", "timed_out", "failed")},
+              "real": [{s: r.get(s) for s in ("requests", "ok", "rejected", "timed_out", "failed")}
+                       for r in real_summaries]}
+    return {
+        "metrics": rows,
+        "repeats": len(real_summaries),
+        "median_abs_rel_error": float(np.median(list(lat.values()))) if lat else math.nan,
+        "worst": {"metric": worst, "abs_rel_error": errs[worst]} if worst else None,
+        "in_noise": sum(1 for v in rows.values() if v["in_noise"]),
+        "counts": counts,
+    }
+
+
+def render_comparison(cmp: Mapping[str, Any], title: str = "twinfer validate: simulator vs executor"):
+    """A rich table of `compare`'s output."""
+    from rich.table import Table
+
+    n = cmp["repeats"]
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    t.add_column("sim", justify="right")
+    t.add_column("real" if n == 1 else f"real (median of {n})", justify="right")
+    if n > 1:
+        t.add_column("real min..max", justify="right")
+    t.add_column("error", justify="right")
+    t.add_column("")
+    for key, r in cmp["metrics"].items():
+        rate = key in dict(COMPARED_RATES)
+        fmt = (lambda v: "-" if not math.isfinite(v) else f"{v:,.2f}") if rate else \
+              (lambda v: "-" if not math.isfinite(v) else f"{v * 1e3:,.1f} ms")
+        err = "n/a" if r["rel_error"] is None else f"{r['rel_error']:+.1%}"
+        cells = [r["label"], fmt(r["sim"]), fmt(r["real"])]
+        if n > 1:
+            cells.append(f"{fmt(r['real_min'])}..{fmt(r['real_max'])}")
+        note = "within noise" if r["in_noise"] else ""
+        t.add_row(*cells, err, note)
+    return t
+
+
+def steps_features(steps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(feature matrix, durations, kinds) of an engine step log (executor.engine.Engine.step_table() columns,
+    or executor.replay.read_steps of a run's steps.csv)."""
+    d = np.asarray(steps["duration"], dtype=np.float64)
+    dctx = np.asarray(steps["decode_context"], dtype=np.float64)
+    pt = np.asarray(steps["prefill_tokens"], dtype=np.float64)
+    ds = np.asarray(steps["decode_seqs"], dtype=np.float64)
+    X = np.column_stack([np.ones(len(d)), pt, ds, np.asarray(steps["attention_pairs"], dtype=np.float64) - dctx,
+                         dctx, np.asarray(steps["sampled"], dtype=np.float64)])
+    kinds = ["decode" if p == 0 else "prefill" if q == 0 else "mixed" for p, q in zip(pt.tolist(), ds.tolist())]
+    return X, d, kinds
+
+
+def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The executor's own steps (an engine step log) against the cost model's prediction for each exact
+    shape: separates step-time error (the model, or a machine busier than when profiled) from error in
+    what the simulated schedule did."""
+    X, d, kinds = steps_features(steps)
+    if not len(d):
+        return {"steps": 0}
+    pred = cost.predict(X)
+    ratio = d / pred
+    dec = np.array([k == "decode" for k in kinds])
+    out: dict[str, Any] = {"steps": int(len(d)), "busy_s": float(d.sum()), "predicted_busy_s": float(pred.sum()),
+                           "busy_ratio": float(d.sum() / pred.sum()), "median_ratio": float(np.median(ratio)),
+                           "p10_ratio": float(np.percentile(ratio, 10)), "p90_ratio": float(np.percentile(ratio, 90))}
+    for name, m in (("decode_only", dec), ("with_prefill", ~dec)):
+        out[name] = {"steps": int(m.sum()), "median_ratio": float(np.median(ratio[m])) if m.any() else math.nan,
+                     "busy_ratio": float(d[m].sum() / pred[m].sum()) if m.any() else math.nan}
+    return out
+
+
+def scaled(cost: FittedCost, factor: float) -> FittedCost:
+    """The same model with every step `factor` times as long (an attribution aid: what the simulator says
+    when told the machine's actual speed; max(s p, s q) = s max(p, q), so decode runs scale exactly)."""
+    if not factor > 0:
+        raise ValueError(f"factor={factor} must be > 0")
+    return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
+                      name=f"{cost.name} x{factor:.3g}")

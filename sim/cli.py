@@ -12,8 +12,8 @@ from typing import Any, Sequence
 # value is kept unless the flag is given: defaults < --config file < flags.
 SIM_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--replicas", "replicas", int, "number of model replicas behind the router (default 1)"),
-    ("--router", "router", str, "round_robin | least_outstanding | power_of_two | prefix_affinity "
-                                "(default least_outstanding)"),
+    ("--router", "router", str, "round_robin | least_outstanding | power_of_two | prefix_affinity | "
+                                "predicted_latency (default least_outstanding)"),
     ("--profile", "profile", str, "MODEL@DEVICE analytic profile (see `twinfer profiles`) or a profile file "
                                   "written by `twinfer profile` (default llama3-8b@h100-80gb)"),
     ("--tp", "tp", int, "tensor-parallel degree of each replica (default 1)"),
@@ -26,7 +26,11 @@ SIM_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-num-batched-tokens", "scheduler.max_num_batched_tokens", int,
      "token budget of one engine step (default 8192)"),
     ("--block-size", "scheduler.block_size", int, "KV cache block size in tokens (default 16)"),
-    ("--queue", "scheduler.queue", str, "waiting-queue discipline: fcfs | priority (default fcfs)"),
+    ("--queue", "scheduler.queue", str, "waiting-queue discipline: fcfs | priority | sjf (shortest job first, "
+                                        "with aging) | edf (earliest deadline first) (default fcfs)"),
+    ("--sjf-aging", "queue.sjf_aging", float, "sjf: tokens of priority a request gains per second waited (default 100)"),
+    ("--edf-default-deadline", "queue.edf_default_deadline", float,
+     "edf: deadline in s after the send time for SLO classes without one (default 10)"),
     ("--max-waiting", "scheduler.max_waiting", int, "admission limit: reject arrivals when this many wait"),
     ("--queue-timeout", "scheduler.queue_timeout", float, "s a request may wait for admission before it times out"),
     ("--max-batch-size", "scheduler.max_batch_size", int, "dynamic batching: requests per batch (default 32)"),
@@ -35,6 +39,43 @@ SIM_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--slo-tpot", "slo.tpot", float, "TPOT SLO in seconds per output token"),
     ("--slo-e2e", "slo.e2e", float, "end-to-end latency SLO in seconds"),
     ("--seed", "seed", int, "seed for every random choice of the run (default 0)"),
+    ("--result-cache-capacity", "result_cache.capacity", int,
+     "result cache in front of the engines: entries (per cache node); 0 = off (default 0)"),
+    ("--result-cache-ttl", "result_cache.ttl", float, "s a cached response lives after it was written (default 300)"),
+    ("--result-cache-latency", "result_cache.latency", float,
+     "s per cache lookup: a hit is answered after it, a miss reaches a replica after it (default 0.001)"),
+    ("--result-cache-nodes", "result_cache.nodes", int,
+     "cache nodes on a consistent-hash ring; 0 = one LRU (default 0)"),
+    ("--result-cache-replication", "result_cache.replication", int, "ring: nodes holding each key (default 1)"),
+    ("--result-cache-vnodes", "result_cache.vnodes", int, "ring: points per node (default 100)"),
+    ("--mtbf", "faults.mtbf", float, "failure process: mean s a replica stays up (exponential, seeded); unset = off"),
+    ("--mttr", "faults.mttr", float, "mean s to repair a crashed replica (default 30)"),
+    ("--on-crash", "faults.on_crash", str, "in-flight requests of a crashed replica: retry (re-route, keeping "
+                                           "their intended send time) | fail (default retry)"),
+    ("--max-retries", "faults.max_retries", int, "times a request may be re-routed after crashes (default 3)"),
+    ("--health-interval", "health.interval", float,
+     "s between active health checks: a recovered replica gets traffic at the next one; 0 = at once (default 1)"),
+    ("--sessions", "sessions.mode", str, "open (every request at its recorded time) | closed (agent sessions: "
+                                         "step k+1 sent when step k finishes + think time) (default open)"),
+    ("--think-time", "sessions.think", str,
+     "closed loop think time: trace (the recorded gap) | SECONDS | exp:MEAN (default trace)"),
+    ("--memory-sample", "memory.sample_interval", float,
+     "s between KV-pool samples per replica (timeseries.csv with --out); 0 = off (default 0)"),
+    ("--reclaim-high", "memory.reclaim_high", float,
+     "evict cached KV blocks when the used share (cached included) exceeds this; unset = off"),
+    ("--reclaim-low", "memory.reclaim_low", float, "... down to this share (default 0.7)"),
+    ("--devices", "cluster.devices", int, "place the replicas on this many GPUs by memory; unplaced replicas "
+                                          "are reported and not built (default: one GPU each)"),
+    ("--device-memory-gib", "cluster.device_memory_gib", float, "memory per GPU (default: the profile's device)"),
+    ("--devices-per-host", "cluster.devices_per_host", int, "GPUs per host; a TP group stays on one host "
+                                                            "(default: all on one host)"),
+]
+# Repeatable flags: (flag, dotted config key, metavar, help); the values are collected into a list.
+LIST_FLAGS: list[tuple[str, str, str, str]] = [
+    ("--crash", "faults.crashes", "R@T[+D]", "crash replica R at T s for D s (default --mttr); repeatable"),
+    ("--cache-node-loss", "faults.cache_node_loss", "N@T[+D]",
+     "result-cache node N unreachable from T s (for D s, else for good); repeatable"),
+    ("--edf-deadline", "queue.edf_deadlines", "CLASS=S", "edf: deadline in s for an SLO class; repeatable"),
 ]
 BOOL_FLAGS: list[tuple[str, str, bool, str]] = [
     ("--no-chunked-prefill", "scheduler.chunked_prefill", False, "whole prompts in prefill-only steps"),
@@ -53,6 +94,8 @@ def add_sim_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, dest=_dest(key), type=typ, default=None, help=help_)
     for flag, key, val, help_ in BOOL_FLAGS:
         g.add_argument(flag, dest=_dest(key), action="store_const", const=val, default=None, help=help_)
+    for flag, key, metavar, help_ in LIST_FLAGS:
+        g.add_argument(flag, dest=_dest(key), action="append", default=None, metavar=metavar, help=help_)
 
 
 def add_trace_flags(p: argparse.ArgumentParser) -> None:
@@ -81,6 +124,8 @@ def config_from_args(args: argparse.Namespace):
         data.pop("run", None)
         where = f"{args.config} (with flags)"
     for k, v in vars(args).items():
+        if k == "cfg__queue__edf_deadlines" and v is not None:
+            v = _class_deadlines(v)
         if k.startswith("cfg__") and v is not None:
             parts = k[5:].split("__")
             if len(parts) == 2:
@@ -88,6 +133,19 @@ def config_from_args(args: argparse.Namespace):
             else:
                 data[parts[0]] = v
     return config_from_dict(data, where=where)
+
+
+def _class_deadlines(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for it in items:
+        cls, sep, val = it.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[cls] = float(val)
+        except ValueError:
+            raise ValueError(f"--edf-deadline={it!r}: expected CLASS=SECONDS, e.g. interactive=2") from None
+    return out
 
 
 def load_workload(args: argparse.Namespace):
@@ -162,7 +220,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         print(to_json(summary))
     else:
-        title = (f"twinfer simulate: {w.name}, {len(w):,} requests, {cfg.replicas} x {result.meta['cost_model']}, "
+        title = (f"twinfer simulate: {w.name}, {len(w):,} requests, {len(result.replicas)} x {result.meta['cost_model']}, "
                  f"router {cfg.router}")
         _console().print(render(summary, title=title))
         sim_rate = len(w) / max(result.meta["wall_s"], 1e-9)
@@ -170,9 +228,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                          f"({sim_rate:,.0f} req/s)[/dim]")
     if args.out:
         paths = write_outputs(result, summary, args.out)
+        if result.timeseries is not None:
+            paths.append(write_timeseries(result.timeseries, Path(args.out) / "timeseries.csv"))
         if not args.json:
             _console().print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def write_timeseries(ts: dict, path: Path) -> Path:
+    import csv
+
+    names = list(ts)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        for row in zip(*(ts[n].tolist() for n in names)):
+            w.writerow(row)
+    return path
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:

@@ -13,41 +13,70 @@ durations at once and sleeps to the end of the run in one event. An arrival
 step in progress, which is exactly when a step-by-step replica would have
 looked at its queue again. `jump=False` turns this off; tests check both give
 the same records.
+
+Around the replicas (sim/frontend.py): a result cache, the router, retries
+after crashes, closed-loop sessions; sim/faults.py injects crashes and cache
+node losses; sim/devices.py places replicas on GPUs. A replica can also
+sample its KV pool over time and reclaim cached blocks above a watermark.
+Each of these is off unless configured, and costs nothing per step then.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from array import array
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import simpy
 
+from policies.queues import create_queue
+from policies.reclaim import WatermarkReclaimer
 from policies.routers import create_router
 from policies.scheduler import ContinuousBatchingScheduler, create_scheduler
 from policies.sequence import SeqStatus, Sequence
 from sim.config import SimConfig
-from sim.cost import CostModel, load_cost_model, plan_features
+from sim.cost import CostModel, StepFeatures, load_cost_model, plan_features
+from sim.frontend import Frontend
 from traces.records import ItlLog, RecordTable, ReplicaStats, RunResult
 from traces.workload import Workload
+
+
+_NS = 8  # values per sample in Replica.samples
 
 
 class Replica:
     """One model replica: a scheduler, a cost model and a SimPy process."""
 
     def __init__(self, env: simpy.Environment, idx: int, sched: ContinuousBatchingScheduler, cost: CostModel,
-                 records: RecordTable, jump: bool):
+                 records: RecordTable, jump: bool, new_queue: Callable[[], Any] | None = None):
         self.env, self.idx, self.sched, self.cost = env, idx, sched, cost
         self.records, self.jump = records, jump
         self.kv = sched.kv
-        self.healthy = True
+        self.sink: Callable[[Sequence], None] = records.put  # where terminal sequences go
+        self.new_queue = new_queue or (lambda: create_queue(sched.cfg.queue))
+        self.healthy = True  # as the router sees it
+        self.up = True  # as it is
+        self.down_until = 0.0
+        self.crashes = 0
+        self.downtime = 0.0
+        self.down_log: list[list[float]] = []  # [went down, came back up (inf while down)]
+        self.on_crash: Callable[[int, list[Sequence], float], None] | None = None
+        self.on_recover: Callable[[Replica], None] | None = None
+        self._up: simpy.Event | None = None
+        # memory: optional watermark reclaim of cached KV blocks, and samples of the pool over time
+        self.reclaimer: WatermarkReclaimer | None = None
+        self.reclaimed = 0
+        self.sample_every = 0.0
+        self._next_sample = 0.0
+        self.samples = array("d")  # t, used, evictable, cached, evictions, reclaimed, running, waiting
         self.stats = ReplicaStats(kv_blocks=sched.kv.num_blocks)
         self._wake = env.event()
         self._token = 0  # invalidates timers armed before the last wake-up
         self._asleep = False
-        self._jumping = False  # sleeping through a decode run; an arrival interrupts it
-        self._interrupted = False
+        self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.proc = env.process(self._loop())
 
@@ -56,19 +85,23 @@ class Replica:
     def num_outstanding(self) -> int:
         return self.sched.num_outstanding
 
+    @property
+    def num_running(self) -> int:
+        return len(self.sched.running)
+
     def pending_tokens(self) -> int:
         return self.sched.pending_tokens()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do until something arrives (a queue deadline may still be armed)."""
+        return self._idle
 
     def submit(self, seq: Sequence) -> None:
         seq.replica = self.idx
         self.sched.add(seq, self.env.now)
-        if self._asleep:
-            if not self._wake.triggered:
-                self._wake.succeed()
-        elif self._jumping and not self._interrupted:
-            # Cheaper than arming a wake-up event for every run: only arrivals pay.
-            self._interrupted = True
-            self.proc.interrupt()
+        if self._asleep and not self._wake.triggered:
+            self._wake.succeed()
 
     def _arm(self, at: float) -> None:
         tok = self._token
@@ -89,60 +122,174 @@ class Replica:
     def _collect(self) -> None:
         done = self.sched.done
         if done:
-            put = self.records.put
+            put = self.sink
             for s in done:
                 put(s)
             done.clear()
 
     def _loop(self):
         env, sched, cost, st = self.env, self.sched, self.cost, self.stats
+        reclaim = self.reclaimer is not None
+        after_step = reclaim or self.sample_every > 0
+        busy = False
         while True:
-            now = self.clock  # == env.now up to rounding; the step arithmetic is the reference
-            plan = sched.schedule(now)
-            self._collect()
-            if plan.empty:
-                wake_at = sched.next_wakeup()
-                if wake_at is not None:
-                    self._arm(wake_at)
-                yield from self._sleep()
-                self.clock = env.now
-                continue
-            f = plan_features(plan)
-            k = sched.horizon(plan) if self.jump else 1
-            if k == 1:
-                d = cost.step_time(f)
-                yield env.timeout(d)
-                end = now + d
-                sched.update(plan, now, end)
-                st.busy_time += d
-                st.steps += 1
-                st.tokens += f.prefill_tokens + f.decode_seqs
-            else:
-                run = cost.decode_run(f)
-                m = k
-                deadline = sched.next_wakeup()
-                if deadline is not None and deadline < now + run.elapsed(k):
-                    m = run.step_at(deadline - now, k) + 1
-                end = now + run.elapsed(m)
-                self._jumping = True
-                try:
-                    yield env.timeout(end - env.now)
-                except simpy.Interrupt:  # an arrival: finish the step in progress, then look again
+            try:
+                now = self.clock  # == env.now up to rounding; the step arithmetic is the reference
+                plan = sched.schedule(now)
+                self._collect()
+                if plan.empty:
+                    wake_at = sched.next_wakeup()
+                    if wake_at is not None:
+                        self._arm(wake_at)
+                    self._idle = True
+                    yield from self._sleep()
+                    self._idle = False
+                    self.clock = env.now
+                    continue
+                f = plan_features(plan)
+                k = sched.horizon(plan) if self.jump else 1
+                if k > 1 and reclaim:
+                    k = self._reclaim_horizon(plan, k)
+                busy = True
+                if k == 1:
+                    run = None
+                    d = cost.step_time(f)
+                    yield env.timeout(d)
+                    end = now + d
+                    sched.update(plan, now, end)
+                    st.busy_time += d
+                    st.steps += 1
+                    st.tokens += f.prefill_tokens + f.decode_seqs
+                else:
+                    run = cost.decode_run(f)
+                    m = k
+                    deadline = sched.next_wakeup()
+                    if deadline is not None and deadline < now + run.elapsed(k):
+                        m = run.step_at(deadline - now, k) + 1
+                    end = now + run.elapsed(m)
+                    self._arm(end)
+                    yield from self._sleep()
                     woke = env.now
-                    self._interrupted = False
-                    if woke < end:
+                    if woke < end:  # an arrival: finish the step in progress, then look again
                         m = run.step_at(woke - now, m) + 1
                         end = now + run.elapsed(m)
-                    if end > woke:
-                        self._jumping = False
-                        yield env.timeout(end - woke)
-                self._jumping = False
-                sched.advance(plan, m, now, now + run.elapsed(1), end, run)
-                st.busy_time += end - now
-                st.steps += m
-                st.tokens += m * f.decode_seqs
-            self.clock = end
-            self._collect()
+                        if end > woke:
+                            yield env.timeout(end - woke)
+                    sched.advance(plan, m, now, now + run.elapsed(1), end, run)
+                    st.busy_time += end - now
+                    st.steps += m
+                    st.tokens += m * f.decode_seqs
+                busy = False
+                self.clock = end
+                self._collect()
+                if after_step:
+                    self._after_step(end)
+            except simpy.Interrupt:  # a crash (sim/faults.py): only ever raised at a yield above
+                if busy:
+                    self._lose_step(plan, f, now, run, m if run is not None else 1)
+                busy = False
+                yield from self._down()
+
+    # ---- crashes --------------------------------------------------------------------------------
+    def crash(self, down: float) -> None:
+        """Go down now for `down` seconds: in-flight work and the KV cache are lost (see _down)."""
+        env = self.env
+        until = env.now + down
+        env.timeout(down).callbacks.append(self._maybe_recover)
+        if not self.up:  # already down: the later recovery time wins
+            self.down_until = max(self.down_until, until)
+            return
+        self.up = self.healthy = False
+        self.down_until = until
+        self.crashes += 1
+        self.down_log.append([env.now, math.inf])
+        self._up = env.event()
+        self.proc.interrupt("crash")
+
+    def _maybe_recover(self, _e: Any) -> None:
+        if not self.up and self.env.now >= self.down_until:
+            self.up = True
+            self.down_log[-1][1] = self.env.now
+            self._up.succeed()
+            if self.on_recover is not None:
+                self.on_recover(self)
+
+    def _lose_step(self, plan, f: StepFeatures, start: float, run, m: int) -> None:
+        """The crash hit a step (or a run of decode steps) in progress: steps of the run that completed
+        before it are applied, exactly as a step-by-step replica would have; the step in progress is lost."""
+        t = self.env.now
+        st = self.stats
+        if run is not None:
+            j = run.step_at(t - start, m)  # the step in progress; j steps have completed
+            if j >= 1:
+                self.sched.advance(plan, j, start, start + run.elapsed(1), start + run.elapsed(j), run)
+                st.steps += j
+                st.tokens += j * f.decode_seqs
+        st.busy_time += t - start
+
+    def _down(self):
+        env, sched, kv = self.env, self.sched, self.kv
+        t = env.now
+        self._asleep = self._idle = False
+        self._token += 1
+        self._wake = env.event()
+        self._collect()  # what finished before the crash is recorded as such
+        lost = list(sched.running) + list(sched.waiting)
+        for s in lost:
+            if s.block_table:
+                kv.free(s.block_table, s.num_hashed_blocks)
+                s.block_table = []
+            s.status = SeqStatus.FINISHED  # this attempt is over (its queue-timeout entry is dropped)
+        sched.running = []
+        sched.waiting = self.new_queue()
+        kv.evictions -= kv.evict_cached(kv.num_blocks)  # GPU memory is gone: an empty prefix cache, not evictions
+        if self.on_crash is not None:
+            self.on_crash(self.idx, lost, t)
+        else:  # no front end to retry: fail them here
+            for s in lost:
+                s.outcome, s.reason, s.t_finish = "failed", f"replica {self.idx} crashed", t
+                self.sink(s)
+        yield self._up
+        self.downtime += env.now - t
+        self.clock = env.now
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def _after_step(self, t: float) -> None:
+        kv = self.kv
+        rc = self.reclaimer
+        if rc is not None:
+            ev = _num_evictable(kv)
+            if ev:
+                n = rc.plan((kv.num_used + ev) / kv.num_blocks, ev, kv.num_blocks)
+                if n:
+                    self.reclaimed += kv.evict_cached(n)
+        every = self.sample_every
+        if every and t >= self._next_sample:
+            self.samples.extend((t, kv.num_used, _num_evictable(kv), kv.num_cached, kv.evictions, self.reclaimed,
+                                 len(self.sched.running), len(self.sched.waiting)))
+            self._next_sample = (math.floor(t / every) + 1) * every
+
+    def _reclaim_horizon(self, plan, k: int) -> int:
+        """Cut a decode run so that no step before its last would cross the reclaim watermark: a stepping
+        replica would reclaim after that step, the jump only at the end of the run."""
+        kv = self.kv
+        ev = _num_evictable(kv)
+        if not ev:  # nothing is or becomes evictable during a decode run: reclaim cannot act
+            return k
+        nb = kv.num_blocks
+        top = math.floor((self.reclaimer.high + 1e-9) * nb)  # most used blocks (cached included) with no reclaim
+        while top / nb > self.reclaimer.high + 1e-9:
+            top -= 1
+        margin = top - (kv.num_used + ev)
+        # Each decoding sequence takes at most ceil(i / block_size) new blocks in i steps.
+        safe = (margin // len(plan.decode)) * kv.block_size + 1 if margin >= 0 else 1
+        return max(1, min(k, safe))
+
+
+def _num_evictable(kv) -> int:
+    """Cached blocks that no sequence holds (BlockManager keeps them in `_evictable`)."""
+    n = getattr(kv, "num_evictable", None)
+    return n if n is not None else len(kv._evictable)
 
 
 @dataclass
@@ -151,41 +298,61 @@ class Cluster:
     replicas: list[Replica]
     records: RecordTable
     cfg: SimConfig
+    frontend: Frontend
     meta: dict = field(default_factory=dict)
 
 
-def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = None) -> Cluster:
+def router_options(name: str, cost: CostModel) -> dict[str, float]:
+    """Constructor arguments a router takes from the cost model (predicted_latency: its coefficients)."""
+    if name != "predicted_latency":
+        return {}
+    ctx = 1024  # a typical decode context
+    prefill = cost.step_time(StepFeatures(2048, 0, 2048 * 2049 / 2, 0, 1)) / 2048
+    d_one = cost.step_time(StepFeatures(0, 1, 0.0, ctx, 1))
+    d_many = cost.step_time(StepFeatures(0, 65, 0.0, 65 * ctx, 65))
+    return {"c_tok": prefill, "d0": d_one, "d1": max(d_many - d_one, 0.0) / 64}
+
+
+def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = None, check: bool = False) -> Cluster:
     """Wire every object of a run in one visible place."""
     env = simpy.Environment()
     cost = cost if cost is not None else load_cost_model(cfg.profile, cfg.tp, cfg.gpu_memory_utilization)
     num_blocks = cfg.num_blocks or cost.kv_capacity_tokens // cfg.scheduler.block_size
+    meta: dict[str, Any] = {"cost_model": getattr(cost, "name", type(cost).__name__),
+                            "kv_blocks_per_replica": num_blocks}
+    n_replicas = cfg.replicas
+    if cfg.cluster.devices:
+        from sim.devices import place
+
+        placed, meta["placement"] = place(cfg, cost, num_blocks)
+        if not placed:
+            why = "; ".join(f"{u['replica']}: {u['reason']} ({u['detail']})" for u in meta["placement"]["unplaced"])
+            raise ValueError(f"no replica fits on cluster.devices={cfg.cluster.devices}: {why}")
+        n_replicas = len(placed)  # identical replicas: the first len(placed) of them, renumbered 0..
     records = RecordTable(len(workload))
-    replicas = [Replica(env, i, create_scheduler(cfg.scheduler, num_blocks), cost, records, cfg.jump)
-                for i in range(cfg.replicas)]
-    return Cluster(env, replicas, records, cfg, meta={"cost_model": getattr(cost, "name", type(cost).__name__),
-                                                      "kv_blocks_per_replica": num_blocks})
+    queue_opts = cfg.queue.options(cfg.scheduler.queue)
+    new_queue = (lambda: create_queue(cfg.scheduler.queue, **queue_opts)) if queue_opts else None
+    replicas = []
+    for i in range(n_replicas):
+        sched = create_scheduler(cfg.scheduler, num_blocks)
+        if new_queue is not None:
+            sched.waiting = new_queue()
+        replicas.append(Replica(env, i, sched, cost, records, cfg.jump, new_queue))
+    router = create_router(cfg.router, seed=cfg.seed, **router_options(cfg.router, cost))
+    fe = Frontend(env, replicas, records, router, workload, cfg, check=check)
+    mem = cfg.memory
+    for rep in replicas:
+        if fe.needs_sink:
+            rep.sink = fe.done
+        rep.on_crash, rep.on_recover = fe.crashed, fe.recovered
+        if mem.reclaim_high is not None:
+            rep.reclaimer = WatermarkReclaimer(high=mem.reclaim_high, low=mem.reclaim_low)
+        rep.sample_every = mem.sample_interval
+    if cfg.faults.replica_faults or cfg.faults.cache_node_loss:
+        from sim.faults import start_faults
 
-
-def _arrivals(cluster: Cluster, workload: Workload, router, progress: Callable[[int], None] | None):
-    env, replicas, records = cluster.env, cluster.replicas, cluster.records
-    arrival = workload.arrival.tolist()
-    n = len(arrival)
-    tick = max(n // 200, 1)
-    for i in range(n):
-        t = arrival[i]
-        if t > env.now:
-            yield env.timeout(t - env.now)
-        req = workload.request(i)
-        seq = Sequence(req)
-        r = router.route(req, replicas, env.now)
-        if r is None:
-            seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "rejected", env.now
-            seq.reason = "no healthy replica"
-            records.put(seq)
-        else:
-            replicas[r].submit(seq)
-        if progress is not None and i % tick == 0:
-            progress(i)
+        start_faults(env, replicas, fe, cfg.faults, cfg.seed)
+    return Cluster(env, replicas, records, cfg, fe, meta=meta)
 
 
 def _checked(sched: ContinuousBatchingScheduler) -> None:
@@ -215,14 +382,16 @@ def _checked(sched: ContinuousBatchingScheduler) -> None:
 def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
              progress: Callable[[int], None] | None = None, check: bool = False) -> RunResult:
     """Replay `workload` through a simulated cluster; every request ends with one record.
-    `check=True` verifies the KV pool's invariants after every step (for tests)."""
+    `check=True` verifies the KV pool's invariants after every step and the front end's (result cache
+    capacity and expiry, submissions only to replicas that are up) as it goes (for tests)."""
     t0 = time.perf_counter()
-    cluster = build_cluster(workload, cfg, cost)
+    cluster = build_cluster(workload, cfg, cost, check=check)
     if check:
         for rep in cluster.replicas:
             _checked(rep.sched)
-    router = create_router(cfg.router, seed=cfg.seed)
-    cluster.env.process(_arrivals(cluster, workload, router, progress))
+    fe = cluster.frontend
+    fe.progress = progress
+    cluster.env.process(fe.arrivals())
     cluster.env.run()
     end = cluster.env.now
     for rep in cluster.replicas:  # nothing should be left; if it is, say so rather than lose it
@@ -246,8 +415,71 @@ def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
     start = float(workload.arrival[0]) if len(workload) else 0.0
     meta = dict(cluster.meta, source="sim", workload=workload.name, requests=len(workload),
                 wall_s=time.perf_counter() - t0, seed=cfg.seed)
+    meta.update(fe.meta())
+    meta.update(_fault_meta(cluster))
+    mem = _memory_meta(cluster)
+    if mem:
+        meta["memory"] = mem
+    if check:  # what the invariant tests look at
+        meta["check"] = {"submissions": fe.submissions, "cache_hits": fe.cache_hits_log}
     itl = ItlLog()
     for rep in cluster.replicas:
         itl.extend(rep.sched.itl)
     return RunResult(records=rec, itl=itl, start=start, end=max(last, start),
-                     replicas=[r.stats for r in cluster.replicas], meta=meta)
+                     replicas=[r.stats for r in cluster.replicas], meta=meta, timeseries=_timeseries(cluster))
+
+
+def _fault_meta(cluster: Cluster) -> dict[str, Any]:
+    fc, fe = cluster.cfg.faults, cluster.frontend
+    if not (fc.replica_faults or fc.cache_node_loss):
+        return {}
+    return {"faults": {
+        "on_crash": fc.on_crash, "max_retries": fc.max_retries, "health_interval": cluster.cfg.health.interval,
+        "crashes": [r.crashes for r in cluster.replicas],
+        "down_intervals": [[[a, b if b < math.inf else None] for a, b in r.down_log] for r in cluster.replicas],
+        "downtime_s": [r.downtime for r in cluster.replicas],
+        "requests_retried": len(fe.retries), "retries": sum(fe.retries.values()),
+        "failed_by_crash": fe.failed_by_crash,
+        "cache_node_events": [list(e) for e in fe.crash_log],
+    }}
+
+
+def _memory_meta(cluster: Cluster) -> dict[str, Any]:
+    mem = cluster.cfg.memory
+    if mem.reclaim_high is None and not mem.sample_interval:
+        return {}
+    out: dict[str, Any] = {"sample_interval": mem.sample_interval}
+    if mem.reclaim_high is not None:
+        out.update(reclaim_high=mem.reclaim_high, reclaim_low=mem.reclaim_low,
+                   reclaimed_blocks=[r.reclaimed for r in cluster.replicas])
+    peak = []
+    for r in cluster.replicas:
+        x = np.frombuffer(r.samples, dtype=np.float64).reshape(-1, _NS) if len(r.samples) else np.zeros((0, _NS))
+        peak.append(float(x[:, 1].max() / r.kv.num_blocks) if len(x) else 0.0)
+    if mem.sample_interval:
+        out["peak_sampled_kv_usage"] = peak
+    return out
+
+
+# kv_used_blocks: held by sequences; kv_evictable_blocks: cached, held by none (reusable or evictable);
+# kv_usage = kv_used_blocks / blocks; kv_cached_blocks: blocks with a prefix hash (held or not); evictions and
+# reclaimed_blocks: cumulative (evictions include the reclaimed ones).
+TIMESERIES_COLUMNS = ("time", "replica", "kv_used_blocks", "kv_usage", "kv_evictable_blocks", "kv_cached_blocks",
+                      "evictions", "reclaimed_blocks", "running", "waiting")
+
+
+def _timeseries(cluster: Cluster) -> dict[str, np.ndarray] | None:
+    """Per-replica KV samples (memory.sample_interval), merged in time order."""
+    if not cluster.cfg.memory.sample_interval:
+        return None
+    parts = []
+    for r in cluster.replicas:
+        x = np.frombuffer(r.samples, dtype=np.float64).reshape(-1, _NS) if len(r.samples) else np.zeros((0, _NS))
+        parts.append(np.column_stack([x[:, 0], np.full(len(x), r.idx), x[:, 1], x[:, 1] / r.kv.num_blocks, x[:, 2:]]))
+    allx = np.concatenate(parts) if parts else np.zeros((0, len(TIMESERIES_COLUMNS)))
+    allx = allx[np.lexsort((allx[:, 1], allx[:, 0]))]
+    out = {}
+    for j, name in enumerate(TIMESERIES_COLUMNS):
+        col = allx[:, j]
+        out[name] = col if name in ("time", "kv_usage") else col.astype(np.int64)
+    return out

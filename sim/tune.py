@@ -302,14 +302,14 @@ def parse_space(data: Mapping[str, Any], where: str = "space") -> SpaceSpec:
         if k in data and not isinstance(data[k], dict):
             raise TuneError(f"{where}: '{k}' must be a table ([{k}])")
     base = dict(data.get("base", {}))
-    base_cfg = config_from_dict(base, where=f"{where} [base]")
+    base_cfg = _config(base, f"{where} [base]")
     params = tuple(_params(data.get("space", {}), where))
     if not params:
         raise TuneError(f"{where}: no parameters to tune; add [space.<key>] tables, e.g. [space.replicas] "
                         f"type = \"integer\", low = 1, high = 8")
     for p in params:
         for v in p.candidates():
-            config_from_dict(with_overrides(base, {p.name: v}), where=f"{where} [space.\"{p.name}\"] = {v!r}")
+            _config(with_overrides(base, {p.name: v}), f"{where} [space.\"{p.name}\"] = {v!r}")
     objective = _objective(data.get("objective"), where, base_cfg, params)
     tuner = dict(data.get("tuner", {}))
     for k, v in tuner.items():
@@ -324,6 +324,13 @@ def parse_space(data: Mapping[str, Any], where: str = "space") -> SpaceSpec:
         if k not in _RUN_KEYS:
             raise TuneError(f"{where}: unknown key 'run.{k}'; valid: {', '.join('run.' + t for t in _RUN_KEYS)}")
     return SpaceSpec(base, params, objective, tuner, run, where)
+
+
+def _config(data: dict[str, Any], where: str) -> SimConfig:
+    try:
+        return config_from_dict(data, where=where)
+    except ConfigError as e:
+        raise TuneError(str(e)) from None
 
 
 def check_estimator(name: str, where: str) -> str:

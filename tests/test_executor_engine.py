@@ -8,7 +8,7 @@ not of this code); the logits of every sampled token are compared too.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ import torch
 from executor.engine import Engine
 from executor.model import LlamaForCausalLM, preset
 from executor.runner import ModelRunner, SamplingParams
-from policies.scheduler import ContinuousBatchingScheduler, SchedulerConfig
+from policies.scheduler import ContinuousBatchingScheduler, DynamicBatchScheduler, SchedulerConfig
 from policies.sequence import Sequence
 from traces.workload import Request
 
@@ -30,7 +30,7 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(dtype: str) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_seed(preset("tiny", dtype=dtype), seed=11)
 
@@ -50,9 +50,9 @@ class RecordingRunner(ModelRunner):
         return super().sample(logits, seqs)
 
 
-def _engine(dtype: str = "float64", num_blocks: int = 256, sampling: SamplingParams = SamplingParams(),
+def _engine(dtype: str = "float64", num_blocks: int = 256, sampling: SamplingParams | None = None,
             **sched) -> Engine:
-    runner = RecordingRunner(_model(dtype), num_blocks, BS, sampling=sampling, num_threads=1)
+    runner = RecordingRunner(_model(dtype), num_blocks, BS, sampling=sampling or SamplingParams(), num_threads=1)
     cfg = SchedulerConfig(block_size=BS, **sched)
     return Engine(runner, ContinuousBatchingScheduler(cfg, num_blocks))
 
@@ -66,14 +66,14 @@ def _outputs(seqs: list[Sequence]) -> dict[int, list[int]]:
 
 def _same_logits(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-9)
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], atol=1e-9, rtol=1e-9)
 
 
 REQS = [Request(i, 0.0, n, m) for i, (n, m) in enumerate([(30, 9), (47, 14), (12, 6), (64, 11), (25, 20), (9, 1)])]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _alone(dtype: str = "float64") -> tuple[dict, dict]:
     tokens, logits = {}, {}
     for r in REQS:
@@ -100,6 +100,15 @@ def test_batched_chunked_and_preempted_runs_match_running_alone():
     assert _outputs(seqs) == alone
     _same_logits(preempted.runner.seen, alone_logits)
     assert preempted.scheduler.num_preemptions > 0 and any(s.preemptions for s in seqs)
+
+
+def test_dynamic_batching_scheduler_drives_the_same_engine():
+    alone, _ = _alone()
+    runner = RecordingRunner(_model("float64"), 256, BS, num_threads=1)
+    cfg = SchedulerConfig(kind="dynamic", block_size=BS, max_batch_size=4, max_wait=0.01)
+    e = Engine(runner, DynamicBatchScheduler(cfg, 256))
+    assert _outputs(e.run_offline(REQS)) == alone
+    assert max(r.prefill_seqs for r in e.step_log) == 4
 
 
 def test_engine_matches_dense_greedy_generation():

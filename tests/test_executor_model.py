@@ -15,8 +15,10 @@ from executor.paged import PagedAttention, PagedKVCache, _groups
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
+def _one_thread():
+    # One thread: fast enough for the tiny model, and immune to other processes on a small machine.
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 

@@ -34,6 +34,7 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ("reason", "O"),
     ("session_id", "O"),
     ("step", "i8"),
+    ("result_cache_hit", "i8"),  # 1: answered by the result cache in front of the engines (replica -1)
 )
 FIELD_NAMES = tuple(n for n, _ in RECORD_FIELDS)
 
@@ -54,7 +55,7 @@ class RecordTable:
         self.cols["id"][:] = np.arange(n)
         self.filled = np.zeros(n, dtype=bool)
 
-    def put(self, seq) -> None:
+    def put(self, seq, result_cache_hit: bool = False) -> None:
         """Write a terminal Sequence (policies.sequence.Sequence)."""
         i = seq.req.index
         if self.filled[i]:
@@ -79,6 +80,8 @@ class RecordTable:
         c["reason"][i] = seq.reason
         c["session_id"][i] = r.session_id or ""
         c["step"][i] = r.step
+        if result_cache_hit:
+            c["result_cache_hit"][i] = 1
 
     def missing(self) -> np.ndarray:
         return np.flatnonzero(~self.filled)
@@ -104,6 +107,8 @@ class RunResult:
     end: float  # last finish
     replicas: list[ReplicaStats] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    # Optional per-replica samples over time (simulator: KV usage, cached blocks, evictions), one array per column.
+    timeseries: dict[str, np.ndarray] | None = None
 
     @property
     def n(self) -> int:
@@ -172,8 +177,7 @@ class ItlLog:
 
     def run(self, params: tuple[float, float, float, float, float], lo: int, hi: int, w: int) -> None:
         if hi > lo:
-            self.runs.extend(params)
-            self.runs.extend((lo, hi, w))
+            self.runs.extend((*params, lo, hi, w))
 
     def extend(self, other: "ItlLog") -> None:
         self.step_d.extend(other.step_d)

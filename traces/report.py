@@ -106,6 +106,8 @@ def summarize(result: RunResult, slo=None) -> dict[str, Any]:
         "prefix_cache_hits": hits,
         "prefix_hit_rate": hits / queries if queries else 0.0,
         "cached_prompt_tokens": int(rec["cached_tokens"].sum()),
+        **_result_cache(rec, n),
+        **({"sessions": sess} if (sess := session_summary(rec)) else {}),
         "preemptions": int(sum(r.preemptions for r in result.replicas)),
         "replicas": [
             {"replica": i, "utilisation": r.busy_time / duration, "steps": r.steps, "tokens": r.tokens,
@@ -115,6 +117,45 @@ def summarize(result: RunResult, slo=None) -> dict[str, Any]:
         ],
         "reasons": _reasons(rec),
         "meta": result.meta,
+    }
+
+
+def _result_cache(rec: dict[str, np.ndarray], n: int) -> dict[str, Any]:
+    """Requests answered by a result cache in front of the engines (records column result_cache_hit)."""
+    col = rec.get("result_cache_hit")
+    hits = int(col.sum()) if col is not None else 0
+    return {"result_cache_hits": hits, "result_cache_hit_rate": hits / n if n else 0.0}
+
+
+def session_summary(rec: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Agent sessions (rows with a session id): task completion time = last finish - first intended send,
+    over sessions whose every call completed; calls per session; per-session prefix-cache reuse = cached
+    prompt tokens / prompt tokens over its calls."""
+    sid = rec.get("session_id")
+    if sid is None:
+        return None
+    mask = sid != ""
+    if not mask.any():
+        return None
+    ids, inv = np.unique(sid[mask].astype(str), return_inverse=True)
+    k = len(ids)
+    calls = np.bincount(inv, minlength=k)
+    bad = np.bincount(inv, weights=(rec["status"][mask] != "ok").astype(np.float64), minlength=k)
+    first = np.full(k, np.inf)
+    np.minimum.at(first, inv, rec["arrival"][mask])
+    last = np.full(k, -np.inf)
+    np.maximum.at(last, inv, np.nan_to_num(rec["finish"][mask], nan=-np.inf))
+    inp = np.bincount(inv, weights=rec["input_tokens"][mask].astype(np.float64), minlength=k)
+    cached = np.bincount(inv, weights=rec["cached_tokens"][mask].astype(np.float64), minlength=k)
+    done = bad == 0
+    return {
+        "sessions": int(k),
+        "completed": int(done.sum()),
+        "incomplete": int(k - done.sum()),
+        "task_completion_s": _dist(np.where(done, last - first, np.nan)),
+        "calls_per_session": _dist(calls.astype(np.float64)),
+        "cache_reuse": _dist(np.where(inp > 0, cached / np.maximum(inp, 1), np.nan)),
+        "cache_reuse_overall": float(cached.sum() / inp.sum()) if inp.sum() else 0.0,
     }
 
 
@@ -157,6 +198,33 @@ def render(summary: dict[str, Any], title: str = "twinfer report"):
         s.add_row("goodput", f"{summary['goodput_rps']:,.2f} req/s, attainment {summary['slo_attainment']:.1%}")
     s.add_row("prefix cache", f"{summary['prefix_hit_rate']:.1%} of prompt tokens hit "
                               f"({summary['cached_prompt_tokens']:,} tokens at first admission)")
+    meta = summary.get("meta") or {}
+    rc = meta.get("result_cache")
+    if rc:
+        acked = ", ".join(f"{v:,} to {k}" for k, v in rc.get("writes_acked", {}).items())
+        s.add_row("result cache", f"{summary['result_cache_hit_rate']:.1%} of requests answered by it "
+                                  f"({rc['hits']:,} hits / {rc['lookups']:,} lookups, {rc['uncacheable']:,} "
+                                  f"uncacheable); writes acknowledged by replicas: {acked or '-'}")
+    sess = summary.get("sessions")
+    if sess:
+        tct = sess["task_completion_s"]
+        s.add_row("sessions", f"{sess['sessions']:,} ({sess['completed']:,} completed); task completion p50 "
+                              f"{tct['p50']:.2f} s, p99 {tct['p99']:.2f} s; {sess['calls_per_session']['mean']:.1f} "
+                              f"calls each; prefix reuse {sess['cache_reuse_overall']:.1%} of prompt tokens")
+    fl = meta.get("faults")
+    if fl:
+        s.add_row("faults", f"{sum(fl['crashes'])} crash(es), {sum(fl['downtime_s']):,.0f} replica-s down; "
+                            f"{fl['requests_retried']:,} requests re-routed ({fl['retries']:,} retries), "
+                            f"{fl['failed_by_crash']:,} failed by a crash")
+    pl = meta.get("placement")
+    if pl:
+        un = "; ".join(f"{u['replica']}: {u['reason']}" for u in pl["unplaced"]) or "none"
+        s.add_row("placement", f"{len(pl['placed'])} replica(s) of {pl['replica_memory_gib']:.1f} GiB on "
+                               f"{pl['devices']} device(s); unplaced: {un}")
+    mem = meta.get("memory")
+    if mem and "reclaimed_blocks" in mem:
+        s.add_row("KV reclaim", f"{sum(mem['reclaimed_blocks']):,} cached blocks reclaimed above "
+                                f"{mem['reclaim_high']:.0%} (down to {mem['reclaim_low']:.0%})")
     s.add_row("preemptions", f"{summary['preemptions']:,}")
     util = [r["utilisation"] for r in summary["replicas"]]
     if util:

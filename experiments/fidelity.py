@@ -1,0 +1,211 @@
+"""Fidelity: how far the simulator's predictions are from the executor's measurements.
+
+1. Profile the executor's model runner on a grid of synthetic step shapes (`twinfer profile`'s code)
+   and fit the cost model. No trace-driven step is used for the fit: every cell below is held out.
+2. For each cell of  2 real traces x 3 load levels x 2 scheduler settings x 2 routers,  on 2 replicas,
+   run the same workload and configuration in the simulator (fitted profile) and on the executor in
+   real time (executor.replay.run_workload: one worker process per replica, 1 torch thread each), and
+   compare p50/p99 TTFT, TPOT and E2E and throughput (`twinfer validate`'s code).
+3. Print the error table with the median and worst cell per metric, and a step-time check per cell:
+   the executor's own steps against the profile's prediction for their exact shapes (>1: the machine
+   ran slower than when profiled, e.g. other processes on its cores).
+
+Traces: Azure LLM inference 2023 conversation (decode-heavy) and code (prefill-heavy), a slice of
+consecutive requests each (from ../shared/traces when present, else the vendored test slices),
+arrivals rate-scaled to the executor's capacity. Requests longer than the model's positions are left
+out of both sides. Loads are shares of a saturation rate the fitted simulator gives for the slice
+(all requests at once: requests / makespan).
+
+    python experiments/fidelity.py --quick      # 1 scheduler x 1 router: 6 cells, a few minutes
+    python experiments/fidelity.py              # all 24 cells (about half an hour on 2 cores)
+    python experiments/fidelity.py --profile p.toml --out results/   # reuse a profile; write JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from policies.scheduler import SchedulerConfig  # noqa: E402
+from sim.calibrate import read_profile_file, save_profile_file  # noqa: E402
+from sim.cluster import simulate  # noqa: E402
+from sim.config import SimConfig  # noqa: E402
+from traces import transforms  # noqa: E402
+from traces.loaders import load_trace  # noqa: E402
+from traces.workload import Workload  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "traces" / "azure2023"
+VENDORED = ROOT / "tests" / "data" / "azure2023"
+TRACES = {"azure-conv": "AzureLLMInferenceTrace_conv", "azure-code": "AzureLLMInferenceTrace_code"}
+LOADS = {"light": 0.3, "70%": 0.7, "near-sat": 0.9}
+SCHEDULERS = {
+    "chunked-512": {"kind": "continuous", "chunked_prefill": True, "max_num_batched_tokens": 512, "max_num_seqs": 32},
+    "prefill-first": {"kind": "continuous", "chunked_prefill": False, "max_num_batched_tokens": 2048,
+                      "max_num_seqs": 32},
+}
+ROUTERS = ("least_outstanding", "round_robin")
+METRICS = (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50"), ("ttft.p99", "TTFT p99"),
+           ("tpot.p99", "TPOT p99"), ("e2e.p99", "E2E p99"), ("throughput_rps", "tput"))
+
+
+def trace_slice(name: str, n: int, offset: int, max_position: int, length_scale: float) -> Workload:
+    stem = TRACES[name]
+    full = SHARED / f"{stem}.csv"
+    path = full if full.is_file() else VENDORED / f"{stem}.head300.csv"
+    w = load_trace(path)
+    if not full.is_file():
+        offset = 0
+    if length_scale != 1.0:
+        w = dataclasses.replace(w, input_tokens=np.maximum(1, np.round(w.input_tokens * length_scale)).astype(np.int64),
+                                output_tokens=np.maximum(1, np.round(w.output_tokens * length_scale)).astype(np.int64))
+    fits = np.flatnonzero(w.input_tokens + w.output_tokens - 1 <= max_position)
+    fits = fits[fits >= offset][:n]
+    w = w.take(fits, name=f"{name}[{int(fits[0])}:{int(fits[-1]) + 1}]")
+    return transforms.rebase(w)
+
+
+def saturation_rate(w: Workload, cfg: SimConfig, cost) -> float:
+    """Requests per second the simulated cluster completes with every request of `w` waiting at t=0."""
+    burst = dataclasses.replace(w, arrival=np.zeros(len(w)))
+    r = simulate(burst, cfg, cost=cost)
+    return len(w) / (float(np.nanmax(r.records["finish"])) or 1e-9)
+
+
+def at_rate(w: Workload, rate: float) -> Workload:
+    base = (len(w) - 1) / max(w.span, 1e-9)
+    return transforms.scale_rate(w, rate / base)
+
+
+def cell_config(sched: str, router: str, replicas: int, profile: str, num_blocks: int) -> SimConfig:
+    return SimConfig(replicas=replicas, router=router, profile=profile, num_blocks=num_blocks,
+                     scheduler=SchedulerConfig(prefix_caching=False, **SCHEDULERS[sched]))
+
+
+def fmt_err(e: float | None) -> str:
+    return "n/a" if e is None or not math.isfinite(e) else f"{e:+.1%}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="6 cells (chunked-512, least_outstanding), quick profile")
+    ap.add_argument("--profile", help="reuse this profile file instead of profiling first")
+    ap.add_argument("--model", default="default", help="executor model preset (default: default)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per cell (default 48; 20 with --quick)")
+    ap.add_argument("--offset", type=int, default=1000, help="first request of each slice in the full trace")
+    ap.add_argument("--length-scale", type=float, default=1.0, help="multiply token counts (default 1: as recorded)")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per replica, both sides")
+    ap.add_argument("--traces", default=",".join(TRACES), help="comma-separated: " + ", ".join(TRACES))
+    ap.add_argument("--loads", default=",".join(LOADS), help="comma-separated: " + ", ".join(LOADS))
+    ap.add_argument("--schedulers", default=None, help="comma-separated: " + ", ".join(SCHEDULERS))
+    ap.add_argument("--routers", default=None, help="comma-separated: " + ", ".join(ROUTERS))
+    ap.add_argument("--out", help="directory for profile.toml and fidelity.json")
+    args = ap.parse_args()
+    n_req = args.requests or (20 if args.quick else 48)
+    scheds = (args.schedulers or ("chunked-512" if args.quick else ",".join(SCHEDULERS))).split(",")
+    routers = (args.routers or ("least_outstanding" if args.quick else ",".join(ROUTERS))).split(",")
+    traces, loads = args.traces.split(","), args.loads.split(",")
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    from executor.model import preset
+    from sim.calibrate_cli import render_profile, run_profile, run_validate
+
+    t_start = time.perf_counter()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    if args.profile:
+        prof_path = args.profile
+        prof = read_profile_file(prof_path)
+    else:
+        prof, _ = run_profile(args.model, "cpu", 3 if args.quick else 5, 2, args.quick, 0.25, "auto", 1,
+                              args.num_blocks, 16, 2048, 0)
+        prof_path = str((out_dir or Path("/tmp")) / f"fidelity-profile-{os.getpid()}.toml")
+        save_profile_file(prof, prof_path)
+    from rich.console import Console
+
+    con = Console(width=140)
+    con.print(render_profile(prof))
+    mcfg = preset(args.model)
+    cost = prof.cost
+
+    cells = []
+    for tr in traces:
+        w0 = trace_slice(tr, n_req, args.offset, mcfg.max_position, args.length_scale)
+        for sc in scheds:
+            for ro in routers:
+                cfg = cell_config(sc, ro, args.replicas, prof_path, args.num_blocks)
+                sat = saturation_rate(w0, cfg, cost)
+                for ld in loads:
+                    w = at_rate(w0, LOADS[ld] * sat)
+                    cells.append((tr, sc, ro, ld, sat, w, cfg))
+    est = sum(float(np.nanmax(simulate(w, cfg, cost=cost).records["finish"])) + 6 for *_, w, cfg in cells)
+    print(f"{len(cells)} cells, {n_req} requests each; the simulator expects about {est / 60:.1f} min of replay",
+          flush=True)
+
+    rows = []
+    for k, (tr, sc, ro, ld, sat, w, cfg) in enumerate(cells):
+        load0 = os.getloadavg()[0]
+        res = run_validate(w, cfg, prof_path, args.model, "cpu", 1, 300.0)
+        c = res["comparison"]["metrics"]
+        chk = res["step_check"][0]
+        row = {"trace": tr, "scheduler": sc, "router": ro, "load": ld, "rate": (len(w) - 1) / w.span,
+               "saturation_rate": sat, "requests": len(w), "loadavg_1m": [load0, os.getloadavg()[0]],
+               "errors": {m: c[m]["rel_error"] for m, _ in METRICS},
+               "sim": {m: c[m]["sim"] for m, _ in METRICS}, "real": {m: c[m]["real"] for m, _ in METRICS},
+               "step_busy_ratio": chk.get("busy_ratio"), "step_median_ratio": chk.get("median_ratio"),
+               "real_status": res["real"][0]["ok"], "notes": res["notes"]}
+        rows.append(row)
+        print(f"[{k + 1}/{len(cells)}] {tr} {sc} {ro} {ld} ({row['rate']:.2f} req/s): "
+              + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" for m, lab in METRICS)
+              + f"; steps x{row['step_busy_ratio']:.2f}; load {load0:.1f}", flush=True)
+        if out_dir:
+            (out_dir / "fidelity.json").write_text(json.dumps({"profile": prof_path, "cells": rows}, indent=2) + "\n")
+
+    from rich.table import Table
+
+    t = Table(title=f"sim vs executor: relative error (sim - real) / real, {len(rows)} cells, {args.replicas} "
+                    f"replicas, {n_req} requests per cell", title_justify="left")
+    for col in ("trace", "scheduler", "router", "load", "req/s"):
+        t.add_column(col)
+    for _, lab in METRICS:
+        t.add_column(lab, justify="right")
+    t.add_column("steps real/pred", justify="right")
+    for r in rows:
+        t.add_row(r["trace"], r["scheduler"], r["router"], r["load"], f"{r['rate']:.2f}",
+                  *(fmt_err(r["errors"][m]) for m, _ in METRICS), f"{r['step_busy_ratio']:.2f}")
+    agg = {}
+    for m, _ in METRICS:
+        e = np.array([abs(r["errors"][m]) for r in rows if r["errors"][m] is not None])
+        agg[m] = {"median": float(np.median(e)) if len(e) else math.nan, "worst": float(e.max()) if len(e) else math.nan}
+    t.add_section()
+    t.add_row("median |error|", "", "", "", "", *(f"{agg[m]['median']:.1%}" for m, _ in METRICS),
+              f"{np.median([r['step_busy_ratio'] for r in rows]):.2f}")
+    t.add_row("worst |error|", "", "", "", "", *(f"{agg[m]['worst']:.1%}" for m, _ in METRICS),
+              f"{max(r['step_busy_ratio'] for r in rows):.2f}")
+    con.print(t)
+    p50_ok = all(agg[m]["median"] <= 0.05 for m in ("ttft.p50", "tpot.p50", "e2e.p50"))
+    p99_ok = all(agg[m]["median"] <= 0.10 for m in ("ttft.p99", "tpot.p99", "e2e.p99"))
+    con.print(f"targets: median p50 error <= 5%: {'met' if p50_ok else 'MISSED'}; "
+              f"median p99 error <= 10%: {'met' if p99_ok else 'MISSED'}")
+    con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if out_dir:
+        (out_dir / "fidelity.json").write_text(json.dumps({"profile": prof_path, "cells": rows, "aggregate": agg},
+                                                          indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

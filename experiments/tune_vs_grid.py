@@ -1,0 +1,285 @@
+"""Bayesian tuning (scikit-optimize, GP) vs random search vs an exhaustive grid, on two real traces.
+
+    python experiments/tune_vs_grid.py              # about 5-8 minutes on 2 cores
+    python experiments/tune_vs_grid.py --quick      # a smoke run: fewer seeds, smaller budget
+
+For each trace slice, every point of a small but real grid is simulated once. The searches then run
+`sim.tune.tune` against a lookup of those results instead of re-simulating (a run is deterministic
+for its config, so a lookup is the simulation; `--check` re-runs one GP search against the live
+simulator and asserts identical evaluations). That makes several seeds per method affordable.
+
+Question asked: does the GP search get within 2% of the grid's optimum within 10% of the grid's
+evaluations? Printed: the best objective found after n evaluations (median and range over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import pickle
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sim.config import SimConfig, config_from_dict, with_overrides  # noqa: E402
+from sim.tune import Objective, Outcome, Param, SimEvaluator, _cell, best_so_far, tune  # noqa: E402
+from traces import transforms  # noqa: E402
+from traces.loaders import default_trace_path, load_trace  # noqa: E402
+from traces.workload import Workload  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MOONCAKE = Path("/work/shared/traces/mooncake/conversation_trace.jsonl")
+MOONCAKE_VENDORED = ROOT / "tests/data/mooncake/conversation_trace.head300.jsonl"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    workload: Workload
+    base: dict[str, Any]
+    params: tuple[Param, ...]
+
+    @property
+    def grid(self) -> list[dict[str, Any]]:
+        axes = [range(int(p.low), int(p.high) + 1) if p.type == "integer" else p.values for p in self.params]
+        return [dict(zip((p.name for p in self.params), combo)) for combo in itertools.product(*axes)]
+
+    def key(self, point: dict[str, Any]) -> tuple:
+        return tuple(_cell(point[p.name]) for p in self.params)
+
+    def config(self, point: dict[str, Any]) -> SimConfig:
+        return config_from_dict(with_overrides(self.base, point), where=self.name)
+
+
+def make_cases() -> list[Case]:
+    slo = {"ttft": 2.0, "tpot": 0.1}
+    azure = transforms.scale_rate(transforms.first_n(load_trace(default_trace_path()), 1000), 16.0)
+    mc_path = MOONCAKE if MOONCAKE.exists() else MOONCAKE_VENDORED
+    mooncake = transforms.first_n(load_trace(mc_path), 300)
+    return [
+        Case(f"azure-conv: first 1,000 requests x16 rate ({len(azure) / azure.arrival[-1]:.0f} req/s)", azure,
+             {"slo": slo},
+             (Param("replicas", "integer", 1, 6),
+              Param("scheduler.max_num_seqs", "ordinal", values=(32, 64, 128, 256)),
+              Param("scheduler.max_num_batched_tokens", "ordinal", values=(1024, 2048, 4096, 8192)),
+              Param("router", "categorical", values=("round_robin", "least_outstanding")))),
+        Case(f"mooncake-conversation: first 300 requests ({len(mooncake) / mooncake.arrival[-1]:.1f} req/s, "
+             f"p99 prompt 87k tokens)", mooncake, {"slo": {"ttft": 3.0, "tpot": 0.1}},
+             (Param("replicas", "integer", 1, 6),
+              Param("tp", "ordinal", values=(1, 2, 4)),
+              Param("scheduler.max_num_seqs", "ordinal", values=(64, 256)),
+              Param("scheduler.max_num_batched_tokens", "ordinal", values=(2048, 8192)),
+              Param("router", "categorical", values=("least_outstanding", "prefix_affinity")))),
+    ]
+
+
+OBJECTIVES = {
+    "min GPUs s.t. SLO attainment >= 0.99": Objective("min_cost", slo_target=0.99, gpu_hour_price=1.0),
+    "max goodput per GPU": Objective("weighted", weights=(("goodput_per_gpu", 1.0),), maximize=True),
+}
+
+# ---------------------------------------------------------------- the grid, simulated once
+
+_SIM: SimEvaluator | None = None
+_TABLES: dict[str, dict[tuple, dict]] = {}  # case name -> point key -> summary (filled before forking)
+_CASES: dict[str, Case] = {}
+
+
+def _init_grid_worker(case: Case) -> None:
+    global _SIM
+    _SIM = SimEvaluator(case.workload, case.base, Objective())
+
+
+def _simulate_point(point: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    from sim.cluster import simulate
+    from traces.report import summarize
+
+    assert _SIM is not None
+    t0 = time.perf_counter()
+    cfg = _SIM.config(point)
+    s = summarize(simulate(_SIM.workload, cfg), cfg.slo)
+    s.pop("replicas"), s.pop("meta"), s.pop("reasons")
+    return s, time.perf_counter() - t0
+
+
+def simulate_grid(case: Case, workers: int) -> tuple[dict[tuple, dict], float, float]:
+    grid = case.grid
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, initializer=_init_grid_worker, initargs=(case,)) as pool:
+        results = list(pool.map(_simulate_point, grid, chunksize=4))
+    table = {case.key(p): s for p, (s, _) in zip(grid, results)}
+    return table, time.perf_counter() - t0, statistics.mean(w for _, w in results)
+
+
+class Lookup:
+    """The simulator, answered from the grid table: a function of named parameters, like SimEvaluator."""
+
+    def __init__(self, case: Case, objective: Objective, offered_rps: float):
+        self.case, self.objective, self.offered_rps = case, objective, offered_rps
+
+    def __call__(self, **point: Any) -> Outcome:
+        summary = _TABLES[self.case.name][self.case.key(point)]
+        return self.objective.measure(summary, self.case.config(point), self.offered_rps)
+
+
+def _search(job: tuple[str, str, str, int, int, int]) -> list[float]:
+    case_name, obj_name, estimator, seed, budget, initial = job
+    case = _CASES[case_name]
+    objective, offered = _bound(case, OBJECTIVES[obj_name])
+    res = tune(Lookup(case, objective, offered), case.params, calls=budget, initial=initial, seed=seed,
+               estimator=estimator, objective=objective)
+    return best_so_far(res.evaluations, objective)
+
+
+def _bound(case: Case, objective: Objective) -> tuple[Objective, float]:
+    offered = SimEvaluator(case.workload, case.base, objective).offered_rps
+    return objective.with_bounds(case.params, case.config({}), offered), offered
+
+
+# ---------------------------------------------------------------- report
+
+def _within(v: float, opt: float, maximize: bool, tol: float = 0.02) -> bool:
+    if not math.isfinite(v):
+        return False
+    return v >= opt * (1 - tol) if maximize else v <= opt * (1 + tol)
+
+
+def _evals_to_reach(curve: list[float], opt: float, maximize: bool) -> int | None:
+    for i, v in enumerate(curve):
+        if _within(v, opt, maximize):
+            return i + 1
+    return None
+
+
+def _fmt(v: float) -> str:
+    return "-" if not math.isfinite(v) else f"{v:.4g}"
+
+
+def _cell_stats(values: list[float], maximize: bool) -> str:
+    fin = [v for v in values if math.isfinite(v)]
+    if not fin:
+        return "none feasible"
+    med = statistics.median(fin) if len(fin) == len(values) else math.nan
+    lo, hi = min(fin), max(fin)
+    worst, best = (lo, hi) if maximize else (hi, lo)
+    miss = len(values) - len(fin)
+    return f"{_fmt(med)} [{_fmt(worst)}..{_fmt(best)}]" + (f" ({miss} none)" if miss else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 GP seeds, 5 random seeds, budget 25")
+    ap.add_argument("--gp-seeds", type=int, default=5)
+    ap.add_argument("--random-seeds", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=40, help="evaluations per search")
+    ap.add_argument("--initial", type=int, default=10, help="initial (LHS) points of the GP search (tune's default)")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--grid-cache", type=Path, default=None,
+                    help="pickle of the simulated grids: read if present, else written (for re-running the searches)")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                    help="re-run one GP search on the live simulator and compare with the lookup (default on)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.gp_seeds, args.random_seeds, args.budget = 2, 5, 25
+
+    t_start = time.perf_counter()
+    cases = make_cases()
+    cached = pickle.loads(args.grid_cache.read_bytes()) if args.grid_cache and args.grid_cache.exists() else {}
+    for case in cases:
+        _CASES[case.name] = case
+        table, wall, per = cached.get(case.name) or simulate_grid(case, args.workers)
+        cached[case.name] = table, wall, per
+        _TABLES[case.name] = table
+        print(f"\n== {case.name}\n   grid: {' x '.join(str(p.size) for p in case.params)} = {len(table)} points "
+              f"({', '.join(p.name for p in case.params)}); simulated in {wall:.0f} s "
+              f"({per:.2f} s per simulation, {args.workers} workers)", flush=True)
+
+    if args.grid_cache:
+        args.grid_cache.write_bytes(pickle.dumps(cached))
+    jobs = [(c.name, o, est, seed, args.budget, args.initial)
+            for c in cases for o in OBJECTIVES
+            for est, n in (("GP", args.gp_seeds), ("random", args.random_seeds)) for seed in range(n)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:  # forked: the lookup tables are inherited
+        curves = dict(zip(jobs, pool.map(_search, jobs)))
+    search_wall = time.perf_counter() - t0
+
+    summary_rows = []
+    for case in cases:
+        size = len(_TABLES[case.name])
+        tenth = math.ceil(0.1 * size)
+        for obj_name, obj in OBJECTIVES.items():
+            bound, offered = _bound(case, obj)
+            lookup = Lookup(case, bound, offered)
+            outs = [(p, lookup(**p)) for p in case.grid]
+            feas = [(p, o) for p, o in outs if o.feasible and not o.failed]
+            if not feas:
+                print(f"\n-- {obj_name}: no feasible grid point")
+                continue
+            sign = -1 if bound.maximizes else 1
+            opt_p, opt_o = min(feas, key=lambda po: sign * po[1].value)
+            n_opt = sum(1 for _, o in feas if _within(o.value, opt_o.value, bound.maximizes))
+            print(f"\n-- {case.name.split(':')[0]} / {obj_name}")
+            print(f"   grid optimum {_fmt(opt_o.value)} at {opt_p} ({len(feas)}/{size} grid points feasible, "
+                  f"{n_opt} within 2% of the optimum)")
+            checkpoints = sorted({5, 10, tenth, 20, 30, args.budget} - {0})
+            checkpoints = [n for n in checkpoints if n <= args.budget]
+            print(f"   {'evals':>7}  {'skopt GP: median [worst..best] of ' + str(args.gp_seeds):<38}"
+                  f"{'random: median [worst..best] of ' + str(args.random_seeds):<38}{'grid':>8}")
+            for n in checkpoints:
+                gp = [curves[(case.name, obj_name, 'GP', s, args.budget, args.initial)][n - 1]
+                      for s in range(args.gp_seeds)]
+                rs = [curves[(case.name, obj_name, 'random', s, args.budget, args.initial)][n - 1]
+                      for s in range(args.random_seeds)]
+                mark = " (10%)" if n == tenth else ""
+                print(f"   {str(n) + mark:>11}  {_cell_stats(gp, bound.maximizes):<38}"
+                      f"{_cell_stats(rs, bound.maximizes):<34}{'-' if n < size else _fmt(opt_o.value):>8}")
+            print(f"   {size:>11}  {'':<38}{'':<34}{_fmt(opt_o.value):>8}")
+            row = [case.name.split(":")[0], obj_name, _fmt(opt_o.value), size, tenth]
+            for est, n in (("GP", args.gp_seeds), ("random", args.random_seeds)):
+                cs = [curves[(case.name, obj_name, est, s, args.budget, args.initial)] for s in range(n)]
+                hit = sum(_within(c[tenth - 1], opt_o.value, bound.maximizes) for c in cs)
+                reach = [_evals_to_reach(c, opt_o.value, bound.maximizes) for c in cs]
+                got = sorted(r for r in reach if r is not None)
+                med = statistics.median(got) if len(got) * 2 > len(reach) else None
+                row += [f"{hit}/{n}", f"{med:g}" if med is not None else f">{args.budget}"]
+            summary_rows.append(row)
+
+    print("\n== within 2% of the grid optimum by 10% of the grid's evaluations?")
+    hdr = ["trace", "objective", "grid opt", "grid n", "10%", "GP hit", "GP median evals to 2%", "random hit",
+           "random median evals to 2%"]
+    widths = [max(len(str(r[i])) for r in [hdr, *summary_rows]) for i in range(len(hdr))]
+    for r in [hdr, *summary_rows]:
+        print("   " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+    if args.check:
+        case = cases[0]
+        obj_name = next(iter(OBJECTIVES))
+        bound, offered = _bound(case, OBJECTIVES[obj_name])
+        n = min(args.budget, 20)
+        t0 = time.perf_counter()
+        live = tune(SimEvaluator(case.workload, case.base, bound), case.params, calls=n, initial=args.initial, seed=0,
+                    estimator="GP", objective=bound)
+        wall = time.perf_counter() - t0
+        looked = tune(Lookup(case, bound, offered), case.params, calls=n, initial=args.initial, seed=0,
+                      estimator="GP", objective=bound)
+        same = [(e.params, e.value, e.loss) for e in live.evaluations] == \
+            [(e.params, e.value, e.loss) for e in looked.evaluations]
+        print(f"\n== check: GP seed 0 on the live simulator ({n} evaluations, {wall:.0f} s) makes the same "
+              f"evaluations as on the lookup: {same}")
+        if not same:
+            return 1
+    print(f"\n(searches: {search_wall:.0f} s; total {time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""`twinfer profile` (measure the executor, fit a cost model, write a profile) and `twinfer validate`
+(the same workload in the simulator and on the executor, side by side)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_NUM_BLOCKS = 4096
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from sim.cli import add_sim_flags, add_trace_flags
+
+    p = sub.add_parser(
+        "profile", help="measure the executor's step times on a grid of shapes and fit a cost model",
+        description="Run the executor's model runner on a grid of step shapes (decode batches at several "
+                    "context lengths, prefill chunks, mixed steps) on this device, take the median of N timed "
+                    "runs per shape after a warm-up, fit a non-negative cost model on most shapes, report its "
+                    "error on the held-back rest, and write a profile file for `--profile FILE`.")
+    p.add_argument("--model-config", default="default", help="executor model preset (default: default)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    p.add_argument("--out", required=True, help="profile file to write (.toml or .json)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per shape (default 7; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape first (default 2)")
+    p.add_argument("--quick", action="store_true", help="a small grid (under a minute on a 2-core CPU)")
+    p.add_argument("--holdout", type=float, default=0.25, help="share of shapes held back to measure the fit's "
+                                                               "error (default 0.25)")
+    p.add_argument("--form", default="auto", choices=("auto", "linear", "max"),
+                   help="cost formula: linear, max of two lines, or auto (the max only if clearly better)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on the CPU (default 1). The executor's replay gives each of R "
+                        "replicas cores // R threads: profile with the count the validation will run")
+    p.add_argument("--num-blocks", type=int, default=DEFAULT_NUM_BLOCKS,
+                   help=f"KV blocks the executor gives a replica: the profile's KV capacity (default "
+                        f"{DEFAULT_NUM_BLOCKS})")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest step in tokens on the grid (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="model weights, hold-out choice and run order (default 0)")
+    p.add_argument("--from-steps", metavar="STEPS_CSV",
+                   help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
+                        "--model-config and --num-blocks still describe the executor it came from")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.set_defaults(func=cmd_profile)
+
+    v = sub.add_parser(
+        "validate", help="replay a workload in the simulator (--profile FILE) and on the executor; compare",
+        description="Run the same workload and configuration through the simulator with a fitted profile and "
+                    "through the real executor in real time, and print p50/p90/p99 TTFT, TPOT, E2E and "
+                    "queueing, and throughput, side by side with the simulator's relative error. With "
+                    "--repeat N the executor runs N times and errors inside its own min..max are marked.")
+    v.add_argument("--config", help="TOML file with cluster/policy settings (flags override it)")
+    add_trace_flags(v)
+    add_sim_flags(v)
+    g = v.add_argument_group("executor")
+    g.add_argument("--model-config", default=None, help="executor model preset (default: the profile's model)")
+    g.add_argument("--device", default=None, help="executor device (default: the profile's, else cpu)")
+    g.add_argument("--repeat", type=int, default=1, help="real runs (default 1); >= 2 reports their spread")
+    g.add_argument("--time-limit", type=float, default=600.0,
+                   help="s after the last arrival before unfinished requests fail (default 600)")
+    o = v.add_argument_group("output")
+    o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
+    o.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    o.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    v.set_defaults(func=cmd_validate)
+
+
+# ---- profile --------------------------------------------------------------------------------
+
+def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick: bool, holdout: float,
+                form: str, threads: int | None, num_blocks: int, block_size: int, max_tokens: int, seed: int,
+                progress: bool = False):
+    """Measure and fit; returns (Profile, FitResult)."""
+    from executor.device import describe_device, select_device
+    from executor.model import LlamaForCausalLM, preset
+    from executor.runner import ModelRunner
+    from sim.calibrate import default_grid, grid_blocks_needed, measure_grid, profile_from_measurements
+
+    for name, val, lo in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--num-blocks", num_blocks, 1),
+                          ("--block-size", block_size, 1), ("--max-tokens", max_tokens, 1)):
+        if val < lo:
+            raise ValueError(f"{name}={val} is out of range; allowed: >= {lo}")
+    cfg = preset(model_config)
+    dev = select_device(device)
+    if threads is None:
+        threads = 1 if dev.type == "cpu" else None
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads={threads} is out of range; allowed: >= 1")
+    points = default_grid(quick=quick, max_tokens=max_tokens, max_context=cfg.max_position)
+    need = grid_blocks_needed(points, block_size)
+    model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
+    runner = ModelRunner(model, max(num_blocks, need), block_size, device=dev, num_threads=threads)
+    t0 = time.perf_counter()
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from sim.cli import _console
+
+        with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True, console=_console(stderr=True)) as prog:
+            task = prog.add_task("profiling", total=len(points) * (warmup + repeats))
+            meas = measure_grid(runner, points, repeats, warmup, seed,
+                                progress=lambda i, n: prog.update(task, completed=i))
+    else:
+        meas = measure_grid(runner, points, repeats, warmup, seed)
+    elapsed = time.perf_counter() - t0
+    info = describe_device(dev)
+    info["torch_threads"] = runner.num_threads if dev.type == "cpu" else info.get("torch_threads")
+    load = _loadavg()
+    name = f"{cfg.name}@{info.get('name', dev.type)}"
+    return profile_from_measurements(
+        meas, num_blocks * block_size, holdout=holdout, form=form, seed=seed, name=name, device=info,
+        model={**dataclasses.asdict(cfg), "params": cfg.num_params},
+        kv={"num_blocks": num_blocks, "block_size": block_size},
+        measure={"repeats": repeats, "warmup": warmup, "threads": runner.num_threads, "quick": quick,
+                 "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
+                 "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"})
+
+
+def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
+                       seed: int):
+    """A profile fitted on the steps an engine actually ran (a random share of steps held back)."""
+    from executor.model import preset
+    from executor.replay import read_steps
+    from sim.calibrate import Profile, fit_cost, library_versions, steps_features, utc_now
+
+    cfg = preset(model_config)
+    X, y, kinds = steps_features(read_steps(path))
+    keep = y > 0
+    X, y, kinds = X[keep], y[keep], [k for k, ok in zip(kinds, keep) if ok]
+    if len(y) < 10:
+        raise ValueError(f"{path}: {len(y)} steps; too few to fit a cost model")
+    name = f"{cfg.name}@steps"
+    fit = fit_cost(X, y, num_blocks * block_size, kinds=kinds, holdout=holdout, form=form, seed=seed, name=name)
+    counts = {k: kinds.count(k) for k in sorted(set(kinds))}
+    fit_d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
+             "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
+             "median_iqr_rel": math.nan, "max_iqr_rel": math.nan}
+    return Profile(cost=fit.model, device={"source": "engine step log"},
+                   model={**dataclasses.asdict(cfg), "params": cfg.num_params}, versions=library_versions(),
+                   kv={"num_blocks": num_blocks, "block_size": block_size}, fit=fit_d,
+                   measure={"source": str(path), "steps": int(len(y)), "kinds": counts, "timed": "Engine.step"},
+                   grid=[], created=utc_now(), name=name)
+
+
+def _loadavg() -> float | None:
+    try:
+        import os
+
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from sim.calibrate import save_profile_file
+    from sim.cli import _console
+
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    if args.from_steps:
+        prof = profile_from_steps(args.from_steps, args.model_config, args.num_blocks, args.block_size,
+                                  args.holdout, args.form, args.seed)
+    else:
+        prof, _ = run_profile(args.model_config, args.device, repeats, args.warmup, args.quick, args.holdout,
+                              args.form, args.threads, args.num_blocks, args.block_size, args.max_tokens, args.seed,
+                              progress=show and not args.json)
+    path = save_profile_file(prof, args.out)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=2, default=str))
+        return 0
+    _console().print(render_profile(prof))
+    _console().print(f"wrote {path}")
+    return 0
+
+
+def render_profile(prof) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    m = prof.measure
+    what = (f"{m.get('points')} shapes, median of {m.get('repeats')}, {m.get('threads')} thread(s)" if prof.grid else
+            f"{m.get('steps')} engine steps from {m.get('source')}")
+    t = Table(title=f"twinfer profile: {prof.name} ({what})", title_justify="left")
+    for c in ("shape", "measured (ms)", "spread (IQR)", "fitted (ms)", "error", "held out"):
+        t.add_column(c, justify="left" if c == "shape" else "right")
+    for g in prof.grid:
+        err = (g["predicted_s"] - g["median_s"]) / g["median_s"]
+        t.add_row(g["label"], f"{g['median_s'] * 1e3:,.2f}", f"{g['iqr_rel']:.1%}", f"{g['predicted_s'] * 1e3:,.2f}",
+                  f"{err:+.1%}", "yes" if g["heldout"] else "")
+    s = Table(show_header=False, box=None)
+    s.add_column(style="bold")
+    s.add_column()
+    f = prof.fit
+    h, tr = f["heldout"], f["train"]
+    s.add_row("form", f"{f['form']} ({f['why']})")
+    s.add_row("held-out error", f"median {h['median_rel_error']:.1%}, max {h['max_rel_error']:.1%} over {h['n']} shapes")
+    s.add_row("training error", f"median {tr['median_rel_error']:.1%}, max {tr['max_rel_error']:.1%} over {tr['n']} shapes")
+    if prof.grid:
+        s.add_row("measurement spread", f"median IQR {f['median_iqr_rel']:.1%} of the median, "
+                                        f"worst {f['max_iqr_rel']:.1%}")
+    for line, co in prof.cost.coefficients().items():
+        s.add_row(f"coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
+    s.add_row("KV capacity", f"{prof.cost.kv_capacity_tokens:,} tokens")
+    if "seconds" in m:
+        load = m.get("loadavg_1m")
+        s.add_row("took", f"{m['seconds']:.1f} s" + (f" (1-min load average {load:.2f})" if load is not None else ""))
+    return Group(t, s)
+
+
+# ---- validate --------------------------------------------------------------------------------
+
+def fit_to_model(w, max_position: int):
+    """Requests the executor's model can hold (input + output - 1 <= max_position), and how many were left out.
+    The simulator does not know a model's position limit, so both sides get the same filtered workload."""
+    import numpy as np
+
+    keep = np.flatnonzero(w.input_tokens + w.output_tokens - 1 <= max_position)
+    if len(keep) == len(w):
+        return w, 0
+    return w.take(keep), len(w) - len(keep)
+
+
+def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
+                 time_limit: float) -> dict[str, Any]:
+    """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries."""
+    from executor.model import preset
+    from executor.replay import read_steps, run_workload
+    import numpy as np
+
+    from sim.calibrate import compare, read_profile_file, scaled, step_check
+    from sim.cluster import simulate
+    from sim.config import flatten
+    from traces.report import summarize
+
+    if repeat < 1:
+        raise ValueError(f"--repeat={repeat} is out of range; allowed: >= 1")
+    prof = read_profile_file(profile_path)
+    cost = prof.cost
+    mname = model_config or prof.model.get("name")
+    if not mname:
+        raise ValueError(f"{profile_path}: the profile names no model; give --model-config")
+    mcfg = preset(mname)
+    device = device or prof.device.get("device") or "cpu"
+    prof_threads = int(prof.measure.get("threads") or 1)
+    block_size = cfg.scheduler.block_size
+    num_blocks = cfg.num_blocks or cost.kv_capacity_tokens // block_size
+    cfg = dataclasses.replace(cfg, num_blocks=num_blocks)
+    w, dropped = fit_to_model(w, mcfg.max_position)
+    if not len(w):
+        raise ValueError(f"no request of the workload fits the model's max_position={mcfg.max_position}")
+    sim_res = simulate(w, cfg, cost=cost)
+    sim_sum = summarize(sim_res, cfg.slo)
+    reals, wall, steps = [], [], []
+    max_duration = float(w.arrival[-1] - w.arrival[0]) + time_limit
+    for k in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="twinfer-validate-") as tmp:
+            t0 = time.perf_counter()
+            res = run_workload(w, cfg, model_config=mname, device=device, max_duration=max_duration, out=tmp)
+            wall.append(time.perf_counter() - t0)
+            steps.append(step_check(cost, read_steps(Path(tmp) / "steps.csv")))
+        real_threads = res.meta.get("threads_per_replica")
+        reals.append(summarize(res, cfg.slo))
+    cmp = compare(sim_sum, reals)
+    # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
+    # with the executor, the schedule is right and the error is the step-time level (model or machine load).
+    factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
+    corr = compare(summarize(simulate(w, cfg, cost=scaled(cost, factor)), cfg.slo), reals)
+    corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
+                 "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}
+    notes = []
+    if real_threads != prof_threads:
+        notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
+                     f"{real_threads} (cores // replicas): step times differ for that reason alone")
+    return {"comparison": cmp, "step_check": steps, "step_time_corrected": corrected, "notes": notes, "sim": sim_sum, "real": reals, "config": flatten(cfg), "profile": str(profile_path),
+            "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
+            "dropped_too_long": dropped, "real_wall_s": wall, "loadavg_1m": _loadavg()}
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sim.calibrate import render_comparison
+    from sim.cli import _console, config_from_args, load_workload
+
+    cfg = config_from_args(args)
+    if not (cfg.profile.endswith((".toml", ".json")) or Path(cfg.profile).is_file()):
+        raise ValueError("validate needs --profile FILE: a fitted profile written by `twinfer profile`")
+    w = load_workload(args)
+    out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=2, default=_json_default))
+        return 0
+    c = out["comparison"]
+    title = (f"twinfer validate: {out['workload']}, {out['requests']:,} requests, {cfg.replicas} replica(s), "
+             f"router {cfg.router}, {cfg.scheduler.kind} scheduler; sim {Path(out['profile']).name} vs executor "
+             f"{out['model']} on {out['device']} ({out['threads']} thread(s))")
+    _console().print(render_comparison(c, title=title))
+    worst = c["worst"]
+    _console().print(f"median |error| over TTFT/TPOT/E2E/throughput: {c['median_abs_rel_error']:.1%}; worst: "
+                     + (f"{worst['metric']} {worst['abs_rel_error']:.1%}" if worst else "-"))
+    for k, sc in enumerate(out["step_check"]):
+        if sc.get("steps"):
+            _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "
+                             f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
+                             f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})")
+    sc = out["step_time_corrected"]
+    _console().print(f"attribution: with its steps {sc['factor']:.2f} x as long (the executor's measured pace), the "
+                     f"simulator's median |error| would be {sc['median_abs_rel_error']:.1%}")
+    for note in out["notes"]:
+        _console().print(f"[yellow]note: {note}[/yellow]")
+    if out["dropped_too_long"]:
+        _console().print(f"[yellow]{out['dropped_too_long']} requests longer than the model's positions were left "
+                         f"out of both runs[/yellow]")
+    if args.out:
+        _console().print(f"wrote {args.out}")
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    from traces.report import _json_default as d
+
+    return d(o)

@@ -1,0 +1,418 @@
+"""Calibration: the fitted cost model, profile files, the grid, and validate's comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.calibrate import (
+    FEATURES, FittedCost, GridPoint, Profile, _build_plan, compare, default_grid, feature_matrix, fit_cost,
+    holdout_split, load_profile_file, read_profile_file, save_profile_file, to_toml,
+)
+from sim.cost import StepFeatures, load_cost_model, plan_features
+
+LINEAR = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4]  # intercept, prefill_tokens, decode_seqs, attn, ctx, logits
+LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4]  # flat: weight-bound small steps
+LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4]  # steep: compute-bound large steps
+
+
+def grid_X() -> np.ndarray:
+    return feature_matrix(p.features() for p in default_grid())
+
+
+def kinds() -> list[str]:
+    return [p.kind for p in default_grid()]
+
+
+def max_cost(kv: int = 10_000) -> FittedCost:
+    return FittedCost([0.0005, 0, 0, 0, 0, 0], kv, line_a=LINE_A, line_b=LINE_B, name="max-test")
+
+
+def sample_profile(cost: FittedCost) -> Profile:
+    return Profile(
+        cost=cost, device={"device": "cpu", "type": "cpu", "cuda": None, "name": 'AMD "EPYC"', "torch_threads": 1},
+        model={"name": "default", "hidden": 384, "rope_scaling": None}, versions={"python": "3.11", "torch": "2.13"},
+        kv={"num_blocks": 625, "block_size": 16},
+        fit={"form": cost.form, "heldout": {"n": 3, "median_rel_error": 0.02, "max_rel_error": 0.1}, "why": "x"},
+        measure={"repeats": 7, "threads": 1},
+        grid=[{"kind": "decode", "label": "decode:dec8@64", "decode_seqs": 8, "median_s": 0.0165, "heldout": True},
+              {"kind": "prefill", "label": "prefill:32@0", "decode_seqs": 0, "median_s": 0.022, "heldout": False}],
+        created="2025-01-01T00:00:00Z", name="default@cpu")
+
+
+# ---- the cost model ------------------------------------------------------------------------------
+
+def test_linear_step_time_is_the_dot_product():
+    c = FittedCost(LINEAR, 1000)
+    f = StepFeatures(100, 4, 5050.0, 400, 5)
+    want = LINEAR[0] + LINEAR[1] * 100 + LINEAR[2] * 4 + LINEAR[3] * 5050 + LINEAR[4] * 400 + LINEAR[5] * 5
+    assert c.form == "linear"
+    assert c.step_time(f) == pytest.approx(want, rel=1e-12)
+    assert c.predict(feature_matrix([f]))[0] == pytest.approx(want, rel=1e-12)
+
+
+def test_max_form_takes_the_larger_line_plus_shared():
+    c = max_cost()
+    small, big = StepFeatures(0, 1, 0.0, 64, 1), StepFeatures(2048, 0, 2048 * 2049 / 2, 0, 1)
+    x = feature_matrix([small, big])
+    a, b = x @ np.array(LINE_A), x @ np.array(LINE_B)
+    assert a[0] > b[0] and b[1] > a[1]  # each line rules one end
+    assert [c.step_time(small), c.step_time(big)] == pytest.approx(np.maximum(a, b) + 0.0005, rel=1e-12)
+
+
+def test_coefficients_must_be_non_negative_and_complete():
+    with pytest.raises(ValueError, match=">= 0"):
+        FittedCost([0.01, -1e-4, 0, 0, 0, 0], 100)
+    with pytest.raises(ValueError, match="6 coefficients"):
+        FittedCost([0.01, 1e-4], 100)
+    with pytest.raises(ValueError, match="unknown coefficient"):
+        FittedCost({"intercept": 0.01, "flops": 1.0}, 100)
+    with pytest.raises(ValueError, match="kv_capacity_tokens"):
+        FittedCost(LINEAR, 0)
+
+
+@pytest.mark.parametrize("cost", [FittedCost(LINEAR, 10_000), max_cost()], ids=["linear", "max"])
+def test_decode_run_agrees_with_step_time(cost):
+    f = StepFeatures(0, 7, 0.0, 7 * 300, 7)
+    run = cost.decode_run(f)
+    assert run.duration(0) == pytest.approx(cost.step_time(f), rel=1e-12)
+    assert run.elapsed(1) == pytest.approx(cost.step_time(f), rel=1e-12)
+    total = 0.0
+    for i in range(200):  # decode_ctx grows by decode_seqs per step
+        fi = StepFeatures(0, 7, 0.0, 7 * 300 + 7 * i, 7)
+        assert run.duration(i) == pytest.approx(cost.step_time(fi), rel=1e-12)
+        total += cost.step_time(fi)
+        if i in (0, 9, 57, 199):
+            assert run.elapsed(i + 1) == pytest.approx(total, rel=1e-11)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 256), ctx=st.integers(2, 4096), k=st.integers(1, 400),
+       a=st.lists(st.floats(0, 1e-2), min_size=6, max_size=6), bb=st.lists(st.floats(0, 1e-2), min_size=6, max_size=6))
+def test_decode_run_sums_step_times_for_any_max_model(b, ctx, k, a, bb):
+    cost = FittedCost([1e-4] + [0.0] * 5, 1, line_a=a, line_b=bb)
+    f = StepFeatures(0, b, 0.0, b * ctx, b)
+    total = sum(cost.step_time(StepFeatures(0, b, 0.0, b * ctx + b * i, b)) for i in range(k))
+    assert cost.decode_run(f).elapsed(k) == pytest.approx(total, rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=st.lists(st.integers(0, 10_000), min_size=5, max_size=5), j=st.integers(0, 4), d=st.integers(1, 10_000))
+def test_predictions_never_decrease_when_a_feature_grows(x, j, d):
+    for cost in (FittedCost(LINEAR, 1), max_cost()):
+        f = StepFeatures(*x)
+        y = list(x)
+        y[j] += d
+        assert cost.step_time(StepFeatures(*y)) >= cost.step_time(f)
+
+
+# ---- fitting -------------------------------------------------------------------------------------
+
+def test_fit_recovers_known_linear_coefficients_from_noisy_measurements():
+    X = grid_X()
+    rng = np.random.default_rng(1)
+    y = (X @ np.array(LINEAR)) * rng.normal(1.0, 0.01, len(X))
+    r = fit_cost(X, y, 5000, kinds=kinds(), form="linear")
+    assert r.model.form == "linear" and r.model.kv_capacity_tokens == 5000
+    # the well-determined coefficients come back within a few percent
+    for k in ("intercept", "prefill_tokens", "decode_ctx"):
+        i = FEATURES.index(k)
+        assert r.model.shared[i] == pytest.approx(LINEAR[i], rel=0.05), k
+    assert r.errors["heldout"]["median_rel_error"] < 0.015
+    assert r.errors["heldout"]["n"] == len(r.test) > 0 and len(r.train) + len(r.test) == len(X)
+    assert not set(r.train) & set(r.test)
+
+
+def test_fit_exact_data_is_exact():
+    X = grid_X()
+    y = X @ np.array(LINEAR)
+    r = fit_cost(X, y, 1, kinds=kinds(), form="linear")
+    assert r.model.shared == pytest.approx(LINEAR, rel=1e-6)
+    assert r.errors["heldout"]["max_rel_error"] < 1e-8
+
+
+def test_fit_recovers_a_max_of_two_lines_and_auto_prefers_it():
+    X = grid_X()
+    rng = np.random.default_rng(2)
+    y = np.maximum(X @ np.array(LINE_A), X @ np.array(LINE_B)) * rng.normal(1.0, 0.01, len(X))
+    auto = fit_cost(X, y, 1, kinds=kinds(), form="auto")
+    lin = fit_cost(X, y, 1, kinds=kinds(), form="linear")
+    assert auto.model.form == "max", auto.chosen_because
+    assert auto.errors["heldout"]["median_rel_error"] < 0.03
+    assert auto.errors["heldout"]["median_rel_error"] < lin.errors["heldout"]["median_rel_error"]
+    # extrapolation beyond the grid: the true formula at 4x the largest step, within a few percent
+    f = feature_matrix([StepFeatures(8192, 0, 8192 * 8193 / 2, 0, 1), StepFeatures(0, 512, 0.0, 512 * 4096, 512)])
+    truth = np.maximum(f @ np.array(LINE_A), f @ np.array(LINE_B))
+    assert auto.model.predict(f) == pytest.approx(truth, rel=0.1)
+
+
+def test_auto_keeps_linear_on_linear_data():
+    X = grid_X()
+    y = (X @ np.array(LINEAR)) * np.random.default_rng(3).normal(1.0, 0.02, len(X))
+    assert fit_cost(X, y, 1, kinds=kinds()).model.form == "linear"
+
+
+def test_fit_rejects_bad_input():
+    X = grid_X()[:5]
+    with pytest.raises(ValueError, match="> 0"):
+        fit_cost(X, np.array([0.01, 0.0, 0.01, 0.01, 0.01]), 1)
+    with pytest.raises(ValueError, match="form"):
+        fit_cost(X, np.full(5, 0.01), 1, form="cubic")
+
+
+def test_holdout_split_is_stratified_and_seeded():
+    ks = ["decode"] * 8 + ["prefill"] * 4 + ["mixed"] * 2
+    tr, te = holdout_split(ks, 0.25, seed=0)
+    assert sorted(tr.tolist() + te.tolist()) == list(range(14))
+    held = [ks[i] for i in te]
+    assert held.count("decode") == 2 and held.count("prefill") == 1 and held.count("mixed") == 0
+    assert np.array_equal(te, holdout_split(ks, 0.25, seed=0)[1])
+    assert len(holdout_split(ks, 0.0)[1]) == 0
+
+
+# ---- profile files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", ["toml", "json"])
+@pytest.mark.parametrize("cost", [FittedCost(LINEAR, 10_000, name="lin"), max_cost()], ids=["linear", "max"])
+def test_profile_round_trip(tmp_path, ext, cost):
+    prof = sample_profile(cost)
+    path = save_profile_file(prof, tmp_path / f"p.{ext}")
+    back = read_profile_file(path)
+    assert back.cost.coefficients() == cost.coefficients()
+    assert back.cost.form == cost.form and back.cost.kv_capacity_tokens == cost.kv_capacity_tokens
+    assert back.grid == prof.grid and back.fit == prof.fit and back.measure == prof.measure
+    assert back.kv == {"num_blocks": 625, "block_size": 16, "capacity_tokens": cost.kv_capacity_tokens}
+    assert back.device["name"] == 'AMD "EPYC"' and back.created == prof.created and back.name == "default@cpu"
+    if ext == "json":
+        assert back.device["cuda"] is None
+    else:  # TOML has no null: None values are left out
+        assert "cuda" not in back.device
+    f = StepFeatures(300, 9, 45150.0, 9 * 700, 10)
+    assert load_profile_file(path).step_time(f) == cost.step_time(f)
+    assert save_profile_file(back, tmp_path / f"again.{ext}").read_text() == path.read_text()
+
+
+def test_profile_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_profile_file(tmp_path / "none.toml")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a twinfer profile"):
+        read_profile_file(bad)
+    neg = tmp_path / "neg.toml"
+    neg.write_text('format = "twinfer-profile"\nversion = 1\n[kv]\ncapacity_tokens = 10\n'
+                   "[coefficients.shared]\nintercept = -1.0\n")
+    with pytest.raises(ValueError, match="neg.toml.*>= 0"):
+        read_profile_file(neg)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("format = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        read_profile_file(broken)
+
+
+def test_toml_writer_exact():
+    text = to_toml({"a": 1, "b": 0.5, "c": "x\"y", "d": True, "e": None, "f": [1, 2.0],
+                    "t": {"k": 1e-7, "inner": {"z": float("inf")}}, "rows": [{"r": 1}, {"r": 2}]})
+    assert text == ('a = 1\nb = 0.5\nc = "x\\"y"\nd = true\nf = [1, 2.0]\n\n[t]\nk = 1e-07\n\n[t.inner]\nz = inf\n'
+                    "\n[[rows]]\nr = 1\n\n[[rows]]\nr = 2\n")
+
+
+def test_load_cost_model_file_drives_the_simulator(tmp_path):
+    from sim.cluster import simulate
+    from sim.config import SimConfig
+    from traces.workload import Request, Workload
+
+    path = save_profile_file(sample_profile(max_cost(kv=20_000)), tmp_path / "fit.toml")
+    cost = load_cost_model(str(path))
+    assert isinstance(cost, FittedCost) and cost.kv_capacity_tokens == 20_000
+    assert cost.profile.model["name"] == "default"
+    rng = np.random.default_rng(0)
+    reqs = [Request(i, float(t), int(a), int(o)) for i, (t, a, o) in
+            enumerate(zip(np.cumsum(rng.exponential(0.05, 60)), rng.integers(10, 800, 60), rng.integers(1, 120, 60)))]
+    w = Workload.from_requests(reqs, name="synthetic")
+    jumped = simulate(w, SimConfig(profile=str(path), replicas=2))
+    stepped = simulate(w, SimConfig(profile=str(path), replicas=2, jump=False))
+    assert list(jumped.records["status"]) == ["ok"] * 60
+    assert jumped.meta["cost_model"] == "default@cpu"  # the profile names its model
+    assert jumped.meta["kv_blocks_per_replica"] == 20_000 // 16
+    for col in ("first_token", "finish"):  # the closed-form decode runs give the step-by-step times
+        assert jumped.records[col] == pytest.approx(stepped.records[col], rel=1e-9)
+
+
+# ---- the grid ------------------------------------------------------------------------------------
+
+def test_grid_features_match_the_simulators_plan_features():
+    for p in default_grid(quick=True) + default_grid()[::5]:
+        plan = _build_plan(p, vocab=512, block_size=16, num_blocks=40_000, first_id=0)
+        assert plan_features(plan) == p.features(), p.label()
+
+
+def test_grid_respects_limits():
+    pts = default_grid(max_tokens=512, max_context=1024, max_seqs=16)
+    assert pts and all(p.features().tokens <= 512 and p.max_context <= 1024 for p in pts)
+    assert all(len(p.prefills) + len(p.decodes) <= 16 for p in pts)
+    assert {p.kind for p in default_grid()} == {"decode", "prefill", "mixed"}
+    assert len(default_grid(quick=True)) < len(default_grid())
+
+
+def test_measure_grid_on_the_tiny_model():
+    torch = pytest.importorskip("torch")
+    from executor.model import LlamaForCausalLM, preset
+    from executor.runner import ModelRunner
+    from sim.calibrate import measure_grid, profile_from_measurements
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    runner = ModelRunner(LlamaForCausalLM.from_seed(cfg, 0), 256, 16, num_threads=1)
+    pts = [GridPoint("decode", decodes=(40,) * 4), GridPoint("prefill", prefills=((0, 64, True),)),
+           GridPoint("prefill", prefills=((32, 32, False),)), GridPoint("mixed", ((0, 16, True),), (20, 30))]
+    meas = measure_grid(runner, pts, repeats=2, warmup=1)
+    assert [len(m.samples) for m in meas] == [2, 2, 2, 2] and all(m.median > 0 for m in meas)
+    prof, fit = profile_from_measurements(meas, 4096, holdout=0.0, name="tiny@cpu")
+    assert len(prof.grid) == 4 and prof.versions["torch"] == torch.__version__
+    assert prof.fit["heldout"]["n"] == 0 and prof.fit["train"]["n"] == 4
+
+
+# ---- validate's comparison ----------------------------------------------------------------------
+
+def summary(scale: float, queue_p50: float = 0.0, rps: float = 2.0) -> dict:
+    def dist(base):
+        return {"n": 10, "mean": base * scale, "p50": base * scale, "p90": 2 * base * scale, "p95": 3 * base * scale,
+                "p99": 4 * base * scale}
+
+    q = dist(0.1)
+    q["p50"] = queue_p50
+    return {"requests": 10, "ok": 10, "rejected": 0, "timed_out": 0, "failed": 0, "ttft": dist(0.2),
+            "tpot": dist(0.05), "e2e": dist(3.0), "queueing": q, "throughput_rps": rps, "output_tokens_per_s": 100 * rps}
+
+
+def test_compare_relative_errors_exact():
+    c = compare(summary(1.1, rps=2.2), [summary(1.0)])
+    m = c["metrics"]
+    assert c["repeats"] == 1
+    for k in ("ttft.p50", "tpot.p90", "e2e.p99", "queueing.p99", "throughput_rps"):
+        assert m[k]["rel_error"] == pytest.approx(0.1), k
+    assert m["ttft.p50"]["sim"] == pytest.approx(0.22) and m["ttft.p50"]["real"] == pytest.approx(0.2)
+    assert m["e2e.p99"]["abs_error"] == pytest.approx(1.2)
+    assert m["queueing.p50"]["rel_error"] == 0.0  # both ~0: no error, not a division by zero
+    assert m["ttft.p50"]["in_noise"] is None  # one real run: no noise band
+    assert c["median_abs_rel_error"] == pytest.approx(0.1)
+    assert set(m) == {f"{a}.{q}" for a in ("ttft", "tpot", "e2e", "queueing") for q in ("p50", "p90", "p99")} | {
+        "throughput_rps", "output_tokens_per_s"}
+
+
+def test_compare_repeats_give_the_noise_band():
+    reals = [summary(0.9), summary(1.0), summary(1.3)]
+    c = compare(summary(1.2), reals)
+    r = c["metrics"]["e2e.p50"]
+    assert r["real"] == pytest.approx(3.0) and r["real_min"] == pytest.approx(2.7) and r["real_max"] == pytest.approx(3.9)
+    assert r["rel_error"] == pytest.approx(0.2)
+    assert r["in_noise"] is True and r["real_spread_rel"] == pytest.approx(0.4)
+    out = compare(summary(1.5), reals)["metrics"]["e2e.p50"]
+    assert out["in_noise"] is False and out["rel_error"] == pytest.approx(0.5)
+    assert c["worst"]["abs_rel_error"] == pytest.approx(0.2)
+
+
+def test_compare_undefined_errors_are_none():
+    sim = summary(1.0, queue_p50=0.5)
+    real = summary(1.0, queue_p50=0.0)
+    real["ttft"]["p99"] = math.nan
+    m = compare(sim, [real])["metrics"]
+    assert m["queueing.p50"]["rel_error"] is None  # real 0, sim 0.5 s: no relative error exists
+    assert m["queueing.p50"]["abs_error"] == pytest.approx(0.5)
+    assert m["ttft.p99"]["rel_error"] is None
+    with pytest.raises(ValueError):
+        compare(sim, [])
+
+
+def test_render_comparison_runs():
+    from rich.console import Console
+
+    from sim.calibrate import render_comparison
+
+    con = Console(record=True, width=160)
+    con.print(render_comparison(compare(summary(1.1), [summary(1.0), summary(1.2), summary(1.0)])))
+    text = con.export_text()
+    assert "TTFT p99" in text and "+10.0%" in text and "within noise" in text
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+
+def test_profile_command_writes_a_usable_profile(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from sim.cli import main
+
+    out = tmp_path / "tiny.json"
+    assert main(["profile", "--model-config", "tiny", "--quick", "--repeats", "1", "--warmup", "0",
+                 "--num-blocks", "512", "--out", str(out), "--no-progress"]) == 0
+    assert "held-out error" in capsys.readouterr().out
+    prof = read_profile_file(out)
+    assert prof.model["name"] == "tiny" and prof.kv["capacity_tokens"] == 512 * 16
+    assert prof.measure["threads"] == 1 and prof.measure["repeats"] == 1
+    assert prof.grid and all(g["median_s"] > 0 for g in prof.grid) and any(g["heldout"] for g in prof.grid)
+    assert prof.versions["python"] and prof.versions["torch"] and prof.versions["numpy"]
+    assert load_cost_model(str(out)).step_time(StepFeatures(100, 4, 5050.0, 400, 5)) > 0
+
+
+def test_profile_from_an_engine_step_log(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from executor.replay import STEP_COLUMNS
+    from sim.cli import main
+
+    rng = np.random.default_rng(4)
+    path = tmp_path / "steps.csv"
+    rows = []
+    for i in range(300):
+        pt = int(rng.choice([0, 0, 0, rng.integers(1, 600)]))
+        ds = int(rng.integers(0 if pt else 1, 24))
+        dctx = int(ds * rng.integers(2, 900))
+        pairs = pt * (pt + 1) // 2 + dctx
+        sampled = ds + (1 if pt else 0)
+        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled], dtype=float)
+        dur = float(x @ np.array(LINEAR))
+        rec = {"replica": 0, "start": 0.1 * i, "duration": dur, "schedule_s": 1e-5, "prefill_seqs": int(pt > 0),
+               "prefill_tokens": pt, "decode_seqs": ds, "prefill_context": pt, "decode_context": dctx,
+               "attention_pairs": pairs, "sampled": sampled, "preempted": 0, "kv_blocks_used": 1, "running": 1,
+               "waiting": 0}
+        rows.append(",".join(repr(rec[c]) if isinstance(rec[c], float) else str(rec.get(c, 0)) for c in STEP_COLUMNS))
+    path.write_text(",".join(STEP_COLUMNS) + "\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "fit.toml"
+    assert main(["profile", "--from-steps", str(path), "--model-config", "tiny", "--form", "linear",
+                 "--out", str(out), "--no-progress"]) == 0
+    prof = read_profile_file(out)
+    assert prof.measure["steps"] == 300 and prof.grid == []
+    assert prof.fit["heldout"]["max_rel_error"] < 1e-6
+    assert prof.cost.shared == pytest.approx(LINEAR, rel=1e-4)
+
+
+def test_validate_command_end_to_end(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from sim.cli import main
+
+    prof = save_profile_file(sample_profile(FittedCost([0.002, 2e-5, 1e-4, 0, 4e-7, 0], 512 * 16, name="tiny")),
+                             tmp_path / "tiny.toml")
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (0, 90, 3), (1, 20, 8), (1, 5000, 2))))
+    out = tmp_path / "v.json"
+    assert main(["validate", "--profile", str(prof), "--trace", str(trace), "--model-config", "tiny",
+                 "--replicas", "1", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "TTFT p50" in text and "1 requests longer than the model's positions" in text
+    d = json.loads(out.read_text())
+    assert d["requests"] == 3 and d["dropped_too_long"] == 1 and d["comparison"]["repeats"] == 1
+    assert d["real"][0]["ok"] == 3 and d["sim"]["ok"] == 3
+    assert d["step_check"][0]["steps"] > 0 and d["step_time_corrected"]["factor"] > 0
+    assert set(d["comparison"]["metrics"]) >= {"ttft.p50", "tpot.p99", "e2e.p90", "throughput_rps"}
+
+
+def test_validate_needs_a_profile_file(capsys):
+    from sim.cli import main
+
+    assert main(["validate", "--profile", "llama3-8b@h100-80gb", "--limit", "3"]) == 2
+    assert "validate needs --profile FILE" in capsys.readouterr().err
