@@ -41,6 +41,7 @@ simulator's cost model is calibrated on).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -58,7 +59,7 @@ import numpy as np
 
 from executor.engine import Engine, StepRecord
 from executor.metrics import ServingMetrics, start_metrics_server
-from executor.model import PRESETS, ModelConfig, preset
+from executor.model import PRESETS, LlamaForCausalLM, ModelConfig, preset
 from executor.telemetry import TelemetrySampler
 from policies.kv_cache import prefix_block_hashes
 from policies.queues import create_queue
@@ -107,9 +108,7 @@ class ModelSpec:
     path: str | None = None  # HF-layout directory (config.json + safetensors); None: random weights from seed
     seed: int = 0
 
-    def build(self, device: str):
-        from executor.model import LlamaForCausalLM
-
+    def build(self, device: str) -> LlamaForCausalLM:
         if self.path is not None:
             return LlamaForCausalLM.from_pretrained(self.path, device=device)
         return LlamaForCausalLM.from_seed(self.cfg, self.seed, device=device)
@@ -124,8 +123,6 @@ def resolve_model(model_config: str | Path | ModelConfig, seed: int = 0) -> Mode
         return ModelSpec(preset(name), None, seed)
     path = Path(name)
     if path.is_dir():
-        import json
-
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -500,6 +497,7 @@ class _Replay:
         self.finished = 0
         self._told = 0
         self._stopping = False
+        self.stopped_at = -math.inf  # run clock when stop() began
         self.itl = ItlLog()
         self.steps: list[tuple] = []
         self.send_lag: list[float] = []  # actual send - intended send, s: how late the harness itself was
@@ -683,6 +681,7 @@ class _Replay:
         """Tell every replica to abort what it holds (as failed, `reason`) and collect their last reports;
         whatever is still unrecorded after `grace` s, and every request never sent, fails here."""
         self._stopping = True
+        self.stopped_at = self.clock()
         for h in self.handles:
             if not h.done and h.alive():
                 h.inbox.put(("stop", reason))
@@ -699,13 +698,16 @@ class _Replay:
             self._record(seq)
         self._tick()
 
-    def result(self, wall_s: float, meta: dict) -> RunResult:
+    def result(self, wall_s: float, meta: dict, stopped_early: bool) -> RunResult:
+        """The run's records; a run stopped early lasted until it was stopped, whatever had finished."""
         missing = self.records.missing()
         if len(missing):
             raise RuntimeError(f"{len(missing)} requests have no record (first: {missing[:5].tolist()})")
         rec = self.records.cols
         fin = rec["finish"]
         last = float(np.nanmax(fin)) if len(fin) and np.isfinite(fin).any() else self.t0
+        if stopped_early:
+            last = max(last, self.stopped_at)
         lag = np.array(self.send_lag)
         send_lag = {}
         if len(lag):
@@ -838,7 +840,7 @@ def run_workload(workload: Workload, cfg: SimConfig, *, model_config: str | Path
         "notices": notices, "metrics_url": server.url if server else None,
         "telemetry_samples": len(sampler) if sampler is not None else 0,
     }
-    result = run.result(time.perf_counter() - t_wall, meta)
+    result = run.result(time.perf_counter() - t_wall, meta, stopped_early=stopped is not None)
     if out is not None:
         _write_run(result, cfg, out, run, sampler)
     if interrupted:

@@ -1,6 +1,6 @@
 """Policy matrix: every router x queue discipline x result cache on/off, at two loads, on three real traces.
 
-    python experiments/policy_matrix.py              # about 3-4 minutes on 2 cores
+    python experiments/policy_matrix.py              # ~3 min of CPU: under 2 min on 2 idle cores
     python experiments/policy_matrix.py --quick      # bundled 300-request slices only (seconds)
     python experiments/policy_matrix.py --out DIR    # also write matrix.json
 

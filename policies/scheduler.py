@@ -356,7 +356,8 @@ class ContinuousBatchingScheduler:
             seq.status, seq.outcome, seq.reason, seq.t_finish = SeqStatus.FINISHED, "failed", reason, now
             self.done.append(seq)
         self.running = []
-        self.waiting = create_queue(self.cfg.queue)
+        for seq in list(self.waiting):  # empty the queue in place: it may carry discipline options
+            self.waiting.remove(seq)
 
 
 class DynamicBatchScheduler(ContinuousBatchingScheduler):

@@ -138,6 +138,7 @@ def test_max_duration_fails_what_is_unfinished():
     assert set(rec["reason"]) == {STOPPED_AT_MAX_DURATION}
     assert rec["replica"][3] == -1 and rec["generated_tokens"][3] == 0
     assert np.all(rec["generated_tokens"][:3] < 1000)
+    assert res.end >= 0.3 and np.isnan(rec["finish"][3])
 
 
 def test_ctrl_c_stops_and_keeps_the_records_so_far(tmp_path):
