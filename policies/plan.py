@@ -7,21 +7,21 @@ executor hands it to torch. Neither changes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from policies.sequence import Sequence
 
 
-@dataclass(slots=True)
 class StepPlan:
-    # Sequences computing prompt (or recomputed) tokens this step, and how many each.
-    # seq.num_computed is the position of the first token of its chunk.
-    prefill: list[Sequence] = field(default_factory=list)
-    prefill_tokens: list[int] = field(default_factory=list)
-    # Sequences computing exactly one token (their last sampled one).
-    decode: list[Sequence] = field(default_factory=list)
-    # Sequences preempted while building this plan (blocks freed, back to waiting).
-    preempted: list[Sequence] = field(default_factory=list)
+    __slots__ = ("prefill", "prefill_tokens", "decode", "preempted")
+
+    def __init__(self) -> None:
+        # Sequences computing prompt (or recomputed) tokens this step, and how many each.
+        # seq.num_computed is the position of the first token of its chunk.
+        self.prefill: list[Sequence] = []
+        self.prefill_tokens: list[int] = []
+        # Sequences computing exactly one token (their last sampled one).
+        self.decode: list[Sequence] = []
+        # Sequences preempted while building this plan (blocks freed, back to waiting).
+        self.preempted: list[Sequence] = []
 
     @property
     def empty(self) -> bool:

@@ -26,13 +26,24 @@ import numpy as np
 from policies.plan import StepPlan
 
 
-@dataclass(frozen=True, slots=True)
 class StepFeatures:
-    prefill_tokens: int  # tokens computed by prefill chunks
-    decode_seqs: int  # sequences computing one decode token
-    prefill_attn: float  # sum over prefill query tokens of their attended context length
-    decode_ctx: int  # sum over decode sequences of their context length (incl. the new token)
-    logits: int  # sequences sampling a token this step
+    """What a step's duration depends on (a plain slotted class: built once per simulated step)."""
+
+    __slots__ = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits")
+
+    def __init__(self, prefill_tokens: int, decode_seqs: int, prefill_attn: float, decode_ctx: int, logits: int):
+        self.prefill_tokens = prefill_tokens  # tokens computed by prefill chunks
+        self.decode_seqs = decode_seqs  # sequences computing one decode token
+        self.prefill_attn = prefill_attn  # sum over prefill query tokens of their attended context length
+        self.decode_ctx = decode_ctx  # sum over decode sequences of their context length (incl. the new token)
+        self.logits = logits  # sequences sampling a token this step
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepFeatures) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "StepFeatures(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
     @property
     def tokens(self) -> int:
@@ -83,7 +94,8 @@ class DecodeRun:
         if b2 <= b1:
             cross = m
         else:  # line 2 overtakes from i >= ceil((a1 - a2) / (b2 - b1))
-            cross = min(m, max(0, math.ceil((a1 - a2) / (b2 - b1))))
+            x = (a1 - a2) / (b2 - b1)
+            cross = m if not x < m else max(0, math.ceil(x))  # `not x < m` also catches inf
         tot = cross * a1 + b1 * (cross * (cross - 1) / 2)
         if cross < m:
             n = m - cross
@@ -98,10 +110,10 @@ class DecodeRun:
         if b > 0:
             # elapsed(m) ~ m*a + b*m*(m-1)/2 = t  =>  b/2 m^2 + (a - b/2) m - t = 0
             p = a - b / 2
-            g = int((-p + math.sqrt(p * p + 2 * b * t)) / b) if a > 0 else 0
+            guess = (-p + math.sqrt(p * p + 2 * b * t)) / b
         else:
-            g = int(t / a) if a > 0 else 0
-        j = min(max(g - 1, 0), k - 1)
+            guess = t / a if a > 0 else 0.0
+        j = int(min(max(guess - 1, 0.0), k - 1)) if math.isfinite(guess) else k - 1
         elapsed = self.elapsed
         if elapsed(j + 1) >= t:
             while j > 0 and elapsed(j) >= t:
