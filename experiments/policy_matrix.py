@@ -1,7 +1,7 @@
 """Policy matrix: every router x queue discipline x result cache on/off, at two loads, on three real traces.
 
     python experiments/policy_matrix.py              # ~3 min of CPU: under 2 min on 2 idle cores
-    python experiments/policy_matrix.py --quick      # bundled 300-request slices only (seconds)
+    python experiments/policy_matrix.py --quick      # bundled 300-request slices only (about a minute)
     python experiments/policy_matrix.py --out DIR    # also write matrix.json
 
 Traces (the full files from ../shared/traces when present, else the bundled slices in tests/data):

@@ -29,11 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.config import SimConfig, config_from_dict, with_overrides  # noqa: E402
-from sim.tune import Objective, Outcome, Param, SimEvaluator, _cell, best_so_far, tune  # noqa: E402
-from traces import transforms  # noqa: E402
-from traces.loaders import default_trace_path, load_trace  # noqa: E402
-from traces.workload import Workload  # noqa: E402
+from sim.config import SimConfig, config_from_dict, with_overrides
+from sim.tune import Objective, Outcome, Param, SimEvaluator, best_so_far, tune
+from traces import transforms
+from traces.loaders import default_trace_path, load_trace
+from traces.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 MOONCAKE = Path("/work/shared/traces/mooncake/conversation_trace.jsonl")
@@ -53,7 +53,7 @@ class Case:
         return [dict(zip((p.name for p in self.params), combo)) for combo in itertools.product(*axes)]
 
     def key(self, point: dict[str, Any]) -> tuple:
-        return tuple(_cell(point[p.name]) for p in self.params)
+        return tuple(repr(point[p.name]) for p in self.params)
 
     def config(self, point: dict[str, Any]) -> SimConfig:
         return config_from_dict(with_overrides(self.base, point), where=self.name)
@@ -131,7 +131,7 @@ class Lookup:
 
 
 def _search(job: tuple[str, str, str, int, int, int]) -> list[float]:
-    case_name, obj_name, estimator, seed, budget, initial = job
+    case_name, obj_name, estimator, initial, seed, budget = job
     case = _CASES[case_name]
     objective, offered = _bound(case, OBJECTIVES[obj_name])
     res = tune(Lookup(case, objective, offered), case.params, calls=budget, initial=initial, seed=seed,
@@ -174,21 +174,27 @@ def _cell_stats(values: list[float], maximize: bool) -> str:
     return f"{_fmt(med)} [{_fmt(worst)}..{_fmt(best)}]" + (f" ({miss} none)" if miss else "")
 
 
+def _cell_line(cols: list[str], widths: list[int], left: int = 1) -> str:
+    return "   " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 GP seeds, 5 random seeds, budget 25")
+    ap.add_argument("--quick", action="store_true", help="2 seeds per GP search, 5 random, budget 20, no --check")
     ap.add_argument("--gp-seeds", type=int, default=5)
     ap.add_argument("--random-seeds", type=int, default=20)
-    ap.add_argument("--budget", type=int, default=40, help="evaluations per search")
-    ap.add_argument("--initial", type=int, default=10, help="initial (LHS) points of the GP search (tune's default)")
+    ap.add_argument("--budget", type=int, default=30, help="evaluations per search (default 30)")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--grid-cache", type=Path, default=None,
-                    help="pickle of the simulated grids: read if present, else written (for re-running the searches)")
+                    help="pickle of the simulated grids: read if present, else written (to re-run only the searches)")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="re-run one GP search on the live simulator and compare with the lookup (default on)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.gp_seeds, args.random_seeds, args.budget = 2, 5, 25
+        args.gp_seeds, args.random_seeds, args.budget, args.check = 2, 5, 20, False
+    # (label, estimator, initial points, seeds); tune's default is GP with 10 initial points
+    methods = [("GP, 5 initial", "GP", 5, args.gp_seeds), ("GP, 10 initial", "GP", 10, args.gp_seeds),
+               ("random", "random", 1, args.random_seeds)]
 
     t_start = time.perf_counter()
     cases = make_cases()
@@ -198,87 +204,86 @@ def main(argv: list[str] | None = None) -> int:
         table, wall, per = cached.get(case.name) or simulate_grid(case, args.workers)
         cached[case.name] = table, wall, per
         _TABLES[case.name] = table
-        print(f"\n== {case.name}\n   grid: {' x '.join(str(p.size) for p in case.params)} = {len(table)} points "
+        print(f"== {case.name}\n   grid: {' x '.join(str(p.size) for p in case.params)} = {len(table)} points "
               f"({', '.join(p.name for p in case.params)}); simulated in {wall:.0f} s "
               f"({per:.2f} s per simulation, {args.workers} workers)", flush=True)
-
     if args.grid_cache:
         args.grid_cache.write_bytes(pickle.dumps(cached))
-    jobs = [(c.name, o, est, seed, args.budget, args.initial)
-            for c in cases for o in OBJECTIVES
-            for est, n in (("GP", args.gp_seeds), ("random", args.random_seeds)) for seed in range(n)]
+
+    jobs = [(c.name, o, est, init, seed, args.budget)
+            for c in cases for o in OBJECTIVES for _, est, init, n in methods for seed in range(n)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:  # forked: the lookup tables are inherited
         curves = dict(zip(jobs, pool.map(_search, jobs)))
     search_wall = time.perf_counter() - t0
 
-    summary_rows = []
+    def runs(case: Case, obj_name: str, est: str, init: int, n: int) -> list[list[float]]:
+        return [curves[(case.name, obj_name, est, init, s, args.budget)] for s in range(n)]
+
+    summary = []
     for case in cases:
         size = len(_TABLES[case.name])
         tenth = math.ceil(0.1 * size)
+        short = case.name.split(":")[0]
         for obj_name, obj in OBJECTIVES.items():
             bound, offered = _bound(case, obj)
             lookup = Lookup(case, bound, offered)
-            outs = [(p, lookup(**p)) for p in case.grid]
-            feas = [(p, o) for p, o in outs if o.feasible and not o.failed]
+            feas = [(p, o) for p, o in ((p, lookup(**p)) for p in case.grid) if o.feasible and not o.failed]
             if not feas:
-                print(f"\n-- {obj_name}: no feasible grid point")
+                print(f"\n-- {short} / {obj_name}: no feasible grid point")
                 continue
             sign = -1 if bound.maximizes else 1
             opt_p, opt_o = min(feas, key=lambda po: sign * po[1].value)
-            n_opt = sum(1 for _, o in feas if _within(o.value, opt_o.value, bound.maximizes))
-            print(f"\n-- {case.name.split(':')[0]} / {obj_name}")
-            print(f"   grid optimum {_fmt(opt_o.value)} at {opt_p} ({len(feas)}/{size} grid points feasible, "
-                  f"{n_opt} within 2% of the optimum)")
-            checkpoints = sorted({5, 10, tenth, 20, 30, args.budget} - {0})
-            checkpoints = [n for n in checkpoints if n <= args.budget]
-            print(f"   {'evals':>7}  {'skopt GP: median [worst..best] of ' + str(args.gp_seeds):<38}"
-                  f"{'random: median [worst..best] of ' + str(args.random_seeds):<38}{'grid':>8}")
-            for n in checkpoints:
-                gp = [curves[(case.name, obj_name, 'GP', s, args.budget, args.initial)][n - 1]
-                      for s in range(args.gp_seeds)]
-                rs = [curves[(case.name, obj_name, 'random', s, args.budget, args.initial)][n - 1]
-                      for s in range(args.random_seeds)]
-                mark = " (10%)" if n == tenth else ""
-                print(f"   {str(n) + mark:>11}  {_cell_stats(gp, bound.maximizes):<38}"
-                      f"{_cell_stats(rs, bound.maximizes):<34}{'-' if n < size else _fmt(opt_o.value):>8}")
-            print(f"   {size:>11}  {'':<38}{'':<34}{_fmt(opt_o.value):>8}")
-            row = [case.name.split(":")[0], obj_name, _fmt(opt_o.value), size, tenth]
-            for est, n in (("GP", args.gp_seeds), ("random", args.random_seeds)):
-                cs = [curves[(case.name, obj_name, est, s, args.budget, args.initial)] for s in range(n)]
-                hit = sum(_within(c[tenth - 1], opt_o.value, bound.maximizes) for c in cs)
-                reach = [_evals_to_reach(c, opt_o.value, bound.maximizes) for c in cs]
-                got = sorted(r for r in reach if r is not None)
-                med = statistics.median(got) if len(got) * 2 > len(reach) else None
-                row += [f"{hit}/{n}", f"{med:g}" if med is not None else f">{args.budget}"]
-            summary_rows.append(row)
+            opt = opt_o.value
+            n_near = sum(1 for _, o in feas if _within(o.value, opt, bound.maximizes))
+            print(f"\n-- {short} / {obj_name}\n   grid optimum {_fmt(opt)} at {opt_p}\n   {len(feas)}/{size} grid "
+                  f"points feasible, {n_near} within 2% of the optimum. Best found after n evaluations, "
+                  f"median [worst..best] over seeds:")
+            head = ["evals", *(f"{label} ({n} seeds)" for label, _, _, n in methods)]
+            lines = []
+            for k in [n for n in sorted({5, 10, tenth, 20, args.budget}) if n <= args.budget]:
+                lines.append([f"{k}" + (" (10%)" if k == tenth else ""),
+                              *(_cell_stats([c[k - 1] for c in runs(case, obj_name, est, init, n)], bound.maximizes)
+                                for _, est, init, n in methods)])
+            lines.append([f"{size} (grid)", *([_fmt(opt)] + [""] * (len(methods) - 1))])
+            widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+            for r in [head, *lines]:
+                print(_cell_line(r, widths))
+            row = [short, obj_name, _fmt(opt), str(size), str(tenth)]
+            for _, est, init, n in methods:
+                cs = runs(case, obj_name, est, init, n)
+                hit = sum(_within(c[tenth - 1], opt, bound.maximizes) for c in cs)
+                reach = sorted(r if r is not None else math.inf
+                               for r in (_evals_to_reach(c, opt, bound.maximizes) for c in cs))
+                med = statistics.median(reach)
+                row.append(f"{hit}/{n}, {med:g}" if math.isfinite(med) else f"{hit}/{n}, >{args.budget}")
+            summary.append(row)
 
-    print("\n== within 2% of the grid optimum by 10% of the grid's evaluations?")
-    hdr = ["trace", "objective", "grid opt", "grid n", "10%", "GP hit", "GP median evals to 2%", "random hit",
-           "random median evals to 2%"]
-    widths = [max(len(str(r[i])) for r in [hdr, *summary_rows]) for i in range(len(hdr))]
-    for r in [hdr, *summary_rows]:
-        print("   " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print("\n== Within 2% of the grid optimum by 10% of the grid's evaluations? "
+          "(seeds that were; median evaluations to get there)")
+    head = ["trace", "objective", "grid opt", "grid n", "10%", *(label for label, *_ in methods)]
+    widths = [max(len(r[i]) for r in [head, *summary]) for i in range(len(head))]
+    for r in [head, *summary]:
+        print(_cell_line(r, widths, left=2))
 
+    ok = True
     if args.check:
         case = cases[0]
         obj_name = next(iter(OBJECTIVES))
         bound, offered = _bound(case, OBJECTIVES[obj_name])
         n = min(args.budget, 20)
         t0 = time.perf_counter()
-        live = tune(SimEvaluator(case.workload, case.base, bound), case.params, calls=n, initial=args.initial, seed=0,
+        live = tune(SimEvaluator(case.workload, case.base, bound), case.params, calls=n, initial=5, seed=0,
                     estimator="GP", objective=bound)
         wall = time.perf_counter() - t0
-        looked = tune(Lookup(case, bound, offered), case.params, calls=n, initial=args.initial, seed=0,
-                      estimator="GP", objective=bound)
-        same = [(e.params, e.value, e.loss) for e in live.evaluations] == \
+        looked = tune(Lookup(case, bound, offered), case.params, calls=n, initial=5, seed=0, estimator="GP",
+                      objective=bound)
+        ok = [(e.params, e.value, e.loss) for e in live.evaluations] == \
             [(e.params, e.value, e.loss) for e in looked.evaluations]
-        print(f"\n== check: GP seed 0 on the live simulator ({n} evaluations, {wall:.0f} s) makes the same "
-              f"evaluations as on the lookup: {same}")
-        if not same:
-            return 1
-    print(f"\n(searches: {search_wall:.0f} s; total {time.perf_counter() - t_start:.0f} s)")
-    return 0
+        print(f"\n== check: a GP search (seed 0, {n} evaluations) on the live simulator ({wall:.0f} s) makes the "
+              f"same evaluations as on the lookup: {ok}")
+    print(f"\n(searches {search_wall:.0f} s, total {time.perf_counter() - t_start:.0f} s)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class PrefixAffinity:
             return least
         best, best_hit = least, 0
         hashes: list[int] | None = None
+        bs = 0
         for i, r in enumerate(replicas):
             if not r.healthy:
                 continue

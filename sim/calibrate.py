@@ -661,6 +661,70 @@ def measure_grid(runner: Any, points: Sequence[GridPoint], repeats: int = 7, war
     return [Measurement(p, s) for p, s in zip(points, samples)]
 
 
+def _companion_main(model_cfg: Any, seed: int, device: str, threads: int, block_size: int, num_blocks: int,
+                    points: list[GridPoint], ready: Any, stop: Any) -> None:
+    """A busy neighbour: its own model and runner, running grid shapes in random order until told to stop."""
+    from executor.model import LlamaForCausalLM
+    from executor.runner import ModelRunner
+
+    runner = ModelRunner(LlamaForCausalLM.from_seed(model_cfg, seed, device=device), num_blocks, block_size,
+                         device=device, num_threads=threads)
+    plans = [_build_plan(p, model_cfg.vocab, block_size, num_blocks, 1000 * i) for i, p in enumerate(points)]
+    rng = np.random.default_rng(seed + 1)
+    ready.set()
+    while not stop.is_set():
+        plan = plans[int(rng.integers(len(plans)))]
+        runner.run(plan)
+        for s in plan.prefill + plan.decode:
+            del s.tokens[s.num_tokens:]
+
+
+class BusyNeighbours:
+    """`with BusyNeighbours(k - 1, ...):` measure as one of k co-located replicas, the others busy.
+
+    Replicas sharing a machine share its caches, memory bandwidth and (on a VM) possibly its physical
+    cores; a step measured alone is faster than the same step while the neighbours compute. Each
+    neighbour is a process with its own model, runner and thread count, running grid shapes."""
+
+    def __init__(self, n: int, model_cfg: Any, points: Sequence[GridPoint], block_size: int, num_blocks: int,
+                 threads: int, device: str = "cpu", seed: int = 0, timeout_s: float = 300.0):
+        self.n, self.args = n, (model_cfg, seed, device, threads, block_size, num_blocks, list(points))
+        self.timeout_s = timeout_s
+        self.procs: list[Any] = []
+
+    def __enter__(self) -> "BusyNeighbours":
+        if self.n <= 0:
+            return self
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.stop = ctx.Event()
+        readies = []
+        for _ in range(self.n):
+            ready = ctx.Event()
+            p = ctx.Process(target=_companion_main, args=(*self.args, ready, self.stop), daemon=True)
+            p.start()
+            self.procs.append(p)
+            readies.append(ready)
+        for ready, p in zip(readies, self.procs):
+            if not ready.wait(self.timeout_s):
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"a busy neighbour process did not start within {self.timeout_s} s "
+                                   f"(exit code {p.exitcode})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.procs:
+            return
+        self.stop.set()
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+        self.procs = []
+
+
 def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: int, *, holdout: float = 0.25,
                               form: str = "auto", seed: int = 0, name: str = "fitted",
                               device: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,

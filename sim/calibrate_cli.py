@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{DEFAULT_NUM_BLOCKS})")
     p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     p.add_argument("--max-tokens", type=int, default=2048, help="largest step in tokens on the grid (default 2048)")
+    p.add_argument("--concurrent", type=int, default=1,
+                   help="measure as one of N co-located replicas: N - 1 neighbour processes run grid steps "
+                        "meanwhile (default 1: alone). Use the replica count of the deployment you validate")
     p.add_argument("--seed", type=int, default=0, help="model weights, hold-out choice and run order (default 0)")
     p.add_argument("--from-steps", metavar="STEPS_CSV",
                    help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
@@ -77,14 +80,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick: bool, holdout: float,
                 form: str, threads: int | None, num_blocks: int, block_size: int, max_tokens: int, seed: int,
-                progress: bool = False):
+                progress: bool = False, concurrent: int = 1):
     """Measure and fit; returns (Profile, FitResult)."""
     from executor.device import describe_device, select_device
     from executor.model import LlamaForCausalLM, preset
     from executor.runner import ModelRunner
-    from sim.calibrate import default_grid, grid_blocks_needed, measure_grid, profile_from_measurements
+    from sim.calibrate import (
+        BusyNeighbours, default_grid, grid_blocks_needed, measure_grid, profile_from_measurements,
+    )
 
     for name, val, lo in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--num-blocks", num_blocks, 1),
+                          ("--concurrent", concurrent, 1),
                           ("--block-size", block_size, 1), ("--max-tokens", max_tokens, 1)):
         if val < lo:
             raise ValueError(f"{name}={val} is out of range; allowed: >= {lo}")
@@ -98,19 +104,21 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     need = grid_blocks_needed(points, block_size)
     model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
     runner = ModelRunner(model, max(num_blocks, need), block_size, device=dev, num_threads=threads)
-    t0 = time.perf_counter()
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    neighbours = BusyNeighbours(concurrent - 1, cfg, points, block_size, need, runner.num_threads, str(dev), seed)
+    with neighbours:
+        t0 = time.perf_counter()
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from sim.cli import _console
+            from sim.cli import _console
 
-        with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True, console=_console(stderr=True)) as prog:
-            task = prog.add_task("profiling", total=len(points) * (warmup + repeats))
-            meas = measure_grid(runner, points, repeats, warmup, seed,
-                                progress=lambda i, n: prog.update(task, completed=i))
-    else:
-        meas = measure_grid(runner, points, repeats, warmup, seed)
+            with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          transient=True, console=_console(stderr=True)) as prog:
+                task = prog.add_task("profiling", total=len(points) * (warmup + repeats))
+                meas = measure_grid(runner, points, repeats, warmup, seed,
+                                    progress=lambda i, n: prog.update(task, completed=i))
+        else:
+            meas = measure_grid(runner, points, repeats, warmup, seed)
     elapsed = time.perf_counter() - t0
     info = describe_device(dev)
     info["torch_threads"] = runner.num_threads if dev.type == "cpu" else info.get("torch_threads")
@@ -121,6 +129,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         model={**dataclasses.asdict(cfg), "params": cfg.num_params},
         kv={"num_blocks": num_blocks, "block_size": block_size},
         measure={"repeats": repeats, "warmup": warmup, "threads": runner.num_threads, "quick": quick,
+                 "concurrent": concurrent,
                  "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
                  "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"})
 
@@ -172,7 +181,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         prof, _ = run_profile(args.model_config, args.device, repeats, args.warmup, args.quick, args.holdout,
                               args.form, args.threads, args.num_blocks, args.block_size, args.max_tokens, args.seed,
-                              progress=show and not args.json)
+                              progress=show and not args.json, concurrent=args.concurrent)
     path = save_profile_file(prof, args.out)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=2, default=str))

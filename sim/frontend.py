@@ -112,11 +112,11 @@ class Frontend:
     def arrivals(self):
         env, w = self.env, self.workload
         rows = self.sessions.heads.tolist() if self.sessions is not None else range(self.n)
-        arrival = w.arrival
+        arrival = w.arrival.tolist()
         progress = self.progress if self.sessions is None else None
         tick = max(self.n // 200, 1)
         for i in rows:
-            t = float(arrival[i])
+            t = arrival[i]
             if t > env.now:
                 yield env.timeout(t - env.now)
             self.send(Sequence(w.request(i)))

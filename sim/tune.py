@@ -24,11 +24,12 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -156,11 +157,14 @@ class Outcome:
 class Objective:
     """What to optimise. kind "value": a plain function's return, minimised (or maximised).
 
-    Infeasible points are told `worst + scale * (1 + shortfall)` where the space bounds the worst
-    feasible loss (min_replicas, min_cost, max_goodput), else their own loss made worse in
-    proportion to the shortfall: always worse than any feasible point of the same kind, and less
-    bad the closer the point came to the target, so the surrogate sees where feasibility lies.
-    A failed evaluation is told the worst loss so far plus 3 * scale.
+    An infeasible point is told its own loss plus a price per unit of shortfall (a penalty method):
+    `loss + 2 * (|worst| + scale) * shortfall`, where `worst` is the worst loss a feasible point can
+    have (known from the space for min_replicas, min_cost and max_goodput; else the point's own
+    loss). So the told surface slopes down towards the feasibility boundary, where constrained
+    optima sit, instead of dropping off a cliff there that a smooth surrogate cannot fit. Where
+    `worst` is known, a point that misses by half the target is told more than any feasible point.
+    Only feasible points can be reported best. A failed evaluation is told the worst loss of those
+    that did not fail, plus 3 * scale.
     """
 
     kind: str = "value"
@@ -219,16 +223,16 @@ class Objective:
         return Outcome(value, True, "", 0.0, keep)
 
     def loss(self, out: Outcome, told: Sequence[float]) -> float:
-        """The number told to the optimizer (smaller is better)."""
+        """The number told to the optimizer (smaller is better); `told`: the losses of earlier evaluations
+        that did not fail."""
         raw = -out.value if self.maximizes else out.value
         if out.failed or not math.isfinite(raw):
             bound = [t for t in told if math.isfinite(t)] + ([self.worst] if self.worst is not None else [])
             return (max(bound) if bound else 0.0) + 3 * self.scale
         if out.feasible:
             return float(raw)
-        if self.worst is not None:
-            return self.worst + self.scale * (1 + out.shortfall)
-        return float(raw + (abs(raw) + self.scale) * (1 + out.shortfall))
+        price = 2 * (abs(self.worst if self.worst is not None else raw) + self.scale)
+        return float(raw + price * out.shortfall)
 
     def with_bounds(self, params: Sequence[Param], base: SimConfig, offered_rps: float) -> Objective:
         """Fill `worst` and `scale` from the space (largest replicas/tp) and the workload's rate."""
@@ -252,11 +256,13 @@ class Objective:
 def report_metrics(summary: Mapping[str, Any], cfg: SimConfig, offered_rps: float,
                    gpu_hour_price: float = 1.0) -> dict[str, float]:
     """The flat metric vocabulary (METRIC_NAMES) of one simulation report."""
-    m: dict[str, float] = {k: float(summary[k]) for k in _SCALARS}
+    def num(v: Any) -> float:
+        return math.nan if v is None else float(v)
+
+    m: dict[str, float] = {k: num(summary.get(k)) for k in _SCALARS}
     for d in _DISTS:
         for s in _STATS:
-            v = summary[d][s]
-            m[f"{d}.{s}"] = math.nan if v is None else float(v)
+            m[f"{d}.{s}"] = num(summary.get(d, {}).get(s))
     gpus = cfg.replicas * cfg.tp
     m.update(replicas=float(cfg.replicas), tp=float(cfg.tp), gpus=float(gpus),
              cost_per_hour=gpus * gpu_hour_price, goodput_per_gpu=m["goodput_rps"] / gpus,
@@ -274,7 +280,7 @@ class SpaceSpec:
     params: tuple[Param, ...]
     objective: Objective
     tuner: dict[str, Any] = field(default_factory=dict)  # estimator, initial, calls, parallel, seed
-    run: dict[str, Any] = field(default_factory=dict)  # trace, format, limit, rate_scale, window
+    run: dict[str, Any] = field(default_factory=dict)  # trace flags: trace, format, limit, rate_scale, ...
     where: str = "space"
 
     def base_config(self) -> SimConfig:
@@ -286,7 +292,7 @@ _PARAM_KEYS = {"real": ("type", "low", "high", "prior"), "integer": ("type", "lo
                "categorical": ("type", "categories"), "ordinal": ("type", "values")}
 _OBJECTIVE_KEYS = ("kind", "slo_target", "gpu_hour_price", "weights", "direction")
 _TUNER_KEYS = {"estimator": str, "initial": int, "calls": int, "parallel": int, "seed": int}
-_RUN_KEYS = ("trace", "format", "limit", "rate_scale", "window")
+_RUN_KEYS = ("trace", "format", "limit", "rate_scale", "window", "rate", "arrival_cv")
 
 
 def load_space(path: str | Path) -> SpaceSpec:
@@ -597,28 +603,25 @@ def ranked(evals: Iterable[Evaluation]) -> list[Evaluation]:
     return out
 
 
-class _GBRT:
-    """skopt 0.10's GBRT surrogate, fixed for scikit-learn >= 1.6 tags and NumPy 2 (np.in1d is gone)."""
+def _gbrt(seed: int):
+    """skopt 0.10's GBRT surrogate, patched for scikit-learn >= 1.6 (estimator tags) and NumPy 2 (no np.in1d)."""
+    from sklearn.ensemble import GradientBoostingRegressor
+    from skopt.learning import GradientBoostingQuantileRegressor
 
-    @staticmethod
-    def make(seed: int):
-        from sklearn.ensemble import GradientBoostingRegressor
-        from skopt.learning import GradientBoostingQuantileRegressor
+    class GBRT(GradientBoostingQuantileRegressor):
+        def __sklearn_tags__(self):
+            tags = super().__sklearn_tags__()
+            tags.estimator_type = "regressor"
+            return tags
 
-        class GBRT(GradientBoostingQuantileRegressor):
-            def __sklearn_tags__(self):
-                tags = super().__sklearn_tags__()
-                tags.estimator_type = "regressor"
-                return tags
+        def predict(self, X, return_std=False, return_quantiles=False):
+            if return_std and not return_quantiles:
+                q = list(self.quantiles)
+                low, mid, high = (self.regressors_[q.index(v)].predict(X) for v in (0.16, 0.5, 0.84))
+                return mid, (high - low) / 2.0
+            return super().predict(X, return_std=return_std, return_quantiles=return_quantiles)
 
-            def predict(self, X, return_std=False, return_quantiles=False):
-                if return_std and not return_quantiles:
-                    q = list(self.quantiles)
-                    low, mid, high = (self.regressors_[q.index(v)].predict(X) for v in (0.16, 0.5, 0.84))
-                    return mid, (high - low) / 2.0
-                return super().predict(X, return_std=return_std, return_quantiles=return_quantiles)
-
-        return GBRT(base_estimator=GradientBoostingRegressor(n_estimators=30, loss="quantile"), random_state=seed)
+    return GBRT(base_estimator=GradientBoostingRegressor(n_estimators=30, loss="quantile"), random_state=seed)
 
 
 def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int = 10, seed: int = 0):
@@ -630,7 +633,7 @@ def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int 
         # skopt's "dummy" estimator trips scikit-learn >= 1.6; an endless initial phase is the same thing
         return Optimizer(dims, base_estimator="GP", n_initial_points=2**62, initial_point_generator="random",
                          random_state=seed)
-    base = _GBRT.make(seed) if estimator == "GBRT" else estimator
+    base = _gbrt(seed) if estimator == "GBRT" else estimator
     return Optimizer(dims, base_estimator=base, n_initial_points=max(initial, 1), initial_point_generator="lhs",
                      acq_optimizer="sampling", random_state=seed)
 
@@ -683,7 +686,8 @@ def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, i
     runner = runner or (InlineRunner(evaluate) if parallel == 1 else PoolRunner(evaluate, parallel))
     # A GP fit is tiny: BLAS threads only contend with each other (and the workers) here.
     with threadpool_limits(limits=1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # skopt: "The objective has been evaluated at point..."
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="skopt")  # log-prior overflow in sampling
         opt = make_optimizer(params, estimator, initial, seed)
         seen: set[tuple] = set()
         for b, group in groupby(evals, key=lambda e: e.batch):
@@ -711,7 +715,7 @@ def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, i
                 outs = runner.map(points)
                 new = []
                 for i, (pt, (out, wall)) in enumerate(zip(points, outs)):
-                    loss = objective.loss(out, [e.loss for e in evals] + [e.loss for e in new])
+                    loss = objective.loss(out, [e.loss for e in (*evals, *new) if e.status != "failed"])
                     status = "failed" if out.failed else "ok" if out.feasible else "infeasible"
                     new.append(Evaluation(first + i, batch, pt, float(out.value), float(loss), out.feasible and not
                                           out.failed, status, out.reason, dict(out.metrics), wall))
@@ -762,13 +766,12 @@ def read_evaluations(path: str | Path, params: Sequence[Param]) -> list[Evaluati
     """Evaluations written by `write_evaluations`; the file's parameter columns must be this space's."""
     path = Path(path)
     try:
-        f = open(path, newline="")
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = list(reader)
     except FileNotFoundError:
         raise TuneError(f"{path}: nothing to resume (file not found)") from None
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        rows = list(reader)
     if header is None or header[:2] != list(_FIXED) or "objective" not in header or "wall_s" not in header:
         raise TuneError(f"{path}: not an evaluations.csv written by twinfer tune")
     names = header[2:header.index("objective")]

@@ -20,7 +20,7 @@ from typing import Any
 
 from sim.cli import add_trace_flags, load_workload
 
-_TRACE_KEYS = ("trace", "format", "limit", "rate_scale", "window")
+_TRACE_KEYS = ("trace", "format", "limit", "rate_scale", "window", "rate", "arrival_cv")
 _DEFAULTS: dict[str, Any] = {"calls": 50, "initial": 10, "seed": 0, "estimator": "GP"}
 
 
@@ -112,7 +112,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     trace = {k: _setting(k, args, prior, spec.run, None) for k in _TRACE_KEYS}
     run_workload = _executor() if args.validate else None
-    workload = load_workload(argparse.Namespace(config=None, **trace))
+    workload = load_workload(argparse.Namespace(**{**vars(args), **trace, "config": None}))
     base_cfg = spec.base_config()
     evaluator = T.SimEvaluator(workload, spec.base, spec.objective, where=f"{space_path} (a tuned point)")
     objective = spec.objective.with_bounds(spec.params, base_cfg, evaluator.offered_rps)
@@ -136,7 +136,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     prog = task = None
     if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         prog = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                         TimeElapsedColumn(), console=err)
@@ -198,7 +204,7 @@ def _print_top(console: Any, T: Any, evals: list, params: Any, objective: Any, n
                     f"{objective.describe()}", title_justify="left")
     t.add_column("#", justify="right")
     for p in params:
-        t.add_column(p.name, justify="right")
+        t.add_column(p.name.rsplit(".", 1)[-1], justify="right")
     for c in (objective.label, "attainment", "p99 TTFT (s)", "goodput (req/s)"):
         t.add_column(c, justify="right")
     for e in top:
@@ -229,14 +235,14 @@ def _write_best(path: Path, T: Any, evaluator: Any, best: Any, objective: Any, n
     m = best.metrics
     lines = [f"# twinfer tune: best of {n} evaluations (#{best.index})",
              f"# {objective.describe()}: {best.value:.6g}",
-             f"# SLO attainment {_show(m.get('slo_attainment'))}, p99 TTFT {_show(m.get('ttft.p99'))} s, "
-             f"goodput {_show(m.get('goodput_rps'))} req/s",
-             f"# tuned on {workload.name}, {len(workload):,} requests"
-             + (f"; replay the same slice with: twinfer simulate --config {path.name} {flags}" if flags else ""),
+             (f"# SLO attainment {_show(m.get('slo_attainment'))}, p99 TTFT {_show(m.get('ttft.p99'))} s, "
+              f"goodput {_show(m.get('goodput_rps'))} req/s"),
+             (f"# tuned on {workload.name}, {len(workload):,} requests"
+              + (f"; replay the same slice with: twinfer simulate --config {path.name} {flags}" if flags else "")),
              "", to_toml(cfg).rstrip()]
     run = {k: trace[k] for k in ("trace", "format") if trace.get(k)}
     if run:
-        lines += ["", "[run]", *(f'{k} = "{str(v)}"' for k, v in run.items())]
+        lines += ["", "[run]", *(f'{k} = "{v!s}"' for k, v in run.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -257,10 +263,12 @@ def _validate(console: Any, T: Any, run_workload: Any, k: int, evals: list, eval
     import csv
 
     from rich.table import Table
+
     from traces.report import summarize
 
     t = Table(title=f"validation on the executor: best {k} configs, {objective.label}", title_justify="left")
-    for c in ("#", *(p.name for p in params), "sim", "real", "error", "sim feasible", "real feasible"):
+    for c in ("#", *(p.name.rsplit(".", 1)[-1] for p in params), "sim", "real", "error", "sim feasible",
+              "real feasible"):
         t.add_column(c, justify="right")
     rows = []
     for e in T.ranked(evals)[:k]:

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from policies.result_cache import key_for_request
 from sim.cluster import simulate
-from sim.config import (FaultSettings, HealthSettings, MemorySettings, ResultCacheSettings, SessionSettings,
-                        SimConfig)
+from sim.config import FaultSettings, HealthSettings, MemorySettings, ResultCacheSettings, SessionSettings
 from traces.records import STATUSES
 from tests.test_sim_cluster import LinearCost, configs, workloads
 
