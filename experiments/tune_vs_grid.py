@@ -136,6 +136,9 @@ def _search(job: tuple[str, str, str, int, int, int]) -> list[float]:
     objective, offered = _bound(case, OBJECTIVES[obj_name])
     res = tune(Lookup(case, objective, offered), case.params, calls=budget, initial=initial, seed=seed,
                estimator=estimator, objective=objective)
+    failed = [e for e in res.evaluations if e.status == "failed"]
+    if failed:  # a grid point always simulates: a failure here is a lookup bug
+        raise RuntimeError(f"{case_name}: evaluation {failed[0].index} failed: {failed[0].reason}")
     return best_so_far(res.evaluations, objective)
 
 

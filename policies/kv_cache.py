@@ -92,6 +92,11 @@ class BlockManager:
         return len(self._free) + len(self._evictable)
 
     @property
+    def num_evictable(self) -> int:
+        """Cached blocks no sequence holds: reusable by a prefix hit, or evictable."""
+        return len(self._evictable)
+
+    @property
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 

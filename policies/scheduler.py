@@ -76,6 +76,9 @@ class ContinuousBatchingScheduler:
         # Inter-token latency samples: one (duration, count) entry per step for the sequences whose
         # previous token came at that step's start, single gaps for the rest, closed-form runs from advance().
         self.itl = ItlLog()
+        # Sum over waiting and running sequences of (input + output - num_computed): the tokens still to
+        # compute or generate. Kept as a running total so routers can read it in O(1).
+        self.pending = 0
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._jumpable = False
 
@@ -90,6 +93,7 @@ class ContinuousBatchingScheduler:
             return self._reject(seq, now, f"waiting queue full (max_waiting={cfg.max_waiting})")
         seq.status = SeqStatus.WAITING
         self.waiting.push(seq, now)
+        self.pending += seq.req.input_tokens + seq.req.output_tokens - seq.num_computed
         if cfg.queue_timeout is not None:
             heapq.heappush(self._deadlines, (seq.t_arrival + cfg.queue_timeout, seq.order, seq))
         return True
@@ -105,6 +109,7 @@ class ContinuousBatchingScheduler:
             _, _, seq = heapq.heappop(dl)
             if seq.status is SeqStatus.WAITING and seq.t_admitted is None:
                 self.waiting.remove(seq)
+                self.pending -= seq.req.input_tokens + seq.req.output_tokens - seq.num_computed
                 seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "timed_out", now
                 seq.reason = f"not admitted within queue_timeout={self.cfg.queue_timeout}s"
                 self.done.append(seq)
@@ -122,13 +127,8 @@ class ContinuousBatchingScheduler:
         return len(self.waiting) + len(self.running)
 
     def pending_tokens(self) -> int:
-        """Tokens still to compute or generate for everything on this replica."""
-        t = 0
-        for s in self.running:
-            t += s.num_tokens - s.num_computed + s.remaining_output
-        for s in self.waiting:
-            t += s.num_tokens - s.num_computed + s.remaining_output
-        return t
+        """Tokens still to compute or generate for everything on this replica (O(1))."""
+        return self.pending
 
     # ---- one step -------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -189,6 +189,7 @@ class ContinuousBatchingScheduler:
         """Recompute preemption: free its blocks, send it back to the front of the queue."""
         self.kv.free(seq.block_table, seq.num_hashed_blocks)
         seq.block_table = []
+        self.pending += seq.num_computed
         seq.num_computed = 0
         seq.num_hashed_blocks = 0
         seq.status = SeqStatus.WAITING
@@ -227,6 +228,7 @@ class ContinuousBatchingScheduler:
             kv.count_query(seq.num_tokens, cached)
             seq.block_table = hit + kv.allocate(need)
             seq.num_computed = cached
+            self.pending -= cached
             seq.num_hashed_blocks = len(hit)
             if seq.t_admitted is None:
                 seq.t_admitted = now
@@ -242,6 +244,7 @@ class ContinuousBatchingScheduler:
         finished = False
         bs = self.cfg.block_size
         kv = self.kv
+        self.pending -= sum(plan.prefill_tokens) + len(plan.decode)
         for seq, n in zip(plan.prefill, plan.prefill_tokens):
             seq.num_computed += n
             hashes = seq.hashes
@@ -280,6 +283,7 @@ class ContinuousBatchingScheduler:
 
     def _finish(self, seq: Sequence, now: float) -> None:
         seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "ok", now
+        self.pending -= seq.req.input_tokens + seq.req.output_tokens - seq.num_computed
         self.kv.free(seq.block_table, seq.num_hashed_blocks)
         seq.block_table = []
         self.done.append(seq)
@@ -330,6 +334,7 @@ class ContinuousBatchingScheduler:
         c = 0
         finished = False
         itl = self.itl
+        self.pending -= m * len(decode)
         for seq in decode:
             if seq.t_last_token == start:
                 c += 1
@@ -347,17 +352,26 @@ class ContinuousBatchingScheduler:
         if finished:
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
 
-    def abort_all(self, now: float, reason: str) -> None:
-        """End everything still here as failed (a crash, or the end of a run)."""
-        for seq in list(self.running) + list(self.waiting):
+    def evacuate(self) -> list[Sequence]:
+        """Take every waiting and running sequence off this replica (a crash): their KV blocks are
+        freed and the queue is emptied in place (it may carry discipline options). The caller decides
+        what becomes of them; their status is left as it was."""
+        out = list(self.running) + list(self.waiting)
+        for seq in out:
             if seq.block_table:
                 self.kv.free(seq.block_table, seq.num_hashed_blocks)
                 seq.block_table = []
+        for seq in list(self.waiting):
+            self.waiting.remove(seq)
+        self.running = []
+        self.pending = 0
+        return out
+
+    def abort_all(self, now: float, reason: str) -> None:
+        """End everything still here as failed (a crash, or the end of a run)."""
+        for seq in self.evacuate():
             seq.status, seq.outcome, seq.reason, seq.t_finish = SeqStatus.FINISHED, "failed", reason, now
             self.done.append(seq)
-        self.running = []
-        for seq in list(self.waiting):  # empty the queue in place: it may carry discipline options
-            self.waiting.remove(seq)
 
 
 class DynamicBatchScheduler(ContinuousBatchingScheduler):
@@ -409,6 +423,7 @@ class DynamicBatchScheduler(ContinuousBatchingScheduler):
             kv.count_query(seq.num_tokens, cached)
             seq.block_table = hit + kv.allocate(need)
             seq.num_computed = cached
+            self.pending -= cached
             seq.num_hashed_blocks = len(hit)
             seq.t_admitted = now
             seq.num_cached_tokens = cached

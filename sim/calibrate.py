@@ -299,6 +299,17 @@ class Profile:
     grid: list[dict[str, Any]] = field(default_factory=list)  # one row per shape: features, timings, heldout
     created: str = ""
     name: str = ""
+    # Measured again while `neighbours` co-located replicas ran steps (`twinfer profile --concurrent N`).
+    busy: FittedCost | None = None
+    busy_fit: dict[str, Any] = field(default_factory=dict)
+    neighbours: int = 0
+
+    def cost_at(self, u: float) -> FittedCost:
+        """The cost model of a replica whose neighbours are busy a share u of the time (0: alone, 1: always).
+        Without a busy measurement, the one model there is."""
+        if self.busy is None:
+            return self.cost
+        return blend(self.cost, self.busy, u)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -306,7 +317,11 @@ class Profile:
             "created": self.created or utc_now(), "form": self.cost.form,
             "device": self.device, "model": self.model, "versions": self.versions,
             "kv": {**self.kv, "capacity_tokens": self.cost.kv_capacity_tokens},
-            "coefficients": self.cost.coefficients(), "fit": self.fit, "measure": self.measure, "grid": self.grid,
+            "coefficients": self.cost.coefficients(), "fit": self.fit, "measure": self.measure,
+            **({"neighbours": {"count": self.neighbours, "form": self.busy.form,
+                               "coefficients": self.busy.coefficients(), "fit": self.busy_fit}}
+               if self.busy is not None else {}),
+            "grid": self.grid,
         }
 
     @staticmethod
@@ -322,6 +337,12 @@ class Profile:
             kv = dict(d["kv"])
             cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
                               name=str(d.get("name", "fitted")))
+            nb = d.get("neighbours")
+            busy = None
+            if nb is not None:
+                bc = nb["coefficients"]
+                busy = FittedCost(bc["shared"], cost.kv_capacity_tokens, bc.get("line_a"), bc.get("line_b"),
+                                  name=f"{cost.name} (neighbours busy)")
         except KeyError as e:
             raise ValueError(f"{where}: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -329,7 +350,19 @@ class Profile:
         return Profile(cost=cost, device=dict(d.get("device", {})), model=dict(d.get("model", {})),
                        versions=dict(d.get("versions", {})), kv=kv, fit=dict(d.get("fit", {})),
                        measure=dict(d.get("measure", {})), grid=[dict(g) for g in d.get("grid", [])],
-                       created=str(d.get("created", "")), name=str(d.get("name", "")))
+                       created=str(d.get("created", "")), name=str(d.get("name", "")), busy=busy,
+                       busy_fit=dict(nb.get("fit", {})) if nb else {}, neighbours=int(nb.get("count", 0)) if nb else 0)
+
+
+def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
+    """(1 - u) alone + u busy, coefficient by coefficient. Exact when at most one of them is a max of two
+    lines (max(uA, uB) = u max(A, B)); for two max forms, a monotone approximation that is exact at u = 0, 1."""
+    if not 0 <= u <= 1:
+        raise ValueError(f"u={u} is out of range; allowed: [0, 1]")
+    w = 1.0 - u
+    return FittedCost(w * alone.shared + u * busy.shared, alone.kv_capacity_tokens,
+                      w * alone.line_a + u * busy.line_a, w * alone.line_b + u * busy.line_b,
+                      name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})")
 
 
 def utc_now() -> str:
@@ -389,9 +422,11 @@ def read_profile_file(path: str | Path) -> Profile:
 
 def load_profile_file(path: str | Path) -> FittedCost:
     """The cost model of a profile file (what sim.cost.load_cost_model returns for a .toml/.json path).
+    A profile measured with co-located neighbours (`--concurrent N`) describes one of N replicas sharing a
+    machine, neighbours busy: that model is returned (`twinfer validate` finds their actual share).
     The profile's other fields ride along as `cost.profile`."""
     prof = read_profile_file(path)
-    cost = prof.cost
+    cost = prof.cost_at(1.0)
     cost.profile = prof  # type: ignore[attr-defined]
     return cost
 
@@ -728,27 +763,47 @@ class BusyNeighbours:
 def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: int, *, holdout: float = 0.25,
                               form: str = "auto", seed: int = 0, name: str = "fitted",
                               device: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
-                              kv: Mapping[str, Any] | None = None,
-                              measure: Mapping[str, Any] | None = None) -> tuple[Profile, FitResult]:
+                              kv: Mapping[str, Any] | None = None, measure: Mapping[str, Any] | None = None,
+                              busy_meas: Sequence[Measurement] | None = None,
+                              neighbours: int = 0) -> tuple[Profile, FitResult]:
+    """Fit the measurements (and, if given, the same grid measured with busy neighbours: same hold-out
+    split) into a Profile."""
     feats = [m.point.features() for m in meas]
     X = feature_matrix(feats)
-    y = np.array([m.median for m in meas])
-    fit = fit_cost(X, y, kv_capacity_tokens, kinds=[m.point.kind for m in meas], holdout=holdout, form=form,
-                   seed=seed, name=name)
-    held = set(fit.test.tolist())
-    pred = fit.model.predict(X)
-    grid = []
-    for i, (m, f) in enumerate(zip(meas, feats)):
-        grid.append({"kind": m.point.kind, "label": m.point.label(), "prefill_tokens": f.prefill_tokens,
-                     "decode_seqs": f.decode_seqs, "prefill_attn": float(f.prefill_attn), "decode_ctx": f.decode_ctx,
-                     "logits": f.logits, **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held})
-    spreads = [g["iqr_rel"] for g in grid]
-    fit_d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
+    kinds = [m.point.kind for m in meas]
+
+    def fit_of(ms: Sequence[Measurement], label: str) -> tuple[FitResult, dict[str, Any]]:
+        y = np.array([m.median for m in ms])
+        fit = fit_cost(X, y, kv_capacity_tokens, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label)
+        spreads = [m.stats()["iqr_rel"] for m in ms]
+        d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
              "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
              "median_iqr_rel": float(np.median(spreads)) if spreads else math.nan,
              "max_iqr_rel": float(np.max(spreads)) if spreads else math.nan}
+        return fit, d
+
+    fit, fit_d = fit_of(meas, name)
+    busy_fit = busy_d = None
+    if busy_meas is not None:
+        if [m.point for m in busy_meas] != [m.point for m in meas]:
+            raise ValueError("busy measurements must cover the same grid, in the same order")
+        busy_fit, busy_d = fit_of(busy_meas, f"{name} (neighbours busy)")
+    held = set(fit.test.tolist())
+    pred = fit.model.predict(X)
+    bpred = busy_fit.model.predict(X) if busy_fit else None
+    grid = []
+    for i, (m, f) in enumerate(zip(meas, feats)):
+        row = {"kind": m.point.kind, "label": m.point.label(), "prefill_tokens": f.prefill_tokens,
+               "decode_seqs": f.decode_seqs, "prefill_attn": float(f.prefill_attn), "decode_ctx": f.decode_ctx,
+               "logits": f.logits, **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held}
+        if busy_meas is not None:
+            b = busy_meas[i].stats()
+            row.update(busy_median_s=b["median_s"], busy_iqr_rel=b["iqr_rel"], busy_predicted_s=float(bpred[i]))
+        grid.append(row)
     prof = Profile(cost=fit.model, device=dict(device or {}), model=dict(model or {}), versions=library_versions(),
-                   kv=dict(kv or {}), fit=fit_d, measure=dict(measure or {}), grid=grid, created=utc_now(), name=name)
+                   kv=dict(kv or {}), fit=fit_d, measure=dict(measure or {}), grid=grid, created=utc_now(), name=name,
+                   busy=busy_fit.model if busy_fit else None, busy_fit=busy_d or {},
+                   neighbours=neighbours if busy_fit else 0)
     return prof, fit
 
 
@@ -882,3 +937,32 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
         raise ValueError(f"factor={factor} must be > 0")
     return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
                       name=f"{cost.name} x{factor:.3g}")
+
+
+def neighbour_share(workload: Any, cfg: Any, profile: Profile, iters: int = 6,
+                    tol: float = 0.01) -> tuple[float, FittedCost]:
+    """For replicas that slow each other down (a profile with a busy-neighbour measurement), the share u of
+    its own busy time during which a replica's neighbours are busy too, found self-consistently: simulate
+    with cost_at(u), read every replica's utilisation, set u to the busy-time-weighted mean utilisation of
+    the other replicas, repeat until it settles. Uses average utilisation, not the overlap of busy periods
+    (a first-order estimate). Returns (u, cost model); (0, alone model) for one replica, (1, ...) when
+    unsure."""
+    from sim.cluster import simulate
+
+    if profile.busy is None:
+        return 0.0, profile.cost
+    if cfg.replicas < 2:
+        return 0.0, profile.cost
+    u = 1.0
+    for _ in range(iters):
+        r = simulate(workload, cfg, cost=profile.cost_at(u))
+        dur = max(r.end - r.start, 1e-12)
+        util = np.array([min(s.busy_time / dur, 1.0) for s in r.replicas])
+        busy = np.array([s.busy_time for s in r.replicas])
+        others = (util.sum() - util) / (len(util) - 1)
+        new = float(np.average(others, weights=busy)) if busy.sum() > 0 else 0.0
+        if abs(new - u) < tol:
+            u = new
+            break
+        u = 0.5 * (u + new)  # damped: utilisation falls as steps get cheaper, so plain iteration can oscillate
+    return u, profile.cost_at(u)

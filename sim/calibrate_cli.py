@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     p.add_argument("--max-tokens", type=int, default=2048, help="largest step in tokens on the grid (default 2048)")
     p.add_argument("--concurrent", type=int, default=1,
-                   help="measure as one of N co-located replicas: N - 1 neighbour processes run grid steps "
-                        "meanwhile (default 1: alone). Use the replica count of the deployment you validate")
+                   help="also measure the grid as one of N co-located replicas, N - 1 neighbour processes "
+                        "running grid steps meanwhile (default 1: alone only). For replicas that share a "
+                        "machine: validate then blends the two by how busy the neighbours are")
     p.add_argument("--seed", type=int, default=0, help="model weights, hold-out choice and run order (default 0)")
     p.add_argument("--from-steps", metavar="STEPS_CSV",
                    help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
@@ -104,21 +105,25 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     need = grid_blocks_needed(points, block_size)
     model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
     runner = ModelRunner(model, max(num_blocks, need), block_size, device=dev, num_threads=threads)
-    neighbours = BusyNeighbours(concurrent - 1, cfg, points, block_size, need, runner.num_threads, str(dev), seed)
-    with neighbours:
-        t0 = time.perf_counter()
-        if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def measure(label: str):
+        if not progress:
+            return measure_grid(runner, points, repeats, warmup, seed)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            from sim.cli import _console
+        from sim.cli import _console
 
-            with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          transient=True, console=_console(stderr=True)) as prog:
-                task = prog.add_task("profiling", total=len(points) * (warmup + repeats))
-                meas = measure_grid(runner, points, repeats, warmup, seed,
-                                    progress=lambda i, n: prog.update(task, completed=i))
-        else:
-            meas = measure_grid(runner, points, repeats, warmup, seed)
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True, console=_console(stderr=True)) as prog:
+            task = prog.add_task(label, total=len(points) * (warmup + repeats))
+            return measure_grid(runner, points, repeats, warmup, seed,
+                                progress=lambda i, n: prog.update(task, completed=i))
+
+    t0 = time.perf_counter()
+    meas = measure("profiling")
+    busy = None
+    if concurrent > 1:
+        with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, runner.num_threads, str(dev), seed):
+            busy = measure(f"profiling, {concurrent - 1} neighbour(s) busy")
     elapsed = time.perf_counter() - t0
     info = describe_device(dev)
     info["torch_threads"] = runner.num_threads if dev.type == "cpu" else info.get("torch_threads")
@@ -131,7 +136,8 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         measure={"repeats": repeats, "warmup": warmup, "threads": runner.num_threads, "quick": quick,
                  "concurrent": concurrent,
                  "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
-                 "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"})
+                 "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"},
+        busy_meas=busy, neighbours=concurrent - 1)
 
 
 def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
@@ -192,6 +198,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def render_profile(prof) -> Any:
+    import numpy as np
     from rich.console import Group
     from rich.table import Table
 
@@ -218,6 +225,14 @@ def render_profile(prof) -> Any:
                                         f"worst {f['max_iqr_rel']:.1%}")
     for line, co in prof.cost.coefficients().items():
         s.add_row(f"coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
+    if prof.busy is not None:
+        b = prof.busy_fit
+        ratio = [g["busy_median_s"] / g["median_s"] for g in prof.grid if "busy_median_s" in g]
+        s.add_row(f"{prof.neighbours} neighbour(s) busy",
+                  f"steps {np.median(ratio):.2f} x as long (median over shapes); {b['form']} fit, held-out error "
+                  f"median {b['heldout']['median_rel_error']:.1%}, max {b['heldout']['max_rel_error']:.1%}")
+        for line, co in prof.busy.coefficients().items():
+            s.add_row(f"  coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
     s.add_row("KV capacity", f"{prof.cost.kv_capacity_tokens:,} tokens")
     if "seconds" in m:
         load = m.get("loadavg_1m")
@@ -245,7 +260,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     from executor.replay import read_steps, run_workload
     import numpy as np
 
-    from sim.calibrate import compare, read_profile_file, scaled, step_check
+    from sim.calibrate import compare, neighbour_share, read_profile_file, scaled, step_check
     from sim.cluster import simulate
     from sim.config import flatten
     from traces.report import summarize
@@ -266,6 +281,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     w, dropped = fit_to_model(w, mcfg.max_position)
     if not len(w):
         raise ValueError(f"no request of the workload fits the model's max_position={mcfg.max_position}")
+    u, cost = neighbour_share(w, cfg, prof)
     sim_res = simulate(w, cfg, cost=cost)
     sim_sum = summarize(sim_res, cfg.slo)
     reals, wall, steps = [], [], []
@@ -286,10 +302,17 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}
     notes = []
+    if prof.busy is None and cfg.replicas > 1 and device == "cpu":
+        notes.append(f"{cfg.replicas} replicas share this CPU but the profile measured one alone: profile with "
+                     f"--concurrent {cfg.replicas} to model how they slow each other down")
+    elif prof.busy is not None and prof.neighbours != cfg.replicas - 1:
+        notes.append(f"the profile's busy measurement had {prof.neighbours} neighbour(s); this run has "
+                     f"{cfg.replicas - 1}")
     if real_threads != prof_threads:
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
-    return {"comparison": cmp, "step_check": steps, "step_time_corrected": corrected, "notes": notes, "sim": sim_sum, "real": reals, "config": flatten(cfg), "profile": str(profile_path),
+    return {"comparison": cmp, "step_check": steps, "step_time_corrected": corrected, "notes": notes,
+            "neighbours_busy_share": u if prof.busy is not None else None, "sim": sim_sum, "real": reals, "config": flatten(cfg), "profile": str(profile_path),
             "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
             "dropped_too_long": dropped, "real_wall_s": wall, "loadavg_1m": _loadavg()}
 
@@ -322,6 +345,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "
                              f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
                              f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})")
+    if out["neighbours_busy_share"] is not None:
+        _console().print(f"co-located replicas: the simulator's neighbours were busy {out['neighbours_busy_share']:.0%} "
+                         f"of each replica's busy time; step costs blended accordingly")
     sc = out["step_time_corrected"]
     _console().print(f"attribution: with its steps {sc['factor']:.2f} x as long (the executor's measured pace), the "
                      f"simulator's median |error| would be {sc['median_abs_rel_error']:.1%}")

@@ -234,14 +234,9 @@ class Replica:
         self._token += 1
         self._wake = env.event()
         self._collect()  # what finished before the crash is recorded as such
-        lost = list(sched.running) + list(sched.waiting)
+        lost = sched.evacuate()
         for s in lost:
-            if s.block_table:
-                kv.free(s.block_table, s.num_hashed_blocks)
-                s.block_table = []
             s.status = SeqStatus.FINISHED  # this attempt is over (its queue-timeout entry is dropped)
-        sched.running = []
-        sched.waiting = self.new_queue()
         kv.evictions -= kv.evict_cached(kv.num_blocks)  # GPU memory is gone: an empty prefix cache, not evictions
         if self.on_crash is not None:
             self.on_crash(self.idx, lost, t)
@@ -288,8 +283,7 @@ class Replica:
 
 def _num_evictable(kv) -> int:
     """Cached blocks that no sequence holds (BlockManager keeps them in `_evictable`)."""
-    n = getattr(kv, "num_evictable", None)
-    return n if n is not None else len(kv._evictable)
+    return kv.num_evictable
 
 
 @dataclass
@@ -361,6 +355,9 @@ def _checked(sched: ContinuousBatchingScheduler) -> None:
         kv = sched.kv
         kv.check()
         held = sum(len(s.block_table) for s in sched.running)
+        brute = sum(s.req.input_tokens + s.req.output_tokens - s.num_computed
+                    for s in list(sched.running) + list(sched.waiting))
+        assert sched.pending == brute, (sched.pending, brute)
         assert kv.num_used <= kv.num_blocks
         assert kv.num_used <= held, "a block is used that no running sequence holds"
         for s in sched.waiting:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sim import tune as T
 from sim.cli import add_trace_flags, load_workload
 
 _TRACE_KEYS = ("trace", "format", "limit", "rate_scale", "window", "rate", "arrival_cv")
@@ -79,8 +80,6 @@ def _setting(name: str, args: argparse.Namespace, prior: dict[str, Any], tuner: 
 def cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from sim import tune as T
-
     console, err = Console(), Console(stderr=True)
     out = Path(args.out)
     csv_path, meta_path = out / "evaluations.csv", out / "tune.json"
@@ -111,6 +110,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       f"later points differ from an uninterrupted run")
 
     trace = {k: _setting(k, args, prior, spec.run, None) for k in _TRACE_KEYS}
+    if trace["trace"]:
+        trace["trace"] = str(Path(trace["trace"]).resolve())  # so --resume and best.toml work from anywhere
     run_workload = _executor() if args.validate else None
     workload = load_workload(argparse.Namespace(**{**vars(args), **trace, "config": None}))
     base_cfg = spec.base_config()
@@ -136,13 +137,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     prog = task = None
     if show:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         prog = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                         TimeElapsedColumn(), console=err)
@@ -181,21 +176,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     meta["evaluations"] = len(evals)
     meta["best"] = None if best is None else {"index": best.index, "objective": best.value, "params": best.params}
     meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    _print_top(console, T, evals, spec.params, objective)
+    _print_top(console, evals, spec.params, objective)
     if best is None:
         console.print(f"[red]no feasible configuration in {len(evals)} evaluations[/red] "
                       f"({objective.describe()}); no best.toml written")
         console.print("wrote " + ", ".join(str(p) for p in written))
         return 1
-    written.insert(0, _write_best(out / "best.toml", T, evaluator, best, objective, len(evals), trace, workload))
+    written.insert(0, _write_best(out / "best.toml", evaluator, best, objective, len(evals), trace, workload))
     console.print("wrote " + ", ".join(str(p) for p in written))
     if run_workload is not None:
-        _validate(console, T, run_workload, args.validate, evals, evaluator, objective, spec.params, workload,
+        _validate(console, run_workload, args.validate, evals, evaluator, objective, spec.params, workload,
                   out / "validation.csv")
     return 0
 
 
-def _print_top(console: Any, T: Any, evals: list, params: Any, objective: Any, n: int = 5) -> None:
+def _print_top(console: Any, evals: list, params: Any, objective: Any, n: int = 5) -> None:
     from rich.table import Table
 
     top = T.ranked(evals)[:n]
@@ -225,7 +220,7 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def _write_best(path: Path, T: Any, evaluator: Any, best: Any, objective: Any, n: int, trace: dict[str, Any],
+def _write_best(path: Path, evaluator: Any, best: Any, objective: Any, n: int, trace: dict[str, Any],
                 workload: Any) -> Path:
     from sim.config import to_toml
 
@@ -249,16 +244,14 @@ def _write_best(path: Path, T: Any, evaluator: Any, best: Any, objective: Any, n
 
 def _executor():
     """executor.replay.run_workload(workload, cfg) -> RunResult, or a clear error before any tuning starts."""
-    from sim.tune import TuneError
-
     try:
         from executor.replay import run_workload
     except ImportError as e:
-        raise TuneError(f"--validate: executor not available (executor.replay.run_workload: {e})") from None
+        raise T.TuneError(f"--validate: executor not available (executor.replay.run_workload: {e})") from None
     return run_workload
 
 
-def _validate(console: Any, T: Any, run_workload: Any, k: int, evals: list, evaluator: Any, objective: Any,
+def _validate(console: Any, run_workload: Any, k: int, evals: list, evaluator: Any, objective: Any,
               params: Any, workload: Any, path: Path) -> None:
     import csv
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.calibrate import (
-    FEATURES, FittedCost, GridPoint, Profile, _build_plan, compare, default_grid, feature_matrix, fit_cost,
-    holdout_split, load_profile_file, read_profile_file, save_profile_file, to_toml,
+    FEATURES, FittedCost, GridPoint, Profile, _build_plan, blend, compare, default_grid, feature_matrix, fit_cost,
+    holdout_split, load_profile_file, neighbour_share, read_profile_file, save_profile_file, scaled, to_toml,
 )
 from sim.cost import StepFeatures, load_cost_model, plan_features
 
@@ -195,6 +196,49 @@ def test_profile_round_trip(tmp_path, ext, cost):
     f = StepFeatures(300, 9, 45150.0, 9 * 700, 10)
     assert load_profile_file(path).step_time(f) == cost.step_time(f)
     assert save_profile_file(back, tmp_path / f"again.{ext}").read_text() == path.read_text()
+
+
+def test_busy_neighbour_model_round_trips_and_is_what_the_file_loads(tmp_path):
+    alone = FittedCost(LINEAR, 10_000, name="lin")
+    busy = FittedCost([2 * c for c in LINEAR], 10_000)
+    prof = dataclasses.replace(sample_profile(alone), busy=busy, neighbours=1, busy_fit={"form": "linear"})
+    for ext in ("toml", "json"):
+        back = read_profile_file(save_profile_file(prof, tmp_path / f"b.{ext}"))
+        assert back.neighbours == 1 and back.busy.coefficients()["shared"] == busy.coefficients()["shared"]
+        f = StepFeatures(64, 3, 2080.0, 900, 4)
+        assert back.cost_at(0.0).step_time(f) == pytest.approx(alone.step_time(f))
+        assert back.cost_at(0.25).step_time(f) == pytest.approx(1.25 * alone.step_time(f))
+        assert load_profile_file(tmp_path / f"b.{ext}").step_time(f) == pytest.approx(busy.step_time(f))
+
+
+def test_blend_and_scaled_keep_decode_runs_exact():
+    f = StepFeatures(0, 5, 0.0, 5 * 200, 5)
+    for cost in (blend(FittedCost(LINEAR, 1), max_cost(), 0.3), scaled(max_cost(), 1.7)):
+        total = sum(cost.step_time(StepFeatures(0, 5, 0.0, 1000 + 5 * i, 5)) for i in range(50))
+        assert cost.decode_run(f).elapsed(50) == pytest.approx(total, rel=1e-10)
+    assert scaled(max_cost(), 2.0).step_time(f) == pytest.approx(2 * max_cost().step_time(f))
+    with pytest.raises(ValueError):
+        blend(max_cost(), max_cost(), 1.5)
+
+
+def test_neighbour_share_settles_on_the_other_replicas_utilisation():
+    from sim.config import SimConfig
+    from traces.workload import Request, Workload
+
+    alone = FittedCost([0.01, 1e-4, 1e-3, 0, 1e-6, 0], 100_000)
+    prof = dataclasses.replace(sample_profile(alone), busy=scaled(alone, 2.0), neighbours=1)
+    reqs = [Request(i, 0.5 * i, 200, 20) for i in range(40)]
+    w = Workload.from_requests(reqs, name="steady")
+    u1, c1 = neighbour_share(w, SimConfig(replicas=1), prof)
+    assert u1 == 0.0 and c1 is prof.cost
+    u, cost = neighbour_share(w, SimConfig(replicas=2, router="round_robin"), prof)
+    assert 0.0 < u < 1.0
+    from sim.cluster import simulate
+
+    r = simulate(w, SimConfig(replicas=2, router="round_robin"), cost=cost)
+    util = [s.busy_time / (r.end - r.start) for s in r.replicas]
+    assert u == pytest.approx(np.mean(util), abs=0.03)  # self-consistent
+    assert neighbour_share(w, SimConfig(replicas=2), dataclasses.replace(prof, busy=None))[0] == 0.0
 
 
 def test_profile_file_errors(tmp_path):
