@@ -90,7 +90,8 @@ def _dest(key: str) -> str:
 def add_sim_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster and policies (override the --config file)")
     for flag, key, typ, help_ in SIM_FLAGS:
-        g.add_argument(flag, dest=_dest(key), type=typ, default=None, help=help_)
+        g.add_argument(flag, dest=_dest(key), type=typ, default=None, help=help_,
+                       metavar=flag.lstrip("-").split("-")[-1].upper() if typ is not str else "NAME")
     for flag, key, val, help_ in BOOL_FLAGS:
         g.add_argument(flag, dest=_dest(key), action="store_const", const=val, default=None, help=help_)
     for flag, key, metavar, help_ in LIST_FLAGS:
