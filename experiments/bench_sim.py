@@ -94,7 +94,7 @@ def main() -> None:
         t.add_row(r["scenario"], "jump" if r["jump"] else "step", f"{r['requests']:,}", f"{r['wall_s']:.2f}",
                   f"{r['sim_req_per_s']:,.0f}", f"{r['peak_rss_mib']:,.0f}", speed, f"{r['p99_ttft_s']:.3f}",
                   f"{r['ok']:,}")
-    Console().print(t)
+    Console(width=160).print(t)
     for r in rows:
         if r["jump"] and r["scenario"] != "synthetic-1m" and r["p99_ttft_s"] is not None and r["scenario"] in base:
             b = base[r["scenario"]]
