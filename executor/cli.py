@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from sim.cli import _console, _progress, add_sim_flags, add_trace_flags, config_from_args, load_workload
+from sim.cli import _console, _progress, add_output_flags, add_sim_flags, add_trace_flags, config_from_args, load_workload
 
 # The simulator's flags that describe simulated hardware or simulation mechanics: no meaning on the executor.
 # (--tp is hidden too; a value other than 1 is refused by executor.replay.)
@@ -44,12 +44,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="stop after this many wall seconds; unfinished requests are recorded as failed")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per replica (default: cores // replicas)")
-    o = p.add_argument_group("output")
-    o.add_argument("--out", help="directory for summary.json, records.csv, telemetry.csv and steps.csv")
-    o.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
-    o.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                   help="show a progress bar (default: when stderr is a terminal)")
-    o.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    add_output_flags(p, "directory for summary.json, records.csv, telemetry.csv and steps.csv")
     p.set_defaults(func=cmd_run)
     return p
 

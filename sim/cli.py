@@ -114,6 +114,17 @@ def add_trace_flags(p: argparse.ArgumentParser) -> None:
                    help="replay only requests arriving in [T0, T1) seconds")
 
 
+def add_output_flags(p: argparse.ArgumentParser, out_help: str) -> argparse._ArgumentGroup:
+    """--out, --json, --progress/--no-progress: shared by the commands that print a run report."""
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help=out_help)
+    g.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    g.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    return g
+
+
 def config_from_args(args: argparse.Namespace):
     from sim.config import config_from_dict, load_toml
 
@@ -286,12 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "set trace and format")
     add_trace_flags(s)
     add_sim_flags(s)
-    g = s.add_argument_group("output")
-    g.add_argument("--out", help="directory for summary.json and records.csv")
-    g.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
-    g.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                   help="show a progress bar (default: when stderr is a terminal)")
-    g.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    add_output_flags(s, "directory for summary.json and records.csv")
     s.set_defaults(func=cmd_simulate)
 
     pr = sub.add_parser("profiles", help="list the shipped analytic device/model profiles")
