@@ -3,20 +3,27 @@
     points = default_grid(...)                       # step shapes: decode batches, prefill chunks, mixes
     meas = measure_grid(runner, points, repeats=7)   # the executor's ModelRunner, median of N per shape
     fit = fit_cost(features, medians, holdout=...)   # FittedCost + its error on held-back shapes
-    save_profile_file(profile, "cpu.toml")           # `twinfer profile` does these four
+    save_profile_file(profile, "cpu.toml")           # `twinfer profile` does these (sim/calibrate_cli.py)
     load_cost_model("cpu.toml")                      # -> FittedCost, used by the simulator as any cost model
 
 The fitted form is
 
-    duration = max(A . x, B . x) + C . x,    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits)
+    duration = max(A . x, B . x) + C . x + overhead,
+    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits)
 
 with every coefficient >= 0, so a prediction never decreases when any feature grows and
 extrapolates beyond the grid as straight lines. The plain linear model is A = B = 0; `fit_cost`
 also tries a max of two lines (a "roofline": a flat, weight-bound line for small batches and a
-steeper, compute-bound one for large) and keeps it only when it cuts the held-out error clearly.
+steeper, compute-bound one for large) and keeps it only when it cuts the held-out error clearly
+(on this project's 2-core CPU it has not: step time there is close to linear in every feature).
 A decode-only run of such steps has exactly the `DecodeRun` form the simulator integrates in
 closed form. Fits minimise relative error (rows weighted by 1/duration), since a step of 5 ms
-matters as much as one of 500 ms to a latency percentile.
+matters as much as one of 500 ms to a latency percentile. `overhead` is the engine loop's own
+time between steps, measured on a short real replay (`measure_loop_overhead`).
+
+Replicas that share a machine slow each other down. A profile can carry a second model measured
+with busy neighbours (`BusyNeighbours`); `neighbour_share` blends the two by how busy the other
+replicas are in simulation.
 
 Profiles are TOML or JSON (by extension) and carry what produced them: device, model, library
 versions, KV capacity, coefficients, fit error on held-back grid points, and the grid itself.
@@ -73,13 +80,20 @@ def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.n
 
 
 class FittedCost:
-    """duration = max(A . x, B . x) + C . x over x = (1, features); all coefficients >= 0 (see the module doc).
+    """duration = max(A . x, B . x) + C . x + overhead over x = (1, features); all coefficients >= 0
+    (see the module doc).
 
-    `shared` is C, `line_a`/`line_b` are A and B (zero for a linear model).
+    `shared` is C, `line_a`/`line_b` are A and B (zero for a linear model). `step_overhead_s` is the
+    engine loop's own time between one step's end and the next one's start (applying the step to the
+    scheduler, reporting it), measured on a real replay: a token is stamped at the end of its forward
+    pass, but the next step cannot start earlier than this after it.
     """
 
     def __init__(self, shared: Any, kv_capacity_tokens: int, line_a: Any = None, line_b: Any = None,
-                 name: str = "fitted"):
+                 name: str = "fitted", step_overhead_s: float = 0.0):
+        if not (math.isfinite(step_overhead_s) and step_overhead_s >= 0):
+            raise ValueError(f"step_overhead_s={step_overhead_s} is out of range; allowed: >= 0")
+        self.step_overhead_s = float(step_overhead_s)
         self.shared = _coefs(shared)
         self.line_a = _coefs(line_a)
         self.line_b = _coefs(line_b)
@@ -99,7 +113,7 @@ class FittedCost:
     def step_time(self, f: StepFeatures) -> float:
         x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits)
         c, a, b = self._c, self._a, self._b
-        base = sum(ci * xi for ci, xi in zip(c, x))
+        base = sum(ci * xi for ci, xi in zip(c, x)) + self.step_overhead_s
         if not self._max:
             return base
         return max(sum(ai * xi for ai, xi in zip(a, x)), sum(bi * xi for bi, xi in zip(b, x))) + base
@@ -107,7 +121,7 @@ class FittedCost:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """step_time for every row of a feature_matrix."""
         X = np.asarray(X, dtype=np.float64)
-        return np.maximum(X @ self.line_a, X @ self.line_b) + X @ self.shared
+        return np.maximum(X @ self.line_a, X @ self.line_b) + X @ self.shared + self.step_overhead_s
 
     def decode_run(self, f: StepFeatures) -> DecodeRun:
         # Step i of the run has decode_ctx + i * decode_seqs, nothing else moves; max(p, q) + s =
@@ -116,10 +130,14 @@ class FittedCost:
         k = FEATURES.index("decode_ctx")
         b = f.decode_seqs
         a, bb = self.line_a + self.shared, self.line_b + self.shared
-        return DecodeRun(float(x @ a), float(a[k] * b), float(x @ bb), float(bb[k] * b), 0.0)
+        return DecodeRun(float(x @ a), float(a[k] * b), float(x @ bb), float(bb[k] * b), self.step_overhead_s)
 
-    def coefficients(self) -> dict[str, dict[str, float]]:
-        out = {"shared": dict(zip(FEATURES, self.shared.tolist()))}
+    def with_overhead(self, step_overhead_s: float) -> "FittedCost":
+        return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name, step_overhead_s)
+
+    def coefficients(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step_overhead_s": self.step_overhead_s,
+                               "shared": dict(zip(FEATURES, self.shared.tolist()))}
         if self.form == "max":
             out["line_a"] = dict(zip(FEATURES, self.line_a.tolist()))
             out["line_b"] = dict(zip(FEATURES, self.line_b.tolist()))
@@ -336,13 +354,14 @@ class Profile:
             co = d["coefficients"]
             kv = dict(d["kv"])
             cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
-                              name=str(d.get("name", "fitted")))
+                              name=str(d.get("name", "fitted")), step_overhead_s=float(co.get("step_overhead_s", 0.0)))
             nb = d.get("neighbours")
             busy = None
             if nb is not None:
                 bc = nb["coefficients"]
                 busy = FittedCost(bc["shared"], cost.kv_capacity_tokens, bc.get("line_a"), bc.get("line_b"),
-                                  name=f"{cost.name} (neighbours busy)")
+                                  name=f"{cost.name} (neighbours busy)",
+                                  step_overhead_s=float(bc.get("step_overhead_s", 0.0)))
         except KeyError as e:
             raise ValueError(f"{where}: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -362,7 +381,8 @@ def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
     w = 1.0 - u
     return FittedCost(w * alone.shared + u * busy.shared, alone.kv_capacity_tokens,
                       w * alone.line_a + u * busy.line_a, w * alone.line_b + u * busy.line_b,
-                      name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})")
+                      name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})",
+                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s)
 
 
 def utc_now() -> str:
@@ -540,17 +560,35 @@ class GridPoint:
         return f"{self.kind}:" + " ".join(parts)
 
 
+def spread_contexts(batch: int, mean: int, rng: np.random.Generator) -> list[int]:
+    """`batch` context lengths averaging about `mean`, spread as in a live batch (uniform over
+    [mean/4, 7 mean/4]): sequences joined at different times and have different prompts."""
+    if batch == 1:
+        return [max(mean, 2)]
+    lo, hi = max(mean // 4, 2), max(7 * mean // 4, 3)
+    return sorted((int(x) for x in rng.integers(lo, hi, batch)), reverse=True)
+
+
 def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int = 4096,
-                 max_seqs: int = 128) -> list[GridPoint]:
+                 max_seqs: int = 128, seed: int = 0, max_kv_tokens: int | None = None) -> list[GridPoint]:
     """Step shapes covering what a continuous-batching scheduler produces: decode batches at several
-    context lengths (uniform and spread), prefill chunks from position 0 and deep in a prompt, several
-    chunks in one step, chunks that do not finish their prompt, and prefill + decode mixes."""
+    context lengths, prefill chunks from position 0 and deep in a prompt, several chunks in one step,
+    chunks that do not finish their prompt, and prefill + decode mixes.
+
+    Decode contexts are spread as in a live batch (`spread_contexts`), with a few uniform batches
+    besides: the paged attention pads a group of rows to its longest and splits very uneven batches
+    into several groups, so a spread batch costs more than a uniform one with the same total context
+    (measured: up to a fifth more at 16 rows), and the features cannot tell them apart.
+    Shapes whose sequences would not fit `max_kv_tokens` of KV cache together are left out."""
+    rng = np.random.default_rng(seed)
     pts: list[GridPoint] = []
 
     def add(kind: str, prefills=(), decodes=()) -> None:
         p = GridPoint(kind, tuple(prefills), tuple(decodes))
         f = p.features()
-        if 0 < f.tokens <= max_tokens and p.max_context <= max_context and len(p.prefills) + len(p.decodes) <= max_seqs:
+        kv = sum(st + n for st, n, _ in p.prefills) + sum(p.decodes)
+        if (0 < f.tokens <= max_tokens and p.max_context <= max_context and len(p.prefills) + len(p.decodes) <= max_seqs
+                and (max_kv_tokens is None or kv <= max_kv_tokens)):
             pts.append(p)
 
     if quick:
@@ -558,31 +596,31 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
         chunk_sizes = (32, 256, 1024)
         deep = ((512, 256), (1536, 512))
         multi = ((4, 128),)
-        mixes = ((256, 16, 512), (64, 32, 256))
-        spread = ((16, 1024),)
+        mixes = ((256, 16, 512), (64, 32, 256), (512, 4, 1024))
+        uniform = ((16, 512),)
     else:
         batches, ctxs = (1, 2, 4, 8, 16, 32, 64, 128), (32, 256, 1024, 2048)
         chunk_sizes = (16, 64, 128, 256, 512, 1024, 2048)
         deep = ((256, 256), (512, 512), (1024, 256), (1024, 1024), (1536, 512), (2048, 1024), (3072, 512))
         multi = ((2, 512), (4, 64), (4, 256), (8, 128), (16, 32))
         mixes = ((64, 8, 256), (256, 8, 1024), (256, 32, 256), (512, 32, 1024), (1024, 16, 512), (128, 64, 512),
-                 (512, 64, 2048))
-        spread = ((8, 2048), (32, 1024), (64, 512), (128, 2048))
+                 (512, 64, 2048), (256, 2, 512), (512, 4, 1024))
+        uniform = ((8, 1024), (32, 256), (64, 512), (16, 2048))
     for b in batches:
         for c in ctxs:
-            add("decode", decodes=[c] * b)
-    for b, hi in spread:
-        add("decode", decodes=np.linspace(32, hi, b).astype(int).tolist())
+            add("decode", decodes=spread_contexts(b, c, rng))
+    for b, c in uniform:
+        add("decode", decodes=[c] * b)
     for n in chunk_sizes:
         add("prefill", prefills=[(0, n, True)])
-    for s, n in deep:
-        add("prefill", prefills=[(s, n, True)])
+    for st, n in deep:
+        add("prefill", prefills=[(st, n, True)])
     add("prefill", prefills=[(0, min(512, max_tokens), False)])
     add("prefill", prefills=[(1024, 512, False)])
     for k, n in multi:
         add("prefill", prefills=[(0, n, True)] * k)
     for n, b, c in mixes:
-        add("mixed", prefills=[(0, n, True)], decodes=[c] * b)
+        add("mixed", prefills=[(0, n, True)], decodes=spread_contexts(b, c, rng))
     return pts
 
 
@@ -936,7 +974,7 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
     if not factor > 0:
         raise ValueError(f"factor={factor} must be > 0")
     return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
-                      name=f"{cost.name} x{factor:.3g}")
+                      name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor)
 
 
 def neighbour_share(workload: Any, cfg: Any, profile: Profile, iters: int = 6,
@@ -966,3 +1004,57 @@ def neighbour_share(workload: Any, cfg: Any, profile: Profile, iters: int = 6,
             break
         u = 0.5 * (u + new)  # damped: utilisation falls as steps get cheaper, so plain iteration can oscillate
     return u, profile.cost_at(u)
+
+
+# ---- the engine loop's own time ------------------------------------------------------------------
+
+BACK_TO_BACK_S = 0.05  # a longer pause between two steps of a replica means it had nothing to do
+
+
+def loop_gaps(steps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Seconds between one step's end and the next one's start on the same replica, for steps that ran
+    back to back (gaps under BACK_TO_BACK_S; longer ones are idle time)."""
+    start = np.asarray(steps["start"], dtype=np.float64)
+    dur = np.asarray(steps["duration"], dtype=np.float64)
+    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
+    out = []
+    for k in np.unique(rep):
+        idx = np.flatnonzero(rep == k)
+        idx = idx[np.argsort(start[idx], kind="stable")]
+        g = start[idx[1:]] - (start[idx[:-1]] + dur[idx[:-1]])
+        out.append(g[(g >= 0) & (g < BACK_TO_BACK_S)])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def gap_stats(gaps: np.ndarray) -> dict[str, Any]:
+    if not len(gaps):
+        return {"gaps": 0, "mean_s": 0.0, "median_s": 0.0, "p90_s": 0.0}
+    return {"gaps": int(len(gaps)), "mean_s": float(gaps.mean()), "median_s": float(np.median(gaps)),
+            "p90_s": float(np.percentile(gaps, 90))}
+
+
+def measure_loop_overhead(model_config: str, replicas: int, num_blocks: int, block_size: int = 16,
+                          device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Replay a small burst (every request at t=0, so each replica steps back to back) on the executor's
+    real-time replay (executor.replay.run_workload) and measure the time its engine loop spends between
+    steps: applying a step to the scheduler, reporting it to the router's process, taking new requests.
+    The mean gap (it is time the replica cannot compute) becomes the cost model's step_overhead_s."""
+    import tempfile
+
+    from executor.replay import read_steps, run_workload
+    from policies.scheduler import SchedulerConfig
+    from sim.config import SimConfig
+    from traces.workload import Request, Workload
+
+    n = 6 * replicas
+    reqs = [Request(i, 0.0, (48, 96, 160, 320)[i % 4], 24 + 8 * (i % 4)) for i in range(n)]
+    w = Workload.from_requests(reqs, name="loop-overhead-burst")
+    cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
+                    scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False, max_num_batched_tokens=512))
+    with tempfile.TemporaryDirectory(prefix="twinfer-loop-") as tmp:
+        res = run_workload(w, cfg, model_config=model_config, device=device, out=tmp)
+        steps = read_steps(Path(tmp) / "steps.csv")
+    out = gap_stats(loop_gaps(steps))
+    out.update(replicas=replicas, requests=n, steps=int(len(steps["start"])),
+               threads_per_replica=res.meta.get("threads_per_replica"), workers=res.meta.get("workers"))
+    return out

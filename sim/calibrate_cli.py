@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the executor's model runner on a grid of step shapes (decode batches at several "
                     "context lengths, prefill chunks, mixed steps) on this device, take the median of N timed "
                     "runs per shape after a warm-up, fit a non-negative cost model on most shapes, report its "
-                    "error on the held-back rest, and write a profile file for `--profile FILE`.")
+                    "error on the held-back rest, measure the engine loop's time between steps on a short real "
+                    "replay, and write a profile file for `--profile FILE`.")
     p.add_argument("--model-config", default="default", help="executor model preset (default: default)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("--out", required=True, help="profile file to write (.toml or .json)")
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "running grid steps meanwhile (default 1: alone only). For replicas that share a "
                         "machine: validate then blends the two by how busy the neighbours are")
     p.add_argument("--seed", type=int, default=0, help="model weights, hold-out choice and run order (default 0)")
+    p.add_argument("--no-loop-overhead", dest="loop_overhead", action="store_false", default=True,
+                   help="do not replay a short burst on the executor to measure its engine loop's time between "
+                        "steps (added to every predicted step)")
     p.add_argument("--from-steps", metavar="STEPS_CSV",
                    help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
                         "--model-config and --num-blocks still describe the executor it came from")
@@ -81,13 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick: bool, holdout: float,
                 form: str, threads: int | None, num_blocks: int, block_size: int, max_tokens: int, seed: int,
-                progress: bool = False, concurrent: int = 1):
+                progress: bool = False, concurrent: int = 1, loop_overhead: bool = True):
     """Measure and fit; returns (Profile, FitResult)."""
     from executor.device import describe_device, select_device
     from executor.model import LlamaForCausalLM, preset
     from executor.runner import ModelRunner
     from sim.calibrate import (
-        BusyNeighbours, default_grid, grid_blocks_needed, measure_grid, profile_from_measurements,
+        BusyNeighbours, default_grid, grid_blocks_needed, measure_grid, measure_loop_overhead,
+        profile_from_measurements,
     )
 
     for name, val, lo in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--num-blocks", num_blocks, 1),
@@ -101,10 +106,12 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         threads = 1 if dev.type == "cpu" else None
     if threads is not None and threads < 1:
         raise ValueError(f"--threads={threads} is out of range; allowed: >= 1")
-    points = default_grid(quick=quick, max_tokens=max_tokens, max_context=cfg.max_position)
+    points = default_grid(quick=quick, max_tokens=max_tokens, max_context=cfg.max_position, seed=seed,
+                          max_kv_tokens=num_blocks * block_size)
     need = grid_blocks_needed(points, block_size)
     model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
     runner = ModelRunner(model, max(num_blocks, need), block_size, device=dev, num_threads=threads)
+    threads = runner.num_threads
     def measure(label: str):
         if not progress:
             return measure_grid(runner, points, repeats, warmup, seed)
@@ -122,22 +129,32 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     meas = measure("profiling")
     busy = None
     if concurrent > 1:
-        with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, runner.num_threads, str(dev), seed):
+        with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, threads, str(dev), seed):
             busy = measure(f"profiling, {concurrent - 1} neighbour(s) busy")
+    loop = None
+    if loop_overhead:
+        del runner, model  # the replay builds its own replicas
+        loop = measure_loop_overhead(model_config, concurrent, num_blocks, block_size, str(dev), seed)
     elapsed = time.perf_counter() - t0
     info = describe_device(dev)
-    info["torch_threads"] = runner.num_threads if dev.type == "cpu" else info.get("torch_threads")
+    info["torch_threads"] = threads if dev.type == "cpu" else info.get("torch_threads")
     load = _loadavg()
     name = f"{cfg.name}@{info.get('name', dev.type)}"
-    return profile_from_measurements(
+    prof, fit = profile_from_measurements(
         meas, num_blocks * block_size, holdout=holdout, form=form, seed=seed, name=name, device=info,
         model={**dataclasses.asdict(cfg), "params": cfg.num_params},
         kv={"num_blocks": num_blocks, "block_size": block_size},
-        measure={"repeats": repeats, "warmup": warmup, "threads": runner.num_threads, "quick": quick,
+        measure={"repeats": repeats, "warmup": warmup, "threads": threads, "quick": quick,
                  "concurrent": concurrent,
                  "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
                  "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"},
         busy_meas=busy, neighbours=concurrent - 1)
+    if loop is not None:
+        prof.measure["loop_overhead"] = loop
+        prof.cost = prof.cost.with_overhead(loop["mean_s"])
+        if prof.busy is not None:
+            prof.busy = prof.busy.with_overhead(loop["mean_s"])
+    return prof, fit
 
 
 def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
@@ -145,24 +162,27 @@ def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size
     """A profile fitted on the steps an engine actually ran (a random share of steps held back)."""
     from executor.model import preset
     from executor.replay import read_steps
-    from sim.calibrate import Profile, fit_cost, library_versions, steps_features, utc_now
+    from sim.calibrate import Profile, fit_cost, gap_stats, library_versions, loop_gaps, steps_features, utc_now
 
     cfg = preset(model_config)
-    X, y, kinds = steps_features(read_steps(path))
+    steps = read_steps(path)
+    X, y, kinds = steps_features(steps)
     keep = y > 0
     X, y, kinds = X[keep], y[keep], [k for k, ok in zip(kinds, keep) if ok]
     if len(y) < 10:
         raise ValueError(f"{path}: {len(y)} steps; too few to fit a cost model")
     name = f"{cfg.name}@steps"
     fit = fit_cost(X, y, num_blocks * block_size, kinds=kinds, holdout=holdout, form=form, seed=seed, name=name)
+    loop = gap_stats(loop_gaps(steps))
     counts = {k: kinds.count(k) for k in sorted(set(kinds))}
     fit_d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
              "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
              "median_iqr_rel": math.nan, "max_iqr_rel": math.nan}
-    return Profile(cost=fit.model, device={"source": "engine step log"},
+    return Profile(cost=fit.model.with_overhead(loop["mean_s"]), device={"source": "engine step log"},
                    model={**dataclasses.asdict(cfg), "params": cfg.num_params}, versions=library_versions(),
                    kv={"num_blocks": num_blocks, "block_size": block_size}, fit=fit_d,
-                   measure={"source": str(path), "steps": int(len(y)), "kinds": counts, "timed": "Engine.step"},
+                   measure={"source": str(path), "steps": int(len(y)), "kinds": counts, "timed": "Engine.step",
+                            "loop_overhead": loop},
                    grid=[], created=utc_now(), name=name)
 
 
@@ -187,7 +207,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         prof, _ = run_profile(args.model_config, args.device, repeats, args.warmup, args.quick, args.holdout,
                               args.form, args.threads, args.num_blocks, args.block_size, args.max_tokens, args.seed,
-                              progress=show and not args.json, concurrent=args.concurrent)
+                              progress=show and not args.json, concurrent=args.concurrent,
+                              loop_overhead=args.loop_overhead)
     path = save_profile_file(prof, args.out)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=2, default=str))
@@ -224,7 +245,12 @@ def render_profile(prof) -> Any:
         s.add_row("measurement spread", f"median IQR {f['median_iqr_rel']:.1%} of the median, "
                                         f"worst {f['max_iqr_rel']:.1%}")
     for line, co in prof.cost.coefficients().items():
-        s.add_row(f"coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
+        if isinstance(co, dict):
+            s.add_row(f"coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
+    if prof.cost.step_overhead_s:
+        lo = prof.measure.get("loop_overhead", {})
+        s.add_row("engine loop overhead", f"{prof.cost.step_overhead_s * 1e3:.2f} ms per step (mean gap between "
+                                          f"back-to-back steps over {lo.get('gaps', '?')} gaps of a real replay)")
     if prof.busy is not None:
         b = prof.busy_fit
         ratio = [g["busy_median_s"] / g["median_s"] for g in prof.grid if "busy_median_s" in g]
@@ -232,7 +258,8 @@ def render_profile(prof) -> Any:
                   f"steps {np.median(ratio):.2f} x as long (median over shapes); {b['form']} fit, held-out error "
                   f"median {b['heldout']['median_rel_error']:.1%}, max {b['heldout']['max_rel_error']:.1%}")
         for line, co in prof.busy.coefficients().items():
-            s.add_row(f"  coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
+            if isinstance(co, dict):
+                s.add_row(f"  coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
     s.add_row("KV capacity", f"{prof.cost.kv_capacity_tokens:,} tokens")
     if "seconds" in m:
         load = m.get("loadavg_1m")
@@ -256,10 +283,10 @@ def fit_to_model(w, max_position: int):
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries."""
-    from executor.model import preset
-    from executor.replay import read_steps, run_workload
     import numpy as np
 
+    from executor.model import preset
+    from executor.replay import read_steps, run_workload
     from sim.calibrate import compare, neighbour_share, read_profile_file, scaled, step_check
     from sim.cluster import simulate
     from sim.config import flatten
@@ -282,6 +309,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     if not len(w):
         raise ValueError(f"no request of the workload fits the model's max_position={mcfg.max_position}")
     u, cost = neighbour_share(w, cfg, prof)
+    forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
     sim_res = simulate(w, cfg, cost=cost)
     sim_sum = summarize(sim_res, cfg.slo)
     reals, wall, steps = [], [], []
@@ -291,14 +319,15 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
             t0 = time.perf_counter()
             res = run_workload(w, cfg, model_config=mname, device=device, max_duration=max_duration, out=tmp)
             wall.append(time.perf_counter() - t0)
-            steps.append(step_check(cost, read_steps(Path(tmp) / "steps.csv")))
+            steps.append(step_check(forward, read_steps(Path(tmp) / "steps.csv")))
         real_threads = res.meta.get("threads_per_replica")
         reals.append(summarize(res, cfg.slo))
     cmp = compare(sim_sum, reals)
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
-    corr = compare(summarize(simulate(w, cfg, cost=scaled(cost, factor)), cfg.slo), reals)
+    paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
+    corr = compare(summarize(simulate(w, cfg, cost=paced), cfg.slo), reals)
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}
     notes = []
@@ -312,8 +341,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
     return {"comparison": cmp, "step_check": steps, "step_time_corrected": corrected, "notes": notes,
-            "neighbours_busy_share": u if prof.busy is not None else None, "sim": sim_sum, "real": reals, "config": flatten(cfg), "profile": str(profile_path),
-            "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
+            "neighbours_busy_share": u if prof.busy is not None else None, "sim": sim_sum, "real": reals,
+            "config": flatten(cfg), "profile": str(profile_path), "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
             "dropped_too_long": dropped, "real_wall_s": wall, "loadavg_1m": _loadavg()}
 
 

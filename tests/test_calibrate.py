@@ -393,7 +393,7 @@ def test_profile_command_writes_a_usable_profile(tmp_path, capsys):
 
     out = tmp_path / "tiny.json"
     assert main(["profile", "--model-config", "tiny", "--quick", "--repeats", "1", "--warmup", "0",
-                 "--num-blocks", "512", "--out", str(out), "--no-progress"]) == 0
+                 "--num-blocks", "512", "--out", str(out), "--no-progress", "--no-loop-overhead"]) == 0
     assert "held-out error" in capsys.readouterr().out
     prof = read_profile_file(out)
     assert prof.model["name"] == "tiny" and prof.kv["capacity_tokens"] == 512 * 16
@@ -419,7 +419,7 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
         sampled = ds + (1 if pt else 0)
         x = np.array([1, pt, ds, pairs - dctx, dctx, sampled], dtype=float)
         dur = float(x @ np.array(LINEAR))
-        rec = {"replica": 0, "start": 0.1 * i, "duration": dur, "schedule_s": 1e-5, "prefill_seqs": int(pt > 0),
+        rec = {"replica": 0, "start": 1.0 * i, "duration": dur, "schedule_s": 1e-5, "prefill_seqs": int(pt > 0),
                "prefill_tokens": pt, "decode_seqs": ds, "prefill_context": pt, "decode_context": dctx,
                "attention_pairs": pairs, "sampled": sampled, "preempted": 0, "kv_blocks_used": 1, "running": 1,
                "waiting": 0}
@@ -432,6 +432,27 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
     assert prof.measure["steps"] == 300 and prof.grid == []
     assert prof.fit["heldout"]["max_rel_error"] < 1e-6
     assert prof.cost.shared == pytest.approx(LINEAR, rel=1e-4)
+    assert prof.cost.step_overhead_s == 0.0 and prof.measure["loop_overhead"]["gaps"] == 0  # 1 s apart: idle
+
+
+def test_loop_gaps_keep_back_to_back_steps_only():
+    from sim.calibrate import gap_stats, loop_gaps
+
+    steps = {"replica": np.array([0, 0, 0, 1, 1, 0]), "start": np.array([0.0, 0.011, 0.022, 0.0, 0.5, 1.0]),
+             "duration": np.array([0.010, 0.010, 0.010, 0.010, 0.010, 0.010])}
+    g = loop_gaps(steps)  # replica 0: 1 ms, 1 ms, then 0.968 s idle; replica 1: 0.49 s idle
+    assert g == pytest.approx([0.001, 0.001])
+    assert gap_stats(g)["mean_s"] == pytest.approx(0.001) and gap_stats(np.zeros(0))["gaps"] == 0
+
+
+def test_step_overhead_is_added_to_every_step_and_run():
+    cost = max_cost().with_overhead(0.002)
+    f = StepFeatures(0, 3, 0.0, 300, 3)
+    assert cost.step_time(f) == pytest.approx(max_cost().step_time(f) + 0.002)
+    assert cost.decode_run(f).elapsed(10) == pytest.approx(max_cost().decode_run(f).elapsed(10) + 0.02)
+    assert cost.coefficients()["step_overhead_s"] == 0.002
+    with pytest.raises(ValueError):
+        FittedCost(LINEAR, 1, step_overhead_s=-1.0)
 
 
 def test_validate_command_end_to_end(tmp_path, capsys):
