@@ -209,7 +209,7 @@ class ItlLog:
         if len(r):
             a1, b1, a2, b2, c, lo, hi, w = r.T
             y = x - c
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 i1 = np.where(b1 > 0, np.floor((y - a1) / b1), np.where(a1 <= y, np.inf, -np.inf))
                 i2 = np.where(b2 > 0, np.floor((y - a2) / b2), np.where(a2 <= y, np.inf, -np.inf))
             last = np.minimum(i1, i2)  # largest i with d(i) <= x
@@ -260,7 +260,7 @@ def _run_sum(r: np.ndarray, m: np.ndarray) -> np.ndarray:
     swap = (a2 > a1) | ((a2 == a1) & (b2 > b1))
     A1, B1 = np.where(swap, a2, a1), np.where(swap, b2, b1)
     A2, B2 = np.where(swap, a1, a2), np.where(swap, b1, b2)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         cross = np.where(B2 > B1, np.clip(np.ceil((A1 - A2) / (B2 - B1)), 0, None), np.inf)
     cross = np.minimum(cross, m)
     tot = cross * A1 + B1 * (cross * (cross - 1) / 2)
