@@ -98,6 +98,34 @@ def cell_config(sched: str, router: str, replicas: int, profile: str, num_blocks
                      scheduler=SchedulerConfig(prefix_caching=False, **SCHEDULERS[sched]))
 
 
+def machine_busy(interval: float = 2.0) -> float:
+    """Share of all cores busy over `interval` seconds (from /proc/stat; this script idles meanwhile, so it is
+    other processes' load). The 1-minute load average lags too much to tell when a burst has ended."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except OSError:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_quiet(threshold: float, max_wait: float) -> tuple[float, float]:
+    """Wait until other processes use less than `threshold` of the cores (or max_wait s pass).
+    Returns (busy share last seen, seconds waited)."""
+    t0 = time.perf_counter()
+    busy = machine_busy()
+    while busy > threshold and time.perf_counter() - t0 < max_wait:
+        busy = machine_busy(5.0)
+    return busy, time.perf_counter() - t0
+
+
 def fmt_err(e: float | None) -> str:
     return "n/a" if e is None or not math.isfinite(e) else f"{e:+.1%}"
 
@@ -117,6 +145,10 @@ def main() -> int:
     ap.add_argument("--schedulers", default=None, help="comma-separated: " + ", ".join(SCHEDULERS))
     ap.add_argument("--routers", default=None, help="comma-separated: " + ", ".join(ROUTERS))
     ap.add_argument("--out", help="directory for profile.toml and fidelity.json")
+    ap.add_argument("--quiet", type=float, default=0.2,
+                    help="before profiling and before each cell, wait until other processes use less than this "
+                         "share of the cores (default 0.2; 1 = never wait)")
+    ap.add_argument("--max-wait", type=float, default=900.0, help="longest wait for a quiet machine, s (default 900)")
     args = ap.parse_args()
     n_req = args.requests or (20 if args.quick else 48)
     scheds = (args.schedulers or ("chunked-512" if args.quick else ",".join(SCHEDULERS))).split(",")
@@ -135,6 +167,8 @@ def main() -> int:
         prof_path = args.profile
         prof = read_profile_file(prof_path)
     else:
+        busy, waited = wait_quiet(args.quiet, args.max_wait)
+        print(f"profiling (other load {busy:.0%} of the cores after waiting {waited:.0f} s)", flush=True)
         prof, _ = run_profile(args.model, "cpu", 3 if args.quick else 5, 2, args.quick, 0.25, "auto", 1,
                               args.num_blocks, 16, 2048, 0, concurrent=args.replicas)
         prof_path = str((out_dir or Path("/tmp")) / f"fidelity-profile-{os.getpid()}.toml")
@@ -162,12 +196,14 @@ def main() -> int:
 
     rows = []
     for k, (tr, sc, ro, ld, sat, w, cfg) in enumerate(cells):
+        other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
         res = run_validate(w, cfg, prof_path, args.model, "cpu", 1, 300.0)
         c = res["comparison"]["metrics"]
         chk = res["step_check"][0]
         row = {"trace": tr, "scheduler": sc, "router": ro, "load": ld, "rate": (len(w) - 1) / w.span,
                "saturation_rate": sat, "requests": len(w), "loadavg_1m": [load0, os.getloadavg()[0]],
+               "other_load_before": other, "waited_s": waited,
                "errors": {m: c[m]["rel_error"] for m, _ in METRICS},
                "sim": {m: c[m]["sim"] for m, _ in METRICS}, "real": {m: c[m]["real"] for m, _ in METRICS},
                "step_busy_ratio": chk.get("busy_ratio"), "step_median_ratio": chk.get("median_ratio"),
@@ -178,7 +214,7 @@ def main() -> int:
         print(f"[{k + 1}/{len(cells)}] {tr} {sc} {ro} {ld} ({row['rate']:.2f} req/s): "
               + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" for m, lab in METRICS)
               + f"; steps x{row['step_busy_ratio']:.2f}; corrected {row['corrected_median_abs_rel_error']:.1%}"
-              + f"; load {load0:.1f}", flush=True)
+              + f"; other load before {other:.0%} (waited {waited:.0f} s)", flush=True)
         if out_dir:
             (out_dir / "fidelity.json").write_text(json.dumps({"profile": prof_path, "cells": rows}, indent=2) + "\n")
 

@@ -9,7 +9,12 @@
 The fitted form is
 
     duration = max(A . x, B . x) + C . x + overhead,
-    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits)
+    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched)
+
+where batched = 1 when the step computes two or more tokens. It is there because the data say so:
+on the CPU a one-token step (one decode) runs its matrix products as matrix-vector products, and a
+second token costs as much as the next dozen (measured 8.4 ms for one decode, 12.8 ms for two,
+14.5 ms for four); no straight line through batch size fits both ends.
 
 with every coefficient >= 0, so a prediction never decreases when any feature grows and
 extrapolates beyond the grid as straight lines. The plain linear model is A = B = 0; `fit_cost`
@@ -46,7 +51,7 @@ from scipy.optimize import nnls
 
 from sim.cost import DecodeRun, StepFeatures
 
-FEATURES = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits")
+FEATURES = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "batched")
 PROFILE_FORMAT = "twinfer-profile"
 PROFILE_VERSION = 1
 
@@ -54,11 +59,12 @@ PROFILE_VERSION = 1
 # ---- the cost model ---------------------------------------------------------------------------
 
 def feature_row(f: StepFeatures) -> np.ndarray:
-    return np.array([1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits])
+    return np.array([1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
+                     1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0])
 
 
 def feature_matrix(fs: Iterable[StepFeatures]) -> np.ndarray:
-    """[n, 6]: a leading column of ones, then the features in FEATURES order."""
+    """[n, 7]: a leading column of ones, then the features in FEATURES order."""
     rows = [feature_row(f) for f in fs]
     return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES))
 
@@ -111,7 +117,8 @@ class FittedCost:
         return "max" if self._max else "linear"
 
     def step_time(self, f: StepFeatures) -> float:
-        x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits)
+        x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
+             1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0)
         c, a, b = self._c, self._a, self._b
         base = sum(ci * xi for ci, xi in zip(c, x)) + self.step_overhead_s
         if not self._max:
@@ -944,7 +951,7 @@ def steps_features(steps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
     pt = np.asarray(steps["prefill_tokens"], dtype=np.float64)
     ds = np.asarray(steps["decode_seqs"], dtype=np.float64)
     X = np.column_stack([np.ones(len(d)), pt, ds, np.asarray(steps["attention_pairs"], dtype=np.float64) - dctx,
-                         dctx, np.asarray(steps["sampled"], dtype=np.float64)])
+                         dctx, np.asarray(steps["sampled"], dtype=np.float64), (pt + ds >= 2).astype(np.float64)])
     kinds = ["decode" if p == 0 else "prefill" if q == 0 else "mixed" for p, q in zip(pt.tolist(), ds.tolist())]
     return X, d, kinds
 

@@ -68,6 +68,12 @@ SIM_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device-memory-gib", "cluster.device_memory_gib", float, "memory per GPU (default: the profile's device)"),
     ("--devices-per-host", "cluster.devices_per_host", int, "GPUs per host; a TP group stays on one host "
                                                             "(default: all on one host)"),
+    ("--gpu-task-rate", "gpu_tasks.rate", float,
+     "independent GPU tasks (embeddings, tool-model calls) per s on a separate device pool, Poisson over the "
+     "workload; 0 = off (default 0)"),
+    ("--gpu-task-work", "gpu_tasks.work", float, "mean s of work per GPU task on a speed-1.0 device (default 0.05)"),
+    ("--gpu-task-speeds", "gpu_tasks.speeds", lambda s: s,
+     "comma list of GPU-task device speeds, one device each, e.g. 1,2 (default 1)"),
 ]
 # Repeatable flags: (flag, dotted config key, metavar, help); the values are collected into a list.
 LIST_FLAGS: list[tuple[str, str, str, str]] = [

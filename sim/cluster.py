@@ -294,6 +294,7 @@ class Cluster:
     cfg: SimConfig
     frontend: Frontend
     meta: dict = field(default_factory=dict)
+    gpu_tasks: Any = None  # sim.gpu_tasks.GpuTaskStream when gpu_tasks.rate > 0
 
 
 def router_options(name: str, cost: CostModel) -> dict[str, float]:
@@ -346,7 +347,12 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
         from sim.faults import start_faults
 
         start_faults(env, replicas, fe, cfg.faults, cfg.seed)
-    return Cluster(env, replicas, records, cfg, fe, meta=meta)
+    gpu = None
+    if cfg.gpu_tasks.enabled and len(workload):
+        from sim.gpu_tasks import start_gpu_tasks
+
+        gpu = start_gpu_tasks(env, cfg.gpu_tasks, cfg.seed, float(workload.arrival[0]), float(workload.arrival[-1]))
+    return Cluster(env, replicas, records, cfg, fe, meta=meta, gpu_tasks=gpu)
 
 
 def _checked(sched: ContinuousBatchingScheduler) -> None:
@@ -417,6 +423,8 @@ def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
     mem = _memory_meta(cluster)
     if mem:
         meta["memory"] = mem
+    if cluster.gpu_tasks is not None:
+        meta["gpu_tasks"] = cluster.gpu_tasks.summary(start)
     if check:  # what the invariant tests look at
         meta["check"] = {"submissions": fe.submissions, "cache_hits": fe.cache_hits_log}
     itl = ItlLog()

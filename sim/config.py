@@ -184,6 +184,45 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class GpuTaskSettings:
+    """An independent stream of GPU tasks (embeddings, tool-model calls) on a separate pool of devices,
+    dispatched by policies.placement.TaskScheduler (sim/gpu_tasks.py)."""
+
+    rate: float = 0.0  # tasks/s, Poisson over the span of the LLM workload; 0 = off
+    work: float = 0.05  # mean s of work on a speed-1.0 device
+    work_cv: float = 0.0  # 0 = every task has `work`; else Gamma with this coefficient of variation
+    speeds: tuple[float, ...] = (1.0,)  # one device per entry (work units per s); a list or "1,2"
+    jitter: float = 0.0  # actual duration = predicted * lognormal(0, jitter) (seeded); 0 = exact predictions
+
+    def __post_init__(self) -> None:
+        _range("gpu_tasks.rate", 0 <= self.rate < math.inf, ">= 0 (0 = off)", self.rate)
+        _range("gpu_tasks.work", 0 <= self.work < math.inf, ">= 0", self.work)
+        _range("gpu_tasks.work_cv", 0 <= self.work_cv < math.inf, ">= 0", self.work_cv)
+        _range("gpu_tasks.jitter", 0 <= self.jitter < math.inf, ">= 0", self.jitter)
+        v = self.speeds
+        if isinstance(v, str):
+            v = [x for x in v.replace(" ", "").split(",") if x]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"gpu_tasks.speeds={self.speeds!r} must be a non-empty list of device speeds, "
+                             f"e.g. [1.0, 2.0] or '1,2'")
+        try:
+            speeds = tuple(float(x) for x in v if not isinstance(x, bool))
+        except (TypeError, ValueError):
+            speeds = ()
+        if len(speeds) != len(v):
+            raise ValueError(f"gpu_tasks.speeds={self.speeds!r} must be numbers, e.g. [1.0, 2.0] or '1,2'")
+        for x in speeds:
+            _range("gpu_tasks.speeds", 0 < x < math.inf, "each > 0", list(speeds))
+        object.__setattr__(self, "speeds", speeds)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     """Options of the waiting-queue disciplines (scheduler.queue picks one)."""
 
@@ -227,6 +266,7 @@ class SimConfig:
     sessions: SessionSettings = field(default_factory=SessionSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    gpu_tasks: GpuTaskSettings = field(default_factory=GpuTaskSettings)
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= 100_000:
@@ -248,7 +288,8 @@ class SimConfig:
 
 _SECTIONS = {"scheduler": SchedulerConfig, "slo": SLO, "queue": QueueSettings, "result_cache": ResultCacheSettings,
              "faults": FaultSettings, "health": HealthSettings, "sessions": SessionSettings,
-             "memory": MemorySettings, "cluster": ClusterSettings}
+             "memory": MemorySettings, "cluster": ClusterSettings,
+             "gpu_tasks": GpuTaskSettings}
 
 
 def _build(cls: type, data: dict[str, Any], where: str, prefix: str = "") -> Any:

@@ -17,9 +17,10 @@ from sim.calibrate import (
 )
 from sim.cost import StepFeatures, load_cost_model, plan_features
 
-LINEAR = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4]  # intercept, prefill_tokens, decode_seqs, attn, ctx, logits
-LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4]  # flat: weight-bound small steps
-LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4]  # steep: compute-bound large steps
+# intercept, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched
+LINEAR = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4, 0.004]
+LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4, 0.0]  # flat: weight-bound small steps
+LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4, 0.002]  # steep: compute-bound large steps
 
 
 def grid_X() -> np.ndarray:
@@ -31,7 +32,7 @@ def kinds() -> list[str]:
 
 
 def max_cost(kv: int = 10_000) -> FittedCost:
-    return FittedCost([0.0005, 0, 0, 0, 0, 0], kv, line_a=LINE_A, line_b=LINE_B, name="max-test")
+    return FittedCost([0.0005, 0, 0, 0, 0, 0, 0], kv, line_a=LINE_A, line_b=LINE_B, name="max-test")
 
 
 def sample_profile(cost: FittedCost) -> Profile:
@@ -51,7 +52,7 @@ def sample_profile(cost: FittedCost) -> Profile:
 def test_linear_step_time_is_the_dot_product():
     c = FittedCost(LINEAR, 1000)
     f = StepFeatures(100, 4, 5050.0, 400, 5)
-    want = LINEAR[0] + LINEAR[1] * 100 + LINEAR[2] * 4 + LINEAR[3] * 5050 + LINEAR[4] * 400 + LINEAR[5] * 5
+    want = LINEAR[0] + LINEAR[1] * 100 + LINEAR[2] * 4 + LINEAR[3] * 5050 + LINEAR[4] * 400 + LINEAR[5] * 5 + LINEAR[6]
     assert c.form == "linear"
     assert c.step_time(f) == pytest.approx(want, rel=1e-12)
     assert c.predict(feature_matrix([f]))[0] == pytest.approx(want, rel=1e-12)
@@ -68,8 +69,8 @@ def test_max_form_takes_the_larger_line_plus_shared():
 
 def test_coefficients_must_be_non_negative_and_complete():
     with pytest.raises(ValueError, match=">= 0"):
-        FittedCost([0.01, -1e-4, 0, 0, 0, 0], 100)
-    with pytest.raises(ValueError, match="6 coefficients"):
+        FittedCost([0.01, -1e-4, 0, 0, 0, 0, 0], 100)
+    with pytest.raises(ValueError, match="7 coefficients"):
         FittedCost([0.01, 1e-4], 100)
     with pytest.raises(ValueError, match="unknown coefficient"):
         FittedCost({"intercept": 0.01, "flops": 1.0}, 100)
@@ -94,9 +95,9 @@ def test_decode_run_agrees_with_step_time(cost):
 
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 256), ctx=st.integers(2, 4096), k=st.integers(1, 400),
-       a=st.lists(st.floats(0, 1e-2), min_size=6, max_size=6), bb=st.lists(st.floats(0, 1e-2), min_size=6, max_size=6))
+       a=st.lists(st.floats(0, 1e-2), min_size=7, max_size=7), bb=st.lists(st.floats(0, 1e-2), min_size=7, max_size=7))
 def test_decode_run_sums_step_times_for_any_max_model(b, ctx, k, a, bb):
-    cost = FittedCost([1e-4] + [0.0] * 5, 1, line_a=a, line_b=bb)
+    cost = FittedCost([1e-4] + [0.0] * 6, 1, line_a=a, line_b=bb)
     f = StepFeatures(0, b, 0.0, b * ctx, b)
     total = sum(cost.step_time(StepFeatures(0, b, 0.0, b * ctx + b * i, b)) for i in range(k))
     assert cost.decode_run(f).elapsed(k) == pytest.approx(total, rel=1e-9, abs=1e-15)
@@ -121,7 +122,7 @@ def test_fit_recovers_known_linear_coefficients_from_noisy_measurements():
     r = fit_cost(X, y, 5000, kinds=kinds(), form="linear")
     assert r.model.form == "linear" and r.model.kv_capacity_tokens == 5000
     # the well-determined coefficients come back within a few percent
-    for k in ("intercept", "prefill_tokens", "decode_ctx"):
+    for k in ("intercept", "prefill_tokens", "decode_ctx", "batched"):
         i = FEATURES.index(k)
         assert r.model.shared[i] == pytest.approx(LINEAR[i], rel=0.05), k
     assert r.errors["heldout"]["median_rel_error"] < 0.015
@@ -225,7 +226,7 @@ def test_neighbour_share_settles_on_the_other_replicas_utilisation():
     from sim.config import SimConfig
     from traces.workload import Request, Workload
 
-    alone = FittedCost([0.01, 1e-4, 1e-3, 0, 1e-6, 0], 100_000)
+    alone = FittedCost([0.01, 1e-4, 1e-3, 0, 1e-6, 0, 0], 100_000)
     prof = dataclasses.replace(sample_profile(alone), busy=scaled(alone, 2.0), neighbours=1)
     reqs = [Request(i, 0.5 * i, 200, 20) for i in range(40)]
     w = Workload.from_requests(reqs, name="steady")
@@ -417,7 +418,7 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
         dctx = int(ds * rng.integers(2, 900))
         pairs = pt * (pt + 1) // 2 + dctx
         sampled = ds + (1 if pt else 0)
-        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled], dtype=float)
+        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled, float(pt + ds >= 2)], dtype=float)
         dur = float(x @ np.array(LINEAR))
         rec = {"replica": 0, "start": 1.0 * i, "duration": dur, "schedule_s": 1e-5, "prefill_seqs": int(pt > 0),
                "prefill_tokens": pt, "decode_seqs": ds, "prefill_context": pt, "decode_context": dctx,
@@ -459,7 +460,7 @@ def test_validate_command_end_to_end(tmp_path, capsys):
     pytest.importorskip("torch")
     from sim.cli import main
 
-    prof = save_profile_file(sample_profile(FittedCost([0.002, 2e-5, 1e-4, 0, 4e-7, 0], 512 * 16, name="tiny")),
+    prof = save_profile_file(sample_profile(FittedCost([0.002, 2e-5, 1e-4, 0, 4e-7, 0, 0], 512 * 16, name="tiny")),
                              tmp_path / "tiny.toml")
     trace = tmp_path / "t.csv"
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(

@@ -116,7 +116,8 @@ def summarize(result: RunResult, slo=None) -> dict[str, Any]:
             for i, r in enumerate(result.replicas)
         ],
         "reasons": _reasons(rec),
-        "meta": result.meta,
+        **({"gpu_tasks": result.meta["gpu_tasks"]} if "gpu_tasks" in result.meta else {}),
+        "meta": {k: v for k, v in result.meta.items() if k != "gpu_tasks"},
     }
 
 
@@ -225,6 +226,13 @@ def render(summary: dict[str, Any], title: str = "twinfer report"):
     if mem and "reclaimed_blocks" in mem:
         s.add_row("KV reclaim", f"{sum(mem['reclaimed_blocks']):,} cached blocks reclaimed above "
                                 f"{mem['reclaim_high']:.0%} (down to {mem['reclaim_low']:.0%})")
+    gt = summary.get("gpu_tasks")
+    if gt:
+        u = gt["utilisation"]
+        s.add_row("GPU tasks", f"{gt['count']:,} on {len(u)} device(s); wait p50 {_ms(gt['wait_s']['p50'])} ms, "
+                               f"p99 {_ms(gt['wait_s']['p99'])} ms; latency p50 {_ms(gt['latency_s']['p50'])} ms, "
+                               f"p99 {_ms(gt['latency_s']['p99'])} ms; finish error {_ms(gt['finish_error_s'])} ms; "
+                               f"utilisation {', '.join(f'{x:.0%}' for x in u)}")
     s.add_row("preemptions", f"{summary['preemptions']:,}")
     util = [r["utilisation"] for r in summary["replicas"]]
     if util:
