@@ -141,7 +141,7 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per replica, both sides")
     ap.add_argument("--traces", default=",".join(TRACES), help="comma-separated: " + ", ".join(TRACES))
-    ap.add_argument("--loads", default=",".join(LOADS), help="comma-separated: " + ", ".join(LOADS))
+    ap.add_argument("--loads", default=",".join(LOADS), help="comma-separated: " + ", ".join(LOADS).replace("%", "%%"))
     ap.add_argument("--schedulers", default=None, help="comma-separated: " + ", ".join(SCHEDULERS))
     ap.add_argument("--routers", default=None, help="comma-separated: " + ", ".join(ROUTERS))
     ap.add_argument("--out", help="directory for profile.toml and fidelity.json")
