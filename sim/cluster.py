@@ -78,6 +78,7 @@ class Replica:
         self._asleep = False
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
+        self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
         self.proc = env.process(self._loop())
 
     # Router view
@@ -151,6 +152,7 @@ class Replica:
                 if k > 1 and reclaim:
                     k = self._reclaim_horizon(plan, k)
                 busy = True
+                self.current = f
                 if k == 1:
                     run = None
                     d = cost.step_time(f)
@@ -180,6 +182,7 @@ class Replica:
                     st.steps += m
                     st.tokens += m * f.decode_seqs
                 busy = False
+                self.current = None
                 self.clock = end
                 self._collect()
                 if after_step:
@@ -188,6 +191,7 @@ class Replica:
                 if busy:
                     self._lose_step(plan, f, now, run, m if run is not None else 1)
                 busy = False
+                self.current = None
                 yield from self._down()
 
     # ---- crashes --------------------------------------------------------------------------------
@@ -327,12 +331,17 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
     records = RecordTable(len(workload))
     queue_opts = cfg.queue.options(cfg.scheduler.queue)
     new_queue = (lambda: create_queue(cfg.scheduler.queue, **queue_opts)) if queue_opts else None
-    replicas = []
+    replicas: list[Replica] = []
+    # A cost model whose step times depend on what co-located replicas run (`for_replica(i, replicas)`
+    # gives replica i its own view of the others' `current` steps) may also forbid decode-run jumps.
+    bind = getattr(cost, "for_replica", None)
+    jump = cfg.jump and getattr(cost, "jump_ok", True)
     for i in range(n_replicas):
         sched = create_scheduler(cfg.scheduler, num_blocks)
         if new_queue is not None:
             sched.waiting = new_queue()
-        replicas.append(Replica(env, i, sched, cost, records, cfg.jump, new_queue))
+        replicas.append(Replica(env, i, sched, cost if bind is None else bind(i, replicas), records, jump,
+                                new_queue))
     router = create_router(cfg.router, seed=cfg.seed, **router_options(cfg.router, cost))
     fe = Frontend(env, replicas, records, router, workload, cfg, check=check)
     mem = cfg.memory
