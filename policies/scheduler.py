@@ -326,11 +326,27 @@ class ContinuousBatchingScheduler:
             self.update(plan, start, end)
             return
         decode = plan.decode
-        ev = self._alloc_events(plan, m)
-        if ev:
-            blocks = self.kv.allocate(len(ev))
-            for (_, pos), b in zip(ev, blocks):
-                decode[pos].block_table.append(b)
+        # Blocks the m steps allocate, per sequence. Stepping would take them in (step, position) order;
+        # they are plain (unhashed) blocks, so which id goes to which sequence changes nothing else,
+        # and taking them all at once evicts the same cached blocks in the same (LRU) order.
+        bs = self.cfg.block_size
+        total = 0
+        needs = None
+        for pos, seq in enumerate(decode):
+            i = len(seq.block_table) * bs - seq.num_computed + 1
+            if i <= m:
+                n = (m - i) // bs + 1
+                if needs is None:
+                    needs = [0] * len(decode)
+                needs[pos] = n
+                total += n
+        if total:
+            blocks = self.kv.allocate(total)
+            j = 0
+            for pos, n in enumerate(needs):
+                if n:
+                    decode[pos].block_table.extend(blocks[j:j + n])
+                    j += n
         c = 0
         finished = False
         itl = self.itl

@@ -79,6 +79,7 @@ class Replica:
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
+        self.ahead: Any = None  # an object whose `next_arrival` bounds run-ahead (see _loop); None: off
         self.proc = env.process(self._loop())
 
     # Router view
@@ -132,10 +133,11 @@ class Replica:
         env, sched, cost, st = self.env, self.sched, self.cost, self.stats
         reclaim = self.reclaimer is not None
         after_step = reclaim or self.sample_every > 0
+        ahead = self.ahead
         busy = False
         while True:
             try:
-                now = self.clock  # == env.now up to rounding; the step arithmetic is the reference
+                now = self.clock  # the step arithmetic is the reference; env.now may lag it (run-ahead)
                 plan = sched.schedule(now)
                 self._collect()
                 if plan.empty:
@@ -153,11 +155,15 @@ class Replica:
                     k = self._reclaim_horizon(plan, k)
                 busy = True
                 self.current = f
+                # Run-ahead: nothing outside this replica can look at it or change it before the front
+                # end's next arrival, so a step (or run) that ends before then is applied at once.
+                limit = ahead.next_arrival if ahead is not None else -math.inf
                 if k == 1:
                     run = None
                     d = cost.step_time(f)
-                    yield env.timeout(d)
                     end = now + d
+                    if end >= limit:
+                        yield env.timeout(end - env.now)
                     sched.update(plan, now, end)
                     st.busy_time += d
                     st.steps += 1
@@ -165,19 +171,21 @@ class Replica:
                 else:
                     run = cost.decode_run(f)
                     m = k
+                    end = now + run.elapsed(k)
                     deadline = sched.next_wakeup()
-                    if deadline is not None and deadline < now + run.elapsed(k):
+                    if deadline is not None and deadline < end:
                         m = run.step_at(deadline - now, k) + 1
-                    end = now + run.elapsed(m)
-                    self._arm(end)
-                    yield from self._sleep()
-                    woke = env.now
-                    if woke < end:  # an arrival: finish the step in progress, then look again
-                        m = run.step_at(woke - now, m) + 1
                         end = now + run.elapsed(m)
-                        if end > woke:
-                            yield env.timeout(end - woke)
-                    sched.advance(plan, m, now, now + run.elapsed(1), end, run)
+                    if end >= limit:
+                        self._arm(end)
+                        yield from self._sleep()
+                        woke = env.now
+                        if woke < end:  # an arrival: finish the step in progress, then look again
+                            m = run.step_at(woke - now, m) + 1
+                            end = now + run.elapsed(m)
+                            if end > woke:
+                                yield env.timeout(end - woke)
+                    sched.advance(plan, m, now, now + run.elapsed(1) if m > 1 else end, end, run)
                     st.busy_time += end - now
                     st.steps += m
                     st.tokens += m * f.decode_seqs
@@ -345,7 +353,13 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
     router = create_router(cfg.router, seed=cfg.seed, **router_options(cfg.router, cost))
     fe = Frontend(env, replicas, records, router, workload, cfg, check=check)
     mem = cfg.memory
+    # Run-ahead (Replica._loop) needs every outside event that can touch a replica to be a known arrival:
+    # open loop, nothing between the front end and the replicas, no faults, step times of its own.
+    run_ahead = (jump and not fe.needs_sink and bind is None and not cfg.faults.cache_node_loss
+                 and getattr(cost, "run_ahead_ok", True))
     for rep in replicas:
+        if run_ahead:
+            rep.ahead = fe
         if fe.needs_sink:
             rep.sink = fe.done
         rep.on_crash, rep.on_recover = fe.crashed, fe.recovered

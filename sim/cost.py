@@ -76,10 +76,16 @@ class DecodeRun:
     time to the end of step m in closed form: a run of a thousand steps costs what one step does.
     """
 
-    __slots__ = ("a1", "b1", "a2", "b2", "c")
+    __slots__ = ("a1", "b1", "a2", "b2", "c", "_top", "_x", "_cx")
 
     def __init__(self, a1: float, b1: float, a2: float, b2: float, c: float):
         self.a1, self.b1, self.a2, self.b2, self.c = a1, b1, a2, b2, c
+        if a2 > a1 or (a2 == a1 and b2 > b1):  # the line on top at i = 0 first
+            a1, b1, a2, b2 = a2, b2, a1, b1
+        self._top = (a1, b1, a2, b2)
+        # The other line overtakes from step ceil(x) on (x = inf: never).
+        self._x = math.inf if b2 <= b1 else (a1 - a2) / (b2 - b1)
+        self._cx = max(0, math.ceil(self._x)) if math.isfinite(self._x) else 0
 
     def duration(self, i: int) -> float:
         return max(self.a1 + self.b1 * i, self.a2 + self.b2 * i) + self.c
@@ -88,14 +94,8 @@ class DecodeRun:
         """Sum of the first m durations."""
         if m <= 0:
             return 0.0
-        a1, b1, a2, b2 = self.a1, self.b1, self.a2, self.b2
-        if a2 > a1 or (a2 == a1 and b2 > b1):  # line 1 = the one on top at i = 0
-            a1, b1, a2, b2 = a2, b2, a1, b1
-        if b2 <= b1:
-            cross = m
-        else:  # line 2 overtakes from i >= ceil((a1 - a2) / (b2 - b1))
-            x = (a1 - a2) / (b2 - b1)
-            cross = m if not x < m else max(0, math.ceil(x))  # `not x < m` also catches inf
+        a1, b1, a2, b2 = self._top
+        cross = m if not self._x < m else self._cx  # `not x < m` also catches inf and nan
         tot = cross * a1 + b1 * (cross * (cross - 1) / 2)
         if cross < m:
             n = m - cross

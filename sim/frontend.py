@@ -88,6 +88,7 @@ class Frontend:
         self.recorded = 0
         self.pending = 0  # timers of ours not yet fired (cache latency, session think times)
         self.arrivals_done = False
+        self.next_arrival = -math.inf  # time of the next arrival not yet sent (inf after the last)
         self.progress: Callable[[int], None] | None = None
         rc = cfg.result_cache
         self.cache = FrontCache(rc.capacity, rc.ttl, rc.nodes, rc.replication, rc.vnodes) if rc.enabled else None
@@ -115,13 +116,18 @@ class Frontend:
         arrival = w.arrival.tolist()
         progress = self.progress if self.sessions is None else None
         tick = max(self.n // 200, 1)
-        for i in rows:
+        nxt = [arrival[i] for i in rows]
+        nxt.append(math.inf)
+        for j, i in enumerate(rows):
             t = arrival[i]
+            self.next_arrival = t
             if t > env.now:
                 yield env.timeout(t - env.now)
+            self.next_arrival = nxt[j + 1]
             self.send(Sequence(w.request(i)))
             if progress is not None and i % tick == 0:
                 progress(i)
+        self.next_arrival = math.inf
         self.arrivals_done = True
 
     def _later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:

@@ -40,48 +40,71 @@ FIELD_NAMES = tuple(n for n, _ in RECORD_FIELDS)
 
 
 class RecordTable:
-    """Columnar per-request records, preallocated for n requests and filled by id."""
+    """Columnar per-request records, preallocated for n requests and filled by id.
+
+    `put` appends a row to a small buffer; the buffer goes into the numpy columns in bulk (element-wise
+    numpy stores cost more than the rest of recording), so read `cols` (which flushes) for the columns."""
+
+    _FLUSH = 4096
 
     def __init__(self, n: int):
         self.n = n
-        self.cols: dict[str, np.ndarray] = {}
+        self._cols: dict[str, np.ndarray] = {}
         for name, dt in RECORD_FIELDS:
             if dt == "f8":
-                self.cols[name] = np.full(n, np.nan)
+                self._cols[name] = np.full(n, np.nan)
             elif dt == "i8":
-                self.cols[name] = np.full(n, -1 if name in ("replica",) else 0, dtype=np.int64)
+                self._cols[name] = np.full(n, -1 if name in ("replica",) else 0, dtype=np.int64)
             else:
-                self.cols[name] = np.full(n, "", dtype=object)
-        self.cols["id"][:] = np.arange(n)
-        self.filled = np.zeros(n, dtype=bool)
+                self._cols[name] = np.full(n, "", dtype=object)
+        self._cols["id"][:] = np.arange(n)
+        self._filled = bytearray(n)
+        self._buf: list[tuple] = []
 
     def put(self, seq, result_cache_hit: bool = False) -> None:
         """Write a terminal Sequence (policies.sequence.Sequence)."""
-        i = seq.req.index
-        if self.filled[i]:
-            raise RuntimeError(f"request {i} recorded twice")
-        self.filled[i] = True
-        c = self.cols
         r = seq.req
-        c["arrival"][i] = seq.t_arrival
-        if seq.t_admitted is not None:
-            c["admitted"][i] = seq.t_admitted
-        if seq.t_first_token is not None:
-            c["first_token"][i] = seq.t_first_token
-        if seq.t_finish is not None:
-            c["finish"][i] = seq.t_finish
-        c["input_tokens"][i] = r.input_tokens
-        c["output_tokens"][i] = r.output_tokens
-        c["generated_tokens"][i] = seq.num_generated
-        c["cached_tokens"][i] = seq.num_cached_tokens
-        c["preemptions"][i] = seq.preemptions
-        c["replica"][i] = seq.replica
-        c["status"][i] = seq.outcome
-        c["reason"][i] = seq.reason
-        c["session_id"][i] = r.session_id or ""
-        c["step"][i] = r.step
-        if result_cache_hit:
-            c["result_cache_hit"][i] = 1
+        i = r.index
+        if self._filled[i]:
+            raise RuntimeError(f"request {i} recorded twice")
+        self._filled[i] = 1
+        nan = math.nan
+        t = seq.t_admitted
+        f = seq.t_first_token
+        e = seq.t_finish
+        self._buf.append((i, seq.t_arrival, nan if t is None else t, nan if f is None else f, nan if e is None else e,
+                          r.input_tokens, r.output_tokens, seq.num_generated, seq.num_cached_tokens, seq.preemptions,
+                          seq.replica, seq.outcome, seq.reason, r.session_id or "", r.step, 1 if result_cache_hit else 0))
+        if len(self._buf) >= self._FLUSH:
+            self._flush()
+
+    _BUF_FIELDS = ("arrival", "admitted", "first_token", "finish", "input_tokens", "output_tokens", "generated_tokens",
+                   "cached_tokens", "preemptions", "replica", "status", "reason", "session_id", "step",
+                   "result_cache_hit")
+
+    def _flush(self) -> None:
+        buf = self._buf
+        if not buf:
+            return
+        cols = list(zip(*buf))
+        idx = np.fromiter(cols[0], dtype=np.int64, count=len(buf))
+        c = self._cols
+        for name, vals in zip(self._BUF_FIELDS, cols[1:]):
+            col = c[name]
+            if col.dtype == object:
+                col[idx] = np.array(vals, dtype=object)
+            else:
+                col[idx] = vals
+        buf.clear()
+
+    @property
+    def cols(self) -> dict[str, np.ndarray]:
+        self._flush()
+        return self._cols
+
+    @property
+    def filled(self) -> np.ndarray:
+        return np.frombuffer(self._filled, dtype=np.uint8).astype(bool)
 
     def missing(self) -> np.ndarray:
         return np.flatnonzero(~self.filled)

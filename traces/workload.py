@@ -11,7 +11,8 @@ Optional columns are None when the trace has no such field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from functools import cached_property
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -29,9 +30,9 @@ class TraceError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request as recorded in a trace (immutable)."""
+class Request(NamedTuple):
+    """One request as recorded in a trace (immutable; a named tuple because the simulator builds one per
+    request on its hot path, and a tuple is built several times faster than a frozen dataclass)."""
 
     index: int  # row number in the workload; the id used in records
     arrival: float  # intended send time, s from trace start
@@ -81,20 +82,32 @@ class Workload:
         return len(self.arrival)
 
     def request(self, i: int) -> Request:
-        return Request(
-            index=i,
-            arrival=float(self.arrival[i]),
-            input_tokens=int(self.input_tokens[i]),
-            output_tokens=int(self.output_tokens[i]),
-            block_hashes=self.block_hashes[i] if self.block_hashes is not None else (),
-            hash_block_size=self.hash_block_size if self.block_hashes is not None else 0,
-            session_id=self.session_id[i] if self.session_id is not None else None,
-            step=int(self.step[i]) if self.step is not None else 0,
-            think_time=float(self.think_time[i]) if self.think_time is not None else 0.0,
-            priority=int(self.priority[i]) if self.priority is not None else 0,
-            slo_class=self.slo_class[i] if self.slo_class is not None else "",
-            cache_key=self.cache_key[i] if self.cache_key is not None else None,
-        )
+        return self._rows(i)
+
+    @cached_property
+    def _rows(self):
+        """Row i as a Request, from the columns converted to Python lists once (the hot path builds one
+        Request per simulated request; indexing numpy arrays element by element costs more than the rest)."""
+        n = len(self)
+        arrival, inp, out = self.arrival.tolist(), self.input_tokens.tolist(), self.output_tokens.tolist()
+        none, zero, zf = [None] * n, [0] * n, [0.0] * n
+        hashes = list(self.block_hashes) if self.block_hashes is not None else [()] * n
+        hbs = self.hash_block_size if self.block_hashes is not None else 0
+        session = list(self.session_id) if self.session_id is not None else none
+        step = self.step.tolist() if self.step is not None else zero
+        think = self.think_time.tolist() if self.think_time is not None else zf
+        prio = self.priority.tolist() if self.priority is not None else zero
+        slo = list(self.slo_class) if self.slo_class is not None else [""] * n
+        key = list(self.cache_key) if self.cache_key is not None else none
+        new = tuple.__new__
+
+        def row(i: int) -> Request:
+            if i < 0:
+                i += n
+            return new(Request, (i, arrival[i], inp[i], out[i], hashes[i], hbs, session[i], step[i], think[i],
+                                 prio[i], slo[i], key[i]))
+
+        return row
 
     def __iter__(self) -> Iterator[Request]:
         return (self.request(i) for i in range(len(self)))
