@@ -36,7 +36,7 @@ from traces.loaders import default_trace_path, load_trace
 from traces.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
-MOONCAKE = Path("/work/shared/traces/mooncake/conversation_trace.jsonl")
+MOONCAKE = ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"  # the shared data set
 MOONCAKE_VENDORED = ROOT / "tests/data/mooncake/conversation_trace.head300.jsonl"
 
 

@@ -138,7 +138,7 @@ class ContinuousBatchingScheduler:
         budget = self.cfg.max_num_batched_tokens
         if self.cfg.chunked_prefill:
             budget, all_scheduled = self._schedule_running(plan, budget)
-            if not plan.preempted:
+            if not plan.preempted and len(self.waiting):
                 self._admit(plan, budget, now)
         else:
             # Prefill first (whole prompts, no decodes in that step), as vLLM does without chunking.
@@ -155,7 +155,7 @@ class ContinuousBatchingScheduler:
         decode, prefill, prefill_tokens = plan.decode, plan.prefill, plan.prefill_tokens
         all_scheduled = True
         i = 0
-        while i < len(running):
+        while i < len(running):  # (running shrinks when a sequence is preempted)
             seq = running[i]
             computed = seq.num_computed
             n = seq.req.input_tokens + seq.num_generated - computed
@@ -304,19 +304,25 @@ class ContinuousBatchingScheduler:
 
     def horizon(self, plan: StepPlan) -> int:
         """How many steps of this plan's shape are certain to follow, this one included."""
-        if not self._jumpable or not plan.decode:
+        decode = plan.decode
+        if not self._jumpable or not decode:
             return 1
-        k = min(s.req.output_tokens - s.num_generated for s in plan.decode)
+        k = 1 << 62
+        for s in decode:
+            left = s.req.output_tokens - s.num_generated
+            if left < k:
+                k = left
         if k > 1:
             bs = self.cfg.block_size
-            need = 0
-            for seq in plan.decode:  # blocks the next k-1 steps allocate
-                i = len(seq.block_table) * bs - seq.num_computed + 1
-                if i <= k:
-                    need += (k - i) // bs + 1
             free = self.kv.num_free
-            if need > free:
-                k = self._alloc_events(plan, k)[free][0] - 1  # that step would need a preemption
+            if free < len(decode) * ((k - 1) // bs + 1):  # else surely enough (each needs at most that many)
+                need = 0
+                for seq in decode:  # blocks the next k-1 steps allocate
+                    i = len(seq.block_table) * bs - seq.num_computed + 1
+                    if i <= k:
+                        need += (k - i) // bs + 1
+                if need > free:
+                    k = self._alloc_events(plan, k)[free][0] - 1  # that step would need a preemption
         return max(k, 1)
 
     def advance(self, plan: StepPlan, m: int, start: float, first_end: float, end: float, run) -> None:

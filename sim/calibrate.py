@@ -328,6 +328,18 @@ class Profile:
     busy: FittedCost | None = None
     busy_fit: dict[str, Any] = field(default_factory=dict)
     neighbours: int = 0
+    # What each kind of neighbour step does to each kind of step (sim.contention.measure_contention); optional.
+    contention: dict[str, Any] = field(default_factory=dict)
+
+    def contention_cost(self, group: int | None = None) -> Any:
+        """The step-by-step co-location model (sim.contention.ContentionCost over the alone fit), or None
+        when the profile has no contention measurement (profiles written before it, or `--concurrent 1`)."""
+        if not self.contention.get("slowdown"):
+            return None
+        from sim.contention import ContentionCost
+
+        return ContentionCost(self.cost, self.contention["slowdown"], group=group,
+                              name=f"{self.cost.name} (co-located)")
 
     def cost_at(self, u: float) -> FittedCost:
         """The cost model of a replica whose neighbours are busy a share u of the time (0: alone, 1: always).
@@ -346,6 +358,7 @@ class Profile:
             **({"neighbours": {"count": self.neighbours, "form": self.busy.form,
                                "coefficients": self.busy.coefficients(), "fit": self.busy_fit}}
                if self.busy is not None else {}),
+            **({"contention": self.contention} if self.contention else {}),
             "grid": self.grid,
         }
 
@@ -377,7 +390,23 @@ class Profile:
                        versions=dict(d.get("versions", {})), kv=kv, fit=dict(d.get("fit", {})),
                        measure=dict(d.get("measure", {})), grid=[dict(g) for g in d.get("grid", [])],
                        created=str(d.get("created", "")), name=str(d.get("name", "")), busy=busy,
-                       busy_fit=dict(nb.get("fit", {})) if nb else {}, neighbours=int(nb.get("count", 0)) if nb else 0)
+                       busy_fit=dict(nb.get("fit", {})) if nb else {}, neighbours=int(nb.get("count", 0)) if nb else 0,
+                       contention=_contention_section(d.get("contention"), where))
+
+
+def _contention_section(c: Any, where: str) -> dict[str, Any]:
+    """The optional "contention" section, checked (its slowdown table must build a ContentionCost)."""
+    if not c:
+        return {}
+    from sim.contention import _table
+
+    try:
+        _table(c["slowdown"])
+    except KeyError:
+        raise ValueError(f"{where}: contention section without 'slowdown'") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: contention: {e}") from None
+    return dict(c)
 
 
 def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
@@ -810,7 +839,8 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
                               device: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
                               kv: Mapping[str, Any] | None = None, measure: Mapping[str, Any] | None = None,
                               busy_meas: Sequence[Measurement] | None = None,
-                              neighbours: int = 0) -> tuple[Profile, FitResult]:
+                              neighbours: int = 0, contention: Mapping[str, Any] | None = None
+                              ) -> tuple[Profile, FitResult]:
     """Fit the measurements (and, if given, the same grid measured with busy neighbours: same hold-out
     split) into a Profile."""
     feats = [m.point.features() for m in meas]
@@ -848,7 +878,7 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
     prof = Profile(cost=fit.model, device=dict(device or {}), model=dict(model or {}), versions=library_versions(),
                    kv=dict(kv or {}), fit=fit_d, measure=dict(measure or {}), grid=grid, created=utc_now(), name=name,
                    busy=busy_fit.model if busy_fit else None, busy_fit=busy_d or {},
-                   neighbours=neighbours if busy_fit else 0)
+                   neighbours=neighbours if busy_fit else 0, contention=dict(contention or {}))
     return prof, fit
 
 
@@ -956,14 +986,19 @@ def steps_features(steps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
     return X, d, kinds
 
 
-def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: Any = None) -> dict[str, Any]:
     """The executor's own steps (an engine step log) against the cost model's prediction for each exact
     shape: separates step-time error (the model, or a machine busier than when profiled) from error in
-    what the simulated schedule did."""
+    what the simulated schedule did. With `contention` (a sim.contention.ContentionCost), each step's
+    prediction carries the slowdown of what the other replicas actually had in progress when it started."""
     X, d, kinds = steps_features(steps)
     if not len(d):
         return {"steps": 0}
     pred = cost.predict(X)
+    if contention is not None:
+        from sim.contention import step_factors
+
+        pred = pred * step_factors(contention, steps)
     ratio = d / pred
     dec = np.array([k == "decode" for k in kinds])
     out: dict[str, Any] = {"steps": int(len(d)), "busy_s": float(d.sum()), "predicted_busy_s": float(pred.sum()),

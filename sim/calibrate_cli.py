@@ -112,25 +112,33 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
     runner = ModelRunner(model, max(num_blocks, need), block_size, device=dev, num_threads=threads)
     threads = runner.num_threads
-    def measure(label: str):
+    def measure(label: str, pts=None):
+        pts = points if pts is None else pts
         if not progress:
-            return measure_grid(runner, points, repeats, warmup, seed)
+            return measure_grid(runner, pts, repeats, warmup, seed)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from sim.cli import _console
 
         with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True, console=_console(stderr=True)) as prog:
-            task = prog.add_task(label, total=len(points) * (warmup + repeats))
-            return measure_grid(runner, points, repeats, warmup, seed,
+            task = prog.add_task(label, total=len(pts) * (warmup + repeats))
+            return measure_grid(runner, pts, repeats, warmup, seed,
                                 progress=lambda i, n: prog.update(task, completed=i))
 
     t0 = time.perf_counter()
     meas = measure("profiling")
-    busy = None
+    busy = contention = None
     if concurrent > 1:
+        from sim.contention import measure_contention
+
         with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, threads, str(dev), seed):
             busy = measure(f"profiling, {concurrent - 1} neighbour(s) busy")
+        # What each kind of neighbour step does (the simulator's step-by-step co-location model)
+        contention = measure_contention(
+            lambda pts: measure("profiling, neighbours running one kind of step", pts), points,
+            [m.median for m in meas],
+            lambda shapes: BusyNeighbours(concurrent - 1, cfg, shapes, block_size, need, threads, str(dev), seed))
     loop = None
     if loop_overhead:
         del runner, model  # the replay builds its own replicas
@@ -148,7 +156,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
                  "concurrent": concurrent,
                  "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
                  "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"},
-        busy_meas=busy, neighbours=concurrent - 1)
+        busy_meas=busy, neighbours=concurrent - 1, contention=contention)
     if loop is not None:
         prof.measure["loop_overhead"] = loop
         prof.cost = prof.cost.with_overhead(loop["mean_s"])
@@ -308,8 +316,15 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     w, dropped = fit_to_model(w, mcfg.max_position)
     if not len(w):
         raise ValueError(f"no request of the workload fits the model's max_position={mcfg.max_position}")
-    u, cost = neighbour_share(w, cfg, prof)
-    forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
+    # Co-located replicas: the step-by-step model when the profile measured what each kind of neighbour step
+    # does (sim.contention); else the busy-neighbour fit blended by the neighbours' average busy share.
+    ccost = prof.contention_cost() if cfg.replicas > 1 and device == "cpu" else None
+    if ccost is not None:
+        u, cost = None, ccost
+        forward = ccost.alone.with_overhead(0.0)
+    else:
+        u, cost = neighbour_share(w, cfg, prof)
+        forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
     sim_res = simulate(w, cfg, cost=cost)
     sim_sum = summarize(sim_res, cfg.slo)
     reals, wall, steps = [], [], []
@@ -319,7 +334,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
             t0 = time.perf_counter()
             res = run_workload(w, cfg, model_config=mname, device=device, max_duration=max_duration, out=tmp)
             wall.append(time.perf_counter() - t0)
-            steps.append(step_check(forward, read_steps(Path(tmp) / "steps.csv")))
+            steps.append(step_check(forward, read_steps(Path(tmp) / "steps.csv"), contention=ccost))
         real_threads = res.meta.get("threads_per_replica")
         reals.append(summarize(res, cfg.slo))
     cmp = compare(sim_sum, reals)
@@ -327,6 +342,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
     paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
+    if ccost is not None:
+        paced = ccost.with_alone(paced)
     corr = compare(summarize(simulate(w, cfg, cost=paced), cfg.slo), reals)
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}
@@ -341,7 +358,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
     return {"comparison": cmp, "step_check": steps, "step_time_corrected": corrected, "notes": notes,
-            "neighbours_busy_share": u if prof.busy is not None else None, "sim": sim_sum, "real": reals,
+            "neighbours_busy_share": u if prof.busy is not None else None,
+            "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
+                           "busy-neighbour blend" if prof.busy is not None else "alone"),
+            "sim": sim_sum, "real": reals,
             "config": flatten(cfg), "profile": str(profile_path), "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
             "dropped_too_long": dropped, "real_wall_s": wall, "loadavg_1m": _loadavg()}
 
@@ -374,7 +394,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "
                              f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
                              f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})")
-    if out["neighbours_busy_share"] is not None:
+    if out["cost_model"].startswith("co-located"):
+        _console().print("co-located replicas: each simulated step is slowed by what the other replicas have in "
+                         "progress when it starts (the profile's contention measurement)")
+    elif out["neighbours_busy_share"] is not None:
         _console().print(f"co-located replicas: the simulator's neighbours were busy {out['neighbours_busy_share']:.0%} "
                          f"of each replica's busy time; step costs blended accordingly")
     sc = out["step_time_corrected"]

@@ -45,6 +45,7 @@ from traces.workload import Workload
 
 
 _NS = 8  # values per sample in Replica.samples
+_ARRIVAL = "arrival"  # interrupt cause: new work for a replica inside a decode run (anything else: a crash)
 
 
 class Replica:
@@ -76,6 +77,7 @@ class Replica:
         self._wake = env.event()
         self._token = 0  # invalidates timers armed before the last wake-up
         self._asleep = False
+        self._in_run = False  # waiting out a decode run (interrupted by an arrival)
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
@@ -102,7 +104,10 @@ class Replica:
     def submit(self, seq: Sequence) -> None:
         seq.replica = self.idx
         self.sched.add(seq, self.env.now)
-        if self._asleep and not self._wake.triggered:
+        if self._in_run:  # asleep inside a decode run: cut it at the end of the step in progress
+            self._in_run = False
+            self.proc.interrupt(_ARRIVAL)
+        elif self._asleep and not self._wake.triggered:
             self._wake.succeed()
 
     def _arm(self, at: float) -> None:
@@ -139,8 +144,9 @@ class Replica:
             try:
                 now = self.clock  # the step arithmetic is the reference; env.now may lag it (run-ahead)
                 plan = sched.schedule(now)
-                self._collect()
-                if plan.empty:
+                if sched.done:
+                    self._collect()
+                if not plan.decode and not plan.prefill:
                     wake_at = sched.next_wakeup()
                     if wake_at is not None:
                         self._arm(wake_at)
@@ -177,14 +183,20 @@ class Replica:
                         m = run.step_at(deadline - now, k) + 1
                         end = now + run.elapsed(m)
                     if end >= limit:
-                        self._arm(end)
-                        yield from self._sleep()
-                        woke = env.now
-                        if woke < end:  # an arrival: finish the step in progress, then look again
-                            m = run.step_at(woke - now, m) + 1
-                            end = now + run.elapsed(m)
-                            if end > woke:
-                                yield env.timeout(end - woke)
+                        self._in_run = True  # submit() interrupts the run (cause _ARRIVAL)
+                        try:
+                            yield env.timeout(end - env.now)
+                        except simpy.Interrupt as e:
+                            if e.cause is not _ARRIVAL:
+                                raise
+                            woke = env.now
+                            if woke < end:  # an arrival: finish the step in progress, then look again
+                                m = run.step_at(woke - now, m) + 1
+                                end = now + run.elapsed(m)
+                                if end > woke:
+                                    yield env.timeout(end - woke)
+                        finally:
+                            self._in_run = False
                     sched.advance(plan, m, now, now + run.elapsed(1) if m > 1 else end, end, run)
                     st.busy_time += end - now
                     st.steps += m
@@ -192,7 +204,8 @@ class Replica:
                 busy = False
                 self.current = None
                 self.clock = end
-                self._collect()
+                if sched.done:
+                    self._collect()
                 if after_step:
                     self._after_step(end)
             except simpy.Interrupt:  # a crash (sim/faults.py): only ever raised at a yield above

@@ -52,6 +52,12 @@ class StepFeatures:
 
 def plan_features(plan: StepPlan) -> StepFeatures:
     """Features of a plan, read before the scheduler's update()."""
+    decode = plan.decode
+    if not plan.prefill:  # decode only (the common case)
+        ctx = len(decode)
+        for seq in decode:
+            ctx += seq.num_computed
+        return StepFeatures(0, len(decode), 0.0, ctx, len(decode))
     pt = 0
     attn = 0.0
     logits = 0

@@ -624,7 +624,9 @@ def _gbrt(seed: int):
     return GBRT(base_estimator=GradientBoostingRegressor(n_estimators=30, loss="quantile"), random_state=seed)
 
 
-def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int = 10, seed: int = 0):
+def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int = 10, seed: int = 0, *,
+                   acq_func: str = "gp_hedge", xi: float = 0.01, kappa: float = 1.96, init_gen: str = "lhs",
+                   n_points: int = 10000):
     from skopt import Optimizer
 
     estimator = check_estimator(estimator, "estimator")
@@ -634,17 +636,24 @@ def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int 
         return Optimizer(dims, base_estimator="GP", n_initial_points=2**62, initial_point_generator="random",
                          random_state=seed)
     base = _gbrt(seed) if estimator == "GBRT" else estimator
-    return Optimizer(dims, base_estimator=base, n_initial_points=max(initial, 1), initial_point_generator="lhs",
-                     acq_optimizer="sampling", random_state=seed)
+    return Optimizer(dims, base_estimator=base, n_initial_points=max(initial, 1), initial_point_generator=init_gen,
+                     acq_func=acq_func, acq_func_kwargs={"xi": xi, "kappa": kappa}, acq_optimizer="sampling",
+                     acq_optimizer_kwargs={"n_points": n_points}, random_state=seed)
 
 
 def _key(params: Sequence[Param], x: Sequence[Any]) -> tuple:
     return tuple(_cell(p.decode(v)) for p, v in zip(params, x))
 
 
-def _ask(opt, params: Sequence[Param], k: int, seen: set[tuple], seed: int, first_index: int) -> list[list[Any]]:
+def _ask(opt, params: Sequence[Param], k: int, seen: set[tuple], seed: int, first_index: int,
+         pool: list[list[Any]] | None = None, acq_func: str = "EI") -> list[list[Any]]:
     """k points from the optimizer; a repeat of an evaluated (or batch-mate) point is swapped for a random
-    unseen one, drawn from an RNG keyed by (seed, index) so that replays draw the same."""
+    unseen one, drawn from an RNG keyed by (seed, index) so that replays draw the same.
+
+    With `pool` (every point of a finite space) and a fitted model, the acquisition function is
+    minimised over the unseen points of the pool instead (exactly, no repeats possible)."""
+    if pool is not None and opt.models and opt._n_initial_points <= 0:
+        return _ask_exhaustive(opt, params, k, seen, pool, acq_func)
     xs = [opt.ask()] if k == 1 else opt.ask(n_points=k)
     rng = np.random.default_rng([seed, first_index])
     taken = set(seen)
@@ -661,8 +670,51 @@ def _ask(opt, params: Sequence[Param], k: int, seen: set[tuple], seed: int, firs
     return out
 
 
+def _ask_exhaustive(opt, params: Sequence[Param], k: int, seen: set[tuple], pool: list[list[Any]],
+                    acq_func: str) -> list[list[Any]]:
+    """The k unseen pool points of best acquisition; for k > 1 by constant liar (each pick is told the
+    best loss so far and the model refitted before the next pick)."""
+    from sklearn.base import clone
+    from skopt.acquisition import _gaussian_acquisition
+
+    cand = [x for x in pool if _key(params, x) not in seen]
+    if not cand:
+        return []
+    Xt = opt.space.transform(cand)
+    model, X, y = opt.models[-1], list(opt.Xi), list(opt.yi)
+    out = []
+    for i in range(min(k, len(cand))):
+        vals = _gaussian_acquisition(Xt, model, y_opt=float(np.min(y)), acq_func=acq_func,
+                                     acq_func_kwargs=opt.acq_func_kwargs)
+        j = int(np.argmin(vals))
+        out.append(cand.pop(j))
+        Xt = np.delete(Xt, j, axis=0)
+        if i < k - 1 and cand:
+            X.append(out[-1])
+            y.append(float(np.min(y)))
+            model = clone(opt.base_estimator_)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.fit(opt.space.transform(X), y)
+    return out
+
+
+def _pool(params: Sequence[Param], limit: int) -> list[list[Any]] | None:
+    """Every point of a finite space (in optimizer values), or None when it is continuous or over `limit`."""
+    size = space_size(params)
+    if size is None or size > limit:
+        return None
+    import itertools
+
+    axes = [[p.encode(v) for v in (range(int(p.low), int(p.high) + 1) if p.type == "integer" else p.values)]
+            for p in params]
+    return [list(x) for x in itertools.product(*axes)]
+
+
 def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, initial: int = 10, parallel: int = 1,
          seed: int = 0, estimator: str = "GP", objective: Objective | None = None,
+         acq_func: str = "gp_hedge", xi: float = 0.01, kappa: float = 1.96, init_gen: str = "lhs",
+         exhaustive: int = 0,
          history: Sequence[Evaluation] = (), runner: Any = None,
          on_batch: Callable[[list[Evaluation], list[Evaluation]], None] | None = None) -> TuneResult:
     """Search `params` for the best `evaluate(**point)` in `calls` evaluations (history included).
@@ -688,13 +740,16 @@ def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, i
     with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # skopt: "The objective has been evaluated at point..."
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="skopt")  # log-prior overflow in sampling
-        opt = make_optimizer(params, estimator, initial, seed)
+        pool = _pool(params, exhaustive) if estimator != "random" and exhaustive else None
+        opt = make_optimizer(params, estimator, initial, seed, acq_func=acq_func, xi=xi, kappa=kappa,
+                             init_gen=init_gen, n_points=10000 if pool is None else 1)
+        ex_acq = "EI" if acq_func == "gp_hedge" else acq_func
         seen: set[tuple] = set()
         for b, group in groupby(evals, key=lambda e: e.batch):
             done = list(group)
             try:
                 xs = [[p.encode(e.params[p.name]) for p in params] for e in done]
-                asked = _ask(opt, params, len(done), seen, seed, done[0].index)
+                asked = _ask(opt, params, len(done), seen, seed, done[0].index, pool, ex_acq)
                 opt.tell(xs, [e.loss for e in done])
             except (KeyError, ValueError) as e:
                 raise TuneError(f"resume: evaluation {done[0].index} does not fit this space: {e}") from None
@@ -710,7 +765,7 @@ def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, i
                     k = min(k, size - len(seen))
                 first = evals[-1].index + 1 if evals else 0
                 batch = evals[-1].batch + 1 if evals else 0
-                xs = _ask(opt, params, k, seen, seed, first)
+                xs = _ask(opt, params, k, seen, seed, first, pool, ex_acq)
                 points = [{p.name: p.decode(v) for p, v in zip(params, x)} for x in xs]
                 outs = runner.map(points)
                 new = []
