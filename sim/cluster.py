@@ -78,6 +78,7 @@ class Replica:
         self._token = 0  # invalidates timers armed before the last wake-up
         self._asleep = False
         self._in_run = False  # waiting out a decode run (interrupted by an arrival)
+        self._run_state: tuple | None = None  # (start, DecodeRun, steps, batch) of the run being waited out
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
@@ -94,7 +95,16 @@ class Replica:
         return len(self.sched.running)
 
     def pending_tokens(self) -> int:
-        return self.sched.pending_tokens()
+        """As a replica stepping one step at a time would report it: inside a decode run, the steps that
+        have completed by now count although the run is applied at its end."""
+        p = self.sched.pending_tokens()
+        rs = self._run_state
+        if rs is not None:
+            start, run, m, nd = rs
+            t = self.env.now - start
+            if t > 0:
+                p -= run.step_at(t, m) * nd
+        return p
 
     @property
     def idle(self) -> bool:
@@ -184,6 +194,7 @@ class Replica:
                         end = now + run.elapsed(m)
                     if end >= limit:
                         self._in_run = True  # submit() interrupts the run (cause _ARRIVAL)
+                        self._run_state = (now, run, m, f.decode_seqs)
                         try:
                             yield env.timeout(end - env.now)
                         except simpy.Interrupt as e:
@@ -197,6 +208,7 @@ class Replica:
                                     yield env.timeout(end - woke)
                         finally:
                             self._in_run = False
+                            self._run_state = None
                     sched.advance(plan, m, now, now + run.elapsed(1) if m > 1 else end, end, run)
                     st.busy_time += end - now
                     st.steps += m

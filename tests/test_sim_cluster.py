@@ -129,7 +129,8 @@ def configs(draw):
     )
     return SimConfig(
         replicas=draw(st.integers(1, 3)),
-        router=draw(st.sampled_from(["round_robin", "least_outstanding", "power_of_two", "prefix_affinity"])),
+        router=draw(st.sampled_from(["round_robin", "least_outstanding", "power_of_two", "prefix_affinity",
+                                     "predicted_latency"])),
         num_blocks=draw(st.integers(30, 200)),
         scheduler=sched,
         seed=draw(st.integers(0, 3)),
@@ -227,3 +228,32 @@ def test_dynamic_batching_waits_for_batch_or_timeout():
     # nothing fills the batch: it starts at the oldest arrival + max_wait
     assert r.records["admitted"] == pytest.approx([0.1, 0.1, 0.1])
     assert math.isclose(r.records["first_token"][0], 0.1 + 0.010 + 0.030)
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_router_sees_pending_tokens_of_completed_steps_inside_a_decode_run(jump):
+    """A router reading a replica in the middle of a decode run sees what a stepping replica shows: the
+    tokens of the steps completed so far are no longer pending, although the jump applies them at the end."""
+    from sim.cluster import build_cluster
+
+    # prefill of request 0: 0.010 + 0.001 * 100 = 0.110 s (its first token); then decode steps of 0.011 s.
+    # Requests 1-3 arrive in the middle of decode steps 1, 11 and 31 (one-token prompts, routed by a
+    # recording router to replica 1, so replica 0's run is never cut).
+    times = [0.0, 0.110 + 0.5 * 0.011, 0.110 + 10.5 * 0.011, 0.110 + 30.5 * 0.011]
+    w = Workload.from_requests([Request(index=0, arrival=0.0, input_tokens=100, output_tokens=50)]
+                               + [Request(index=i, arrival=t, input_tokens=1, output_tokens=1)
+                                  for i, t in enumerate(times[1:], 1)], name="probe")
+    cluster = build_cluster(w, SimConfig(jump=jump, replicas=2), cost=LinearCost())
+    seen = []
+
+    class Recorder:
+        def route(self, req, replicas, now):
+            seen.append(replicas[0].pending_tokens())
+            return 0 if req.index == 0 else 1
+
+    cluster.frontend.router = Recorder()
+    cluster.env.process(cluster.frontend.arrivals())
+    cluster.env.run()
+    # 100 prompt + 50 output tokens; the prefill computes 100 (and samples token 1); each completed decode
+    # step one more. (The last output token's KV is never computed, so 49 decode steps finish it.)
+    assert seen == [0, 50, 40, 20]
