@@ -241,7 +241,8 @@ def main() -> int:
         other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
         t0 = cpu_times()
-        res = run_validate(w, cfg, prof_path, args.model, "cpu", 1, 300.0)
+        res = run_validate(w, cfg, prof_path, args.model, "cpu", 1, 300.0,
+                           keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None)
         niced = niced_share(t0, cpu_times())
         c = res["comparison"]["metrics"]
         chk = res["step_check"][0]

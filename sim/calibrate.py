@@ -332,21 +332,16 @@ class Profile:
     contention: dict[str, Any] = field(default_factory=dict)
 
     def contention_cost(self, group: int | None = None) -> Any:
-        """The step-by-step co-location model (sim.contention.ContentionCost over the alone fit), or None
-        when the profile has no contention measurement (profiles written before it, or `--concurrent 1`)."""
-        if not self.contention.get("slowdown"):
+        """The step-by-step co-location model (sim.contention.ContentionCost: a fit per kind of neighbour
+        step), or None when the profile has no such measurement (profiles written before it, or
+        `--concurrent 1`)."""
+        if not self.contention.get("conditions"):
             return None
-        from sim.contention import ContentionCost
+        from sim.contention import ContentionCost, models_from_section
 
-        return ContentionCost(self.cost, self.contention["slowdown"], group=group,
-                              name=f"{self.cost.name} (co-located)")
-
-    def cost_at(self, u: float) -> FittedCost:
-        """The cost model of a replica whose neighbours are busy a share u of the time (0: alone, 1: always).
-        Without a busy measurement, the one model there is."""
-        if self.busy is None:
-            return self.cost
-        return blend(self.cost, self.busy, u)
+        models = models_from_section(self.contention, self.cost.kv_capacity_tokens, self.cost.step_overhead_s,
+                                     self.cost.name)
+        return ContentionCost(models, group=group, name=f"{self.cost.name} (co-located)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -395,15 +390,15 @@ class Profile:
 
 
 def _contention_section(c: Any, where: str) -> dict[str, Any]:
-    """The optional "contention" section, checked (its slowdown table must build a ContentionCost)."""
+    """The optional "contention" section, checked (its models must build)."""
     if not c:
         return {}
-    from sim.contention import _table
+    from sim.contention import models_from_section
 
     try:
-        _table(c["slowdown"])
-    except KeyError:
-        raise ValueError(f"{where}: contention section without 'slowdown'") from None
+        models_from_section(c, 1, 0.0)
+    except KeyError as e:
+        raise ValueError(f"{where}: contention: missing {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{where}: contention: {e}") from None
     return dict(c)
@@ -771,8 +766,11 @@ def measure_grid(runner: Any, points: Sequence[GridPoint], repeats: int = 7, war
 
 
 def _companion_main(model_cfg: Any, seed: int, device: str, threads: int, block_size: int, num_blocks: int,
-                    points: list[GridPoint], ready: Any, stop: Any) -> None:
-    """A busy neighbour: its own model and runner, running grid shapes in random order until told to stop."""
+                    points: list[GridPoint], ready: Any, stop: Any, groups: list[list[int]] | None = None,
+                    mode: Any = None, ack: Any = None) -> None:
+    """A busy neighbour: its own model and runner, running grid shapes in random order until told to stop.
+    With `groups` and a shared `mode`: runs shapes of groups[mode] only, or sleeps while mode < 0, and
+    writes the mode it is now in (set after the step in progress ends) to `ack`."""
     from executor.model import LlamaForCausalLM
     from executor.runner import ModelRunner
 
@@ -782,7 +780,16 @@ def _companion_main(model_cfg: Any, seed: int, device: str, threads: int, block_
     rng = np.random.default_rng(seed + 1)
     ready.set()
     while not stop.is_set():
-        plan = plans[int(rng.integers(len(plans)))]
+        if groups is None:
+            plan = plans[int(rng.integers(len(plans)))]
+        else:
+            m = int(mode.value)
+            ack.value = m
+            if m < 0 or not groups[m]:
+                time.sleep(0.001)
+                continue
+            g = groups[m]
+            plan = plans[g[int(rng.integers(len(g)))]]
         runner.run(plan)
         for s in plan.prefill + plan.decode:
             del s.tokens[s.num_tokens:]
@@ -793,13 +800,20 @@ class BusyNeighbours:
 
     Replicas sharing a machine share its caches, memory bandwidth and (on a VM) possibly its physical
     cores; a step measured alone is faster than the same step while the neighbours compute. Each
-    neighbour is a process with its own model, runner and thread count, running grid shapes."""
+    neighbour is a process with its own model, runner and thread count, running grid shapes.
+
+    With `groups` (lists of indices into `points`), the neighbours start idle and `switch(m)` makes them
+    run only groups[m]'s shapes (m < 0: idle again); it returns once every neighbour has finished the step
+    it had in progress, so what is measured next is measured under the new condition."""
 
     def __init__(self, n: int, model_cfg: Any, points: Sequence[GridPoint], block_size: int, num_blocks: int,
-                 threads: int, device: str = "cpu", seed: int = 0, timeout_s: float = 300.0):
+                 threads: int, device: str = "cpu", seed: int = 0, timeout_s: float = 300.0,
+                 groups: Sequence[Sequence[int]] | None = None):
         self.n, self.args = n, (model_cfg, seed, device, threads, block_size, num_blocks, list(points))
         self.timeout_s = timeout_s
+        self.groups = [list(g) for g in groups] if groups is not None else None
         self.procs: list[Any] = []
+        self.modes: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> "BusyNeighbours":
         if self.n <= 0:
@@ -811,7 +825,12 @@ class BusyNeighbours:
         readies = []
         for _ in range(self.n):
             ready = ctx.Event()
-            p = ctx.Process(target=_companion_main, args=(*self.args, ready, self.stop), daemon=True)
+            extra: tuple = ()
+            if self.groups is not None:
+                mode, ack = ctx.Value("i", -1, lock=False), ctx.Value("i", -2, lock=False)
+                self.modes.append((mode, ack))
+                extra = (self.groups, mode, ack)
+            p = ctx.Process(target=_companion_main, args=(*self.args, ready, self.stop, *extra), daemon=True)
             p.start()
             self.procs.append(p)
             readies.append(ready)
@@ -820,7 +839,21 @@ class BusyNeighbours:
                 self.__exit__(None, None, None)
                 raise RuntimeError(f"a busy neighbour process did not start within {self.timeout_s} s "
                                    f"(exit code {p.exitcode})")
+        if self.groups is not None:
+            self.switch(-1)
         return self
+
+    def switch(self, m: int, timeout_s: float = 60.0) -> None:
+        if self.groups is None:
+            raise RuntimeError("switch needs BusyNeighbours(..., groups=...)")
+        for mode, _ in self.modes:
+            mode.value = int(m)
+        end = time.perf_counter() + timeout_s
+        for (_, ack), p in zip(self.modes, self.procs):
+            while ack.value != m:
+                if time.perf_counter() > end or not p.is_alive():
+                    raise RuntimeError(f"a busy neighbour did not switch to mode {m} (alive: {p.is_alive()})")
+                time.sleep(0.0005)
 
     def __exit__(self, *exc: object) -> None:
         if not self.procs:
@@ -832,6 +865,7 @@ class BusyNeighbours:
                 p.terminate()
                 p.join(5)
         self.procs = []
+        self.modes = []
 
 
 def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: int, *, holdout: float = 0.25,
@@ -996,9 +1030,9 @@ def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: An
         return {"steps": 0}
     pred = cost.predict(X)
     if contention is not None:
-        from sim.contention import step_factors
+        from sim.contention import step_predictions
 
-        pred = pred * step_factors(contention, steps)
+        pred = step_predictions(contention, steps)
     ratio = d / pred
     dec = np.array([k == "decode" for k in kinds])
     out: dict[str, Any] = {"steps": int(len(d)), "busy_s": float(d.sum()), "predicted_busy_s": float(pred.sum()),

@@ -127,18 +127,42 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
                                 progress=lambda i, n: prog.update(task, completed=i))
 
     t0 = time.perf_counter()
-    meas = measure("profiling")
-    busy = contention = None
+    busy = samples = None
     if concurrent > 1:
-        from sim.contention import measure_contention
+        # Co-located: alone, beside each kind of neighbour step, and beside random grid shapes (the classic
+        # busy measurement), interleaved round by round (sim.contention)
+        from sim.calibrate import Measurement
+        from sim.contention import CONDITIONS, measure_interleaved, neighbour_groups
 
-        with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, threads, str(dev), seed):
-            busy = measure(f"profiling, {concurrent - 1} neighbour(s) busy")
-        # What each kind of neighbour step does (the simulator's step-by-step co-location model)
-        contention = measure_contention(
-            lambda pts: measure("profiling, neighbours running one kind of step", pts), points,
-            [m.median for m in meas],
-            lambda shapes: BusyNeighbours(concurrent - 1, cfg, shapes, block_size, need, threads, str(dev), seed))
+        measure_grid(runner, points, 1, warmup, seed)  # warm-up, discarded
+        groups = neighbour_groups(points)
+        busy_conds = [c for c in CONDITIONS if c != "idle"]
+        conds = ["idle"] + [c for c in busy_conds if groups[c]]
+        with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, threads, str(dev), seed,
+                            groups=[groups[c] for c in busy_conds]) as nb:
+            def once(pts, sd):
+                return [m.samples[0] for m in measure_grid(runner, pts, 1, 0, sd)]
+
+            def switch(c):
+                nb.switch(-1 if c == "idle" else busy_conds.index(c))
+
+            if progress:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                from sim.cli import _console
+
+                label = f"profiling: alone and beside {concurrent - 1} neighbour(s), interleaved"
+                with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              transient=True, console=_console(stderr=True)) as prog:
+                    task = prog.add_task(label, total=repeats * len(conds))
+                    samples = measure_interleaved(once, points, switch, repeats, seed, conds,
+                                                  progress=lambda i, n: prog.update(task, completed=i))
+            else:
+                samples = measure_interleaved(once, points, switch, repeats, seed, conds)
+        meas = [Measurement(p, s) for p, s in zip(points, samples["idle"])]
+        busy = [Measurement(p, s) for p, s in zip(points, samples["grid"])]
+    else:
+        meas = measure("profiling")
     loop = None
     if loop_overhead:
         del runner, model  # the replay builds its own replicas
@@ -156,7 +180,12 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
                  "concurrent": concurrent,
                  "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
                  "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"},
-        busy_meas=busy, neighbours=concurrent - 1, contention=contention)
+        busy_meas=busy, neighbours=concurrent - 1)
+    if samples is not None:
+        from sim.contention import fit_conditions
+
+        prof.contention = fit_conditions(points, samples, num_blocks * block_size, holdout=holdout, form=form,
+                                         seed=seed, name=name)
     if loop is not None:
         prof.measure["loop_overhead"] = loop
         prof.cost = prof.cost.with_overhead(loop["mean_s"])
@@ -268,6 +297,13 @@ def render_profile(prof) -> Any:
         for line, co in prof.busy.coefficients().items():
             if isinstance(co, dict):
                 s.add_row(f"  coefficients ({line})", ", ".join(f"{k} {v:.3g}" for k, v in co.items()))
+    for c, d in prof.contention.get("conditions", {}).items():
+        if c == "idle":
+            continue
+        r = d.get("median_ratio_to_idle", {})
+        s.add_row(f"beside a neighbour's {c.replace('_', ' ')} steps",
+                  "steps " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()) + " x as long as alone (median); "
+                  f"{d['form']} fit, held-out error median {d['heldout']['median_rel_error']:.1%}")
     s.add_row("KV capacity", f"{prof.cost.kv_capacity_tokens:,} tokens")
     if "seconds" in m:
         load = m.get("loadavg_1m")
@@ -289,8 +325,9 @@ def fit_to_model(w, max_position: int):
 
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
-                 time_limit: float) -> dict[str, Any]:
-    """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries."""
+                 time_limit: float, keep_steps: str | Path | None = None) -> dict[str, Any]:
+    """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
+    keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run)."""
     import numpy as np
 
     from executor.model import preset
@@ -321,7 +358,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     ccost = prof.contention_cost() if cfg.replicas > 1 and device == "cpu" else None
     if ccost is not None:
         u, cost = None, ccost
-        forward = ccost.alone.with_overhead(0.0)
+        forward = ccost.with_overhead(0.0)
     else:
         u, cost = neighbour_share(w, cfg, prof)
         forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
@@ -334,16 +371,24 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
             t0 = time.perf_counter()
             res = run_workload(w, cfg, model_config=mname, device=device, max_duration=max_duration, out=tmp)
             wall.append(time.perf_counter() - t0)
-            steps.append(step_check(forward, read_steps(Path(tmp) / "steps.csv"), contention=ccost))
+            steps.append(step_check(forward, read_steps(Path(tmp) / "steps.csv"),
+                                    contention=forward if ccost is not None else None))
+            if keep_steps is not None:
+                import shutil
+
+                dst = Path(f"{keep_steps}.{k}.csv")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(tmp) / "steps.csv", dst)
         real_threads = res.meta.get("threads_per_replica")
         reals.append(summarize(res, cfg.slo))
     cmp = compare(sim_sum, reals)
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
-    paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
     if ccost is not None:
-        paced = ccost.with_alone(paced)
+        paced = forward.map(lambda m: scaled(m, factor).with_overhead(cost.step_overhead_s))
+    else:
+        paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
     corr = compare(summarize(simulate(w, cfg, cost=paced), cfg.slo), reals)
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}

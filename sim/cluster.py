@@ -45,7 +45,6 @@ from traces.workload import Workload
 
 
 _NS = 8  # values per sample in Replica.samples
-_ARRIVAL = "arrival"  # interrupt cause: new work for a replica inside a decode run (anything else: a crash)
 
 
 class Replica:
@@ -79,6 +78,7 @@ class Replica:
         self._asleep = False
         self._in_run = False  # waiting out a decode run (interrupted by an arrival)
         self._run_state: tuple | None = None  # (start, DecodeRun, steps, batch) of the run being waited out
+        self._cut: tuple[int, float] | None = None  # (steps, end) of that run once an arrival cut it short
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
@@ -114,11 +114,29 @@ class Replica:
     def submit(self, seq: Sequence) -> None:
         seq.replica = self.idx
         self.sched.add(seq, self.env.now)
-        if self._in_run:  # asleep inside a decode run: cut it at the end of the step in progress
-            self._in_run = False
-            self.proc.interrupt(_ARRIVAL)
+        if self._in_run:  # waiting out a decode run: cut it at the end of the step in progress
+            self._cut_run()
         elif self._asleep and not self._wake.triggered:
             self._wake.succeed()
+
+    def _cut_run(self) -> None:
+        """New work arrived while the process waits out a decode run: it must stop after the step in
+        progress. Rather than wake the process now only to make it wait again, move its wait to the end of
+        that step (what simpy's own Interruption does to a waiting process, without the exception)."""
+        self._in_run = False
+        env, proc = self.env, self.proc
+        start, run, m, _ = self._run_state
+        now = env.now
+        j = run.step_at(now - start, m) + 1  # steps done by the end of the one in progress
+        if j >= m:
+            return  # the run ends with the step in progress anyway
+        end = start + run.elapsed(j)
+        self._cut = (j, end)
+        target = proc._target
+        target.callbacks.remove(proc._resume)
+        t = env.timeout(max(end - now, 0.0))
+        t.callbacks.append(proc._resume)
+        proc._target = t
 
     def _arm(self, at: float) -> None:
         tok = self._token
@@ -193,22 +211,16 @@ class Replica:
                         m = run.step_at(deadline - now, k) + 1
                         end = now + run.elapsed(m)
                     if end >= limit:
-                        self._in_run = True  # submit() interrupts the run (cause _ARRIVAL)
+                        self._in_run = True  # submit() may cut the run short (see _cut_run)
                         self._run_state = (now, run, m, f.decode_seqs)
                         try:
                             yield env.timeout(end - env.now)
-                        except simpy.Interrupt as e:
-                            if e.cause is not _ARRIVAL:
-                                raise
-                            woke = env.now
-                            if woke < end:  # an arrival: finish the step in progress, then look again
-                                m = run.step_at(woke - now, m) + 1
-                                end = now + run.elapsed(m)
-                                if end > woke:
-                                    yield env.timeout(end - woke)
-                        finally:
+                        finally:  # (also on a crash: then the cut, if any, tells which steps were under way)
                             self._in_run = False
                             self._run_state = None
+                            if self._cut is not None:
+                                m, end = self._cut
+                                self._cut = None
                     sched.advance(plan, m, now, now + run.elapsed(1) if m > 1 else end, end, run)
                     st.busy_time += end - now
                     st.steps += m

@@ -174,6 +174,7 @@ class Objective:
     maximize: bool = False  # for kind "weighted" and "value"
     worst: float | None = None  # the worst loss a feasible point can have, where known
     scale: float = 1.0  # the loss unit penalties are measured in
+    above: bool = True  # where `worst` is known, tell every infeasible point more than any feasible one
 
     @property
     def maximizes(self) -> bool:
@@ -232,6 +233,8 @@ class Objective:
         if out.feasible:
             return float(raw)
         price = 2 * (abs(self.worst if self.worst is not None else raw) + self.scale)
+        if self.above and self.worst is not None:
+            return float(max(raw, self.worst) + self.scale + price * out.shortfall)
         return float(raw + price * out.shortfall)
 
     def with_bounds(self, params: Sequence[Param], base: SimConfig, offered_rps: float) -> Objective:
@@ -626,8 +629,10 @@ def _gbrt(seed: int):
 
 def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int = 10, seed: int = 0, *,
                    acq_func: str = "gp_hedge", xi: float = 0.01, kappa: float = 1.96, init_gen: str = "lhs",
-                   n_points: int = 10000):
+                   n_points: int = 10000, noise: Any = "gaussian"):
     from skopt import Optimizer
+    from skopt.space import Space
+    from skopt.utils import cook_estimator, normalize_dimensions
 
     estimator = check_estimator(estimator, "estimator")
     dims = [p.dimension() for p in params]
@@ -636,6 +641,8 @@ def make_optimizer(params: Sequence[Param], estimator: str = "GP", initial: int 
         return Optimizer(dims, base_estimator="GP", n_initial_points=2**62, initial_point_generator="random",
                          random_state=seed)
     base = _gbrt(seed) if estimator == "GBRT" else estimator
+    if estimator == "GP" and noise != "gaussian":
+        base = cook_estimator("GP", space=Space(normalize_dimensions(dims)), random_state=seed, noise=noise)
     return Optimizer(dims, base_estimator=base, n_initial_points=max(initial, 1), initial_point_generator=init_gen,
                      acq_func=acq_func, acq_func_kwargs={"xi": xi, "kappa": kappa}, acq_optimizer="sampling",
                      acq_optimizer_kwargs={"n_points": n_points}, random_state=seed)
@@ -714,7 +721,7 @@ def _pool(params: Sequence[Param], limit: int) -> list[list[Any]] | None:
 def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, initial: int = 10, parallel: int = 1,
          seed: int = 0, estimator: str = "GP", objective: Objective | None = None,
          acq_func: str = "gp_hedge", xi: float = 0.01, kappa: float = 1.96, init_gen: str = "lhs",
-         exhaustive: int = 0,
+         exhaustive: int = 0, noise: Any = "gaussian",
          history: Sequence[Evaluation] = (), runner: Any = None,
          on_batch: Callable[[list[Evaluation], list[Evaluation]], None] | None = None) -> TuneResult:
     """Search `params` for the best `evaluate(**point)` in `calls` evaluations (history included).
@@ -742,7 +749,7 @@ def tune(evaluate: Callable[..., Any], params: Sequence[Param], *, calls: int, i
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="skopt")  # log-prior overflow in sampling
         pool = _pool(params, exhaustive) if estimator != "random" and exhaustive else None
         opt = make_optimizer(params, estimator, initial, seed, acq_func=acq_func, xi=xi, kappa=kappa,
-                             init_gen=init_gen, n_points=10000 if pool is None else 1)
+                             init_gen=init_gen, n_points=10000 if pool is None else 1, noise=noise)
         ex_acq = "EI" if acq_func == "gp_hedge" else acq_func
         seen: set[tuple] = set()
         for b, group in groupby(evals, key=lambda e: e.batch):
