@@ -174,7 +174,8 @@ class Objective:
     maximize: bool = False  # for kind "weighted" and "value"
     worst: float | None = None  # the worst loss a feasible point can have, where known
     scale: float = 1.0  # the loss unit penalties are measured in
-    above: bool = True  # where `worst` is known, tell every infeasible point more than any feasible one
+    above: bool = False  # where `worst` is known, tell every infeasible point more than any feasible one
+    power: float = 1.0  # the penalty grows as shortfall ** power
 
     @property
     def maximizes(self) -> bool:
@@ -234,8 +235,8 @@ class Objective:
             return float(raw)
         price = 2 * (abs(self.worst if self.worst is not None else raw) + self.scale)
         if self.above and self.worst is not None:
-            return float(max(raw, self.worst) + self.scale + price * out.shortfall)
-        return float(raw + price * out.shortfall)
+            return float(max(raw, self.worst) + self.scale + price * out.shortfall ** self.power)
+        return float(raw + price * out.shortfall ** self.power)
 
     def with_bounds(self, params: Sequence[Param], base: SimConfig, offered_rps: float) -> Objective:
         """Fill `worst` and `scale` from the space (largest replicas/tp) and the workload's rate."""
