@@ -332,46 +332,42 @@ class ContinuousBatchingScheduler:
             self.update(plan, start, end)
             return
         decode = plan.decode
-        # Blocks the m steps allocate, per sequence. Stepping would take them in (step, position) order;
-        # they are plain (unhashed) blocks, so which id goes to which sequence changes nothing else,
-        # and taking them all at once evicts the same cached blocks in the same (LRU) order.
+        # Each sequence takes the blocks its m steps need (stepping would take them in (step, position)
+        # order; they are plain, unhashed blocks, so which id goes to which sequence changes nothing else,
+        # and the cached blocks evicted for them are the same, in the same LRU order). Sequences finish
+        # only at step m, so their blocks are freed after every allocation, as stepping would.
         bs = self.cfg.block_size
-        total = 0
-        needs = None
-        for pos, seq in enumerate(decode):
-            i = len(seq.block_table) * bs - seq.num_computed + 1
-            if i <= m:
-                n = (m - i) // bs + 1
-                if needs is None:
-                    needs = [0] * len(decode)
-                needs[pos] = n
-                total += n
-        if total:
-            blocks = self.kv.allocate(total)
-            j = 0
-            for pos, n in enumerate(needs):
-                if n:
-                    decode[pos].block_table.extend(blocks[j:j + n])
-                    j += n
-        c = 0
-        finished = False
+        kv = self.kv
         itl = self.itl
-        self.pending -= m * len(decode)
+        c = 0
+        done = None
         for seq in decode:
-            if seq.t_last_token == start:
+            computed = seq.num_computed
+            table = seq.block_table
+            i = len(table) * bs - computed + 1  # the step that needs the next block
+            if i <= m:
+                table.extend(kv.allocate((m - i) // bs + 1))
+            t = seq.t_last_token
+            if t == start:
                 c += 1
             else:
-                itl.single(first_end - seq.t_last_token)
-            seq.num_computed += m
-            seq.num_generated += m
+                itl.single(first_end - t)
+            seq.num_computed = computed + m
+            g = seq.num_generated + m
+            seq.num_generated = g
             seq.t_last_token = end
-            if seq.num_generated >= seq.req.output_tokens:
-                self._finish(seq, end)
-                finished = True
+            if g >= seq.req.output_tokens:
+                if done is None:
+                    done = [seq]
+                else:
+                    done.append(seq)
+        self.pending -= m * len(decode)
         if c:
             itl.step(first_end - start, c)
         itl.run(run.params(), 1, m, len(decode))
-        if finished:
+        if done is not None:
+            for seq in done:
+                self._finish(seq, end)
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
 
     def evacuate(self) -> list[Sequence]:
