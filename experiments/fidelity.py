@@ -181,9 +181,10 @@ def main() -> int:
     ap.add_argument("--schedulers", default=None, help="comma-separated: " + ", ".join(SCHEDULERS))
     ap.add_argument("--routers", default=None, help="comma-separated: " + ", ".join(ROUTERS))
     ap.add_argument("--out", help="directory for profile.toml and fidelity.json")
-    ap.add_argument("--quiet", type=float, default=0.2,
+    ap.add_argument("--quiet", type=float, default=1.0,
                     help="before profiling and before each cell, wait until other processes use less than this "
-                         "share of the cores (default 0.2; 1 = never wait)")
+                         "share of the cores (default 1: never wait; with this session's priority raised, see "
+                         "--group-nice, other work only gets cores the run leaves idle)")
     ap.add_argument("--max-wait", type=float, default=900.0, help="longest wait for a quiet machine, s (default 900)")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "

@@ -26,9 +26,11 @@ closed form. Fits minimise relative error (rows weighted by 1/duration), since a
 matters as much as one of 500 ms to a latency percentile. `overhead` is the engine loop's own
 time between steps, measured on a short real replay (`measure_loop_overhead`).
 
-Replicas that share a machine slow each other down. A profile can carry a second model measured
-with busy neighbours (`BusyNeighbours`); `neighbour_share` blends the two by how busy the other
-replicas are in simulation.
+Replicas that share a machine slow each other down, by an amount that depends on what the neighbour
+runs. A profile measured with `--concurrent N` carries a second model measured with busy neighbours
+(`BusyNeighbours`, random grid shapes; `neighbour_share` blends the two by how busy the other replicas
+are in simulation) and, in its optional `contention` section, one model per kind of neighbour step,
+all measured interleaved; sim.contention.ContentionCost uses those step by step (see that module).
 
 Profiles are TOML or JSON (by extension) and carry what produced them: device, model, library
 versions, KV capacity, coefficients, fit error on held-back grid points, and the grid itself.
@@ -332,16 +334,15 @@ class Profile:
     contention: dict[str, Any] = field(default_factory=dict)
 
     def contention_cost(self, group: int | None = None) -> Any:
-        """The step-by-step co-location model (sim.contention.ContentionCost: a fit per kind of neighbour
-        step), or None when the profile has no such measurement (profiles written before it, or
-        `--concurrent 1`)."""
+        """The step-by-step co-location model (sim.contention.ContentionCost: the alone fit times what each
+        kind of neighbour step does), or None when the profile has no such measurement (profiles written
+        before it, or `--concurrent 1`)."""
         if not self.contention.get("conditions"):
             return None
-        from sim.contention import ContentionCost, models_from_section
+        from sim.contention import ContentionCost, factor_table
 
-        models = models_from_section(self.contention, self.cost.kv_capacity_tokens, self.cost.step_overhead_s,
-                                     self.cost.name)
-        return ContentionCost(models, group=group, name=f"{self.cost.name} (co-located)")
+        return ContentionCost(self.cost, factor_table(self.contention), group=group,
+                              name=f"{self.cost.name} (co-located)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -393,10 +394,10 @@ def _contention_section(c: Any, where: str) -> dict[str, Any]:
     """The optional "contention" section, checked (its models must build)."""
     if not c:
         return {}
-    from sim.contention import models_from_section
+    from sim.contention import factor_table
 
     try:
-        models_from_section(c, 1, 0.0)
+        factor_table(c)
     except KeyError as e:
         raise ValueError(f"{where}: contention: missing {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:

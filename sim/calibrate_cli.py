@@ -45,9 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     p.add_argument("--max-tokens", type=int, default=2048, help="largest step in tokens on the grid (default 2048)")
     p.add_argument("--concurrent", type=int, default=1,
-                   help="also measure the grid as one of N co-located replicas, N - 1 neighbour processes "
-                        "running grid steps meanwhile (default 1: alone only). For replicas that share a "
-                        "machine: validate then blends the two by how busy the neighbours are")
+                   help="measure the grid as one of N co-located replicas: alone, and beside N - 1 neighbour "
+                        "processes running one kind of step at a time (few-sequence decodes, decode batches, "
+                        "prefills) or random grid shapes, interleaved round by round (default 1: alone only). "
+                        "For replicas that share a machine: validate then times each simulated step by what "
+                        "the other replicas have in progress (sim/contention.py)")
     p.add_argument("--seed", type=int, default=0, help="model weights, hold-out choice and run order (default 0)")
     p.add_argument("--no-loop-overhead", dest="loop_overhead", action="store_false", default=True,
                    help="do not replay a short burst on the executor to measure its engine loop's time between "
@@ -179,13 +181,14 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         measure={"repeats": repeats, "warmup": warmup, "threads": threads, "quick": quick,
                  "concurrent": concurrent,
                  "points": len(points), "seconds": elapsed, "timed": "ModelRunner.run (forward + sampling)",
-                 "loadavg_1m": load, "order": "rounds over all shapes, shuffled each round"},
+                 "loadavg_1m": load,
+                 "order": ("rounds over the neighbour's conditions (shuffled), all shapes under each (shuffled)"
+                           if concurrent > 1 else "rounds over all shapes, shuffled each round")},
         busy_meas=busy, neighbours=concurrent - 1)
     if samples is not None:
         from sim.contention import fit_conditions
 
-        prof.contention = fit_conditions(points, samples, num_blocks * block_size, holdout=holdout, form=form,
-                                         seed=seed, name=name)
+        prof.contention = fit_conditions(points, samples)
     if loop is not None:
         prof.measure["loop_overhead"] = loop
         prof.cost = prof.cost.with_overhead(loop["mean_s"])
@@ -300,10 +303,10 @@ def render_profile(prof) -> Any:
     for c, d in prof.contention.get("conditions", {}).items():
         if c == "idle":
             continue
-        r = d.get("median_ratio_to_idle", {})
+        r, q = d.get("factor", {}), d.get("quartiles", {})
         s.add_row(f"beside a neighbour's {c.replace('_', ' ')} steps",
-                  "steps " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()) + " x as long as alone (median); "
-                  f"{d['form']} fit, held-out error median {d['heldout']['median_rel_error']:.1%}")
+                  "steps x " + ", ".join(f"{v:.2f} ({k}; p25..p75 {q[k]['p25']:.2f}..{q[k]['p75']:.2f})" if k in q
+                                         else f"{v:.2f} ({k})" for k, v in r.items()) + " of alone")
     s.add_row("KV capacity", f"{prof.cost.kv_capacity_tokens:,} tokens")
     if "seconds" in m:
         load = m.get("loadavg_1m")
@@ -386,7 +389,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
     if ccost is not None:
-        paced = forward.map(lambda m: scaled(m, factor).with_overhead(cost.step_overhead_s))
+        paced = forward.with_base(scaled(forward.base, factor).with_overhead(cost.step_overhead_s))
     else:
         paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
     corr = compare(summarize(simulate(w, cfg, cost=paced), cfg.slo), reals)

@@ -6,13 +6,20 @@ Each replica is one SimPy process looping
     duration = cost_model(plan)        # instead of torch
     scheduler.update(plan, start, end)
 
-with one refinement for speed: when the scheduler says the next k steps are
-decode-only steps of a fixed shape (`horizon`), the replica predicts all k
-durations at once and sleeps to the end of the run in one event. An arrival
-(or a queue deadline) during that sleep cuts the run short at the end of the
-step in progress, which is exactly when a step-by-step replica would have
-looked at its queue again. `jump=False` turns this off; tests check both give
-the same records.
+with two refinements for speed (`jump=True`, the default; `jump=False` turns
+both off, and tests check that both modes give the same records):
+
+- Decode runs: when the scheduler says the next k steps are decode-only steps
+  of a fixed shape (`horizon`), the replica predicts all k durations in closed
+  form and waits to the end of the run in one event. An arrival (or a queue
+  deadline) during that wait cuts the run short at the end of the step in
+  progress, which is exactly when a step-by-step replica would have looked at
+  its queue again; a router reading the replica meanwhile sees the steps
+  completed so far (`pending_tokens`).
+- Run-ahead: in an open-loop replay with nothing between the front end and
+  the replicas (no result cache, sessions or faults), nothing can look at or
+  change a replica before the front end's next arrival, so a step or run that
+  ends before that arrival is applied at once, without a SimPy event.
 
 Around the replicas (sim/frontend.py): a result cache, the router, retries
 after crashes, closed-loop sessions; sim/faults.py injects crashes and cache

@@ -22,7 +22,9 @@ from sim import tune as T
 from sim.cli import add_trace_flags, load_workload
 
 _TRACE_KEYS = ("trace", "format", "limit", "rate_scale", "window", "rate", "arrival_cv")
-_DEFAULTS: dict[str, Any] = {"calls": 50, "initial": 10, "seed": 0, "estimator": "GP"}
+_DEFAULTS: dict[str, Any] = {"calls": 50, "initial": T.DEFAULT_INITIAL, "seed": 0, "estimator": "GP",
+                             "acq_func": T.DEFAULT_ACQ_FUNC, "kappa": T.DEFAULT_KAPPA, "xi": T.DEFAULT_XI,
+                             "initial_generator": T.DEFAULT_INITIAL_GENERATOR}
 
 
 def _cores() -> int:
@@ -45,13 +47,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--calls", type=int, default=None, help="total evaluations, resumed ones included (default 50)")
     g.add_argument("--initial", type=int, default=None,
-                   help="space-filling (Latin hypercube) points before the surrogate model steers (default 10)")
+                   help=f"space-filling points before the surrogate model steers (default {T.DEFAULT_INITIAL})")
+    g.add_argument("--initial-generator", default=None, choices=T.INITIAL_GENERATORS,
+                   help=f"how the initial points are spread (default {T.DEFAULT_INITIAL_GENERATOR}: Latin hypercube)")
     g.add_argument("--parallel", type=int, default=None,
                    help=f"evaluations at a time, in a local process pool (default: the number of cores, {_cores()} "
                         f"here). The points asked depend on it: resume with the same value")
     g.add_argument("--seed", type=int, default=None, help="seed of the optimizer (default 0)")
     g.add_argument("--estimator", default=None,
                    help="surrogate: GP (Gaussian process, default) | GBRT | RF | ET | random (random search)")
+    g.add_argument("--acq-func", default=None, choices=T.ACQ_FUNCS,
+                   help=f"acquisition function (default {T.DEFAULT_ACQ_FUNC}: lower confidence bound, mean - kappa * "
+                        f"std); on a finite space of up to {T.EXHAUSTIVE_LIMIT:,} points it is minimised over every "
+                        f"point not yet evaluated")
+    g.add_argument("--kappa", type=float, default=None,
+                   help=f"LCB's exploration weight (default {T.DEFAULT_KAPPA:g}; larger explores more)")
+    g.add_argument("--xi", type=float, default=None,
+                   help=f"EI's and PI's improvement margin (default {T.DEFAULT_XI:g})")
     g.add_argument("--ray-address", default=None,
                    help="run evaluations as Ray tasks on this cluster (e.g. auto or ray://host:10001) instead of the "
                         "local pool; needs `pip install ray`")
@@ -104,9 +116,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise T.TuneError(f"--{k}={settings[k]} is out of range; allowed: >= 1")
     if settings["initial"] < 1:
         raise T.TuneError(f"--initial={settings['initial']} is out of range; allowed: >= 1")
-    for k in ("seed", "estimator", "initial", "parallel"):
+    T.check_search_settings(settings["acq_func"], settings["kappa"], settings["xi"], settings["initial_generator"])
+    for k in ("seed", "estimator", "initial", "parallel", "acq_func", "kappa", "xi", "initial_generator"):
         if prior and k in prior and prior[k] != settings[k]:
-            err.print(f"[yellow]warning:[/yellow] --{k} {settings[k]} differs from the resumed run's {prior[k]}: "
+            err.print(f"[yellow]warning:[/yellow] --{k.replace('_', '-')} {settings[k]} differs from the resumed run's {prior[k]}: "
                       f"later points differ from an uninterrupted run")
 
     trace = {k: _setting(k, args, prior, spec.run, None) for k in _TRACE_KEYS}
@@ -137,7 +150,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     prog = task = None
     if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         prog = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                         TimeElapsedColumn(), console=err)
@@ -156,7 +175,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         result = T.tune(evaluator, spec.params, calls=settings["calls"], initial=settings["initial"],
                         parallel=settings["parallel"], seed=settings["seed"], estimator=settings["estimator"],
-                        objective=objective, history=history, runner=runner, on_batch=on_batch)
+                        acq_func=settings["acq_func"], kappa=settings["kappa"], xi=settings["xi"],
+                        init_gen=settings["initial_generator"], objective=objective, history=history, runner=runner, on_batch=on_batch)
     finally:
         if prog is not None:
             prog.stop()

@@ -35,6 +35,16 @@ def bowl(x: float, n: int, c: str) -> float:
     return (x - 0.3) ** 2 + 0.01 * (n - 7) ** 2 + {"a": 0.5, "b": 0.0, "c": 0.2}[c]
 
 
+# A finite space (4 x 3 x 2 = 24 points): searched by minimising the acquisition over every unseen point.
+FINITE = [Param("a", "integer", 0, 3), Param("b", "ordinal", values=(1, 10, 100)),
+          Param("c", "categorical", values=("x", "y"))]
+
+
+def cup(a: int, b: int, c: str) -> float:
+    """Minimum 0 at a = 2, b = 10, c = "y"."""
+    return (a - 2) ** 2 + {1: 1.0, 10: 0.0, 100: 2.0}[b] + {"x": 0.5, "y": 0.0}[c]
+
+
 def points(res) -> list[tuple]:
     return [(e.index, tuple(e.params.values()), e.value, e.loss) for e in res.evaluations]
 
@@ -94,6 +104,8 @@ def test_nested_table_form_is_the_same_key(tmp_path):
      ["unknown metric 'objective.weights.ttft.p999'"]),
     ('type = "ordinal"', 'type = "ordinl"', ["unknown type 'ordinl'"]),
     ("[objective]", "[objectives]", ["unknown table [objectives]"]),
+    ("[objective]", '[tuner]\nacq_func = "UCB"\n[objective]', ["tuner.acq_func", "unknown acquisition function 'UCB'"]),
+    ("[objective]", "[tuner]\nkappa = -1\n[objective]", ["tuner.kappa=-1", "out of range"]),
 ])
 def test_bad_space_names_file_and_key(tmp_path, old, new, expect):
     assert old in GOOD
@@ -124,14 +136,16 @@ def test_seeded_search_is_reproducible():
 
 
 @pytest.mark.parametrize("parallel", [1, 3])
-def test_resume_continues_as_an_uninterrupted_search(tmp_path, parallel):
-    run = {"initial": 4, "seed": 7, "parallel": parallel, "runner": InlineRunner(bowl)}
-    full = tune(bowl, PARAMS, calls=9, **run)
-    part = tune(bowl, PARAMS, calls=6, **run)  # a batch boundary for both batch sizes
-    csv_path = write_evaluations(part.evaluations, PARAMS, tmp_path / "evaluations.csv")
-    history = read_evaluations(csv_path, PARAMS)
+@pytest.mark.parametrize("space", ["continuous", "finite"])
+def test_resume_continues_as_an_uninterrupted_search(tmp_path, parallel, space):
+    f, params = (bowl, PARAMS) if space == "continuous" else (cup, FINITE)
+    run = {"initial": 4, "seed": 7, "parallel": parallel, "runner": InlineRunner(f)}
+    full = tune(f, params, calls=9, **run)
+    part = tune(f, params, calls=6, **run)  # a batch boundary for both batch sizes
+    csv_path = write_evaluations(part.evaluations, params, tmp_path / "evaluations.csv")
+    history = read_evaluations(csv_path, params)
     assert [(e.params, e.loss, e.batch) for e in history] == [(e.params, e.loss, e.batch) for e in part.evaluations]
-    resumed = tune(bowl, PARAMS, calls=9, history=history, **run)
+    resumed = tune(f, params, calls=9, history=history, **run)
     assert not resumed.diverged and resumed.resumed == 6
     assert [e.index for e in resumed.evaluations] == list(range(9))
     assert points(resumed) == points(full)
@@ -150,6 +164,32 @@ def test_finds_a_known_optimum():
     assert abs(best.params["x"] - 0.3) < 0.03
     assert best.value < 0.001
     assert len({tuple(e.params.values()) for e in res.evaluations}) == 20  # no repeats
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_gp_on_a_finite_space_finds_the_optimum_and_never_repeats(parallel):
+    # after the initial points, the acquisition is minimised over every unseen point (constant liar in a batch):
+    # no point twice, and the whole space once when the budget allows
+    found = []
+    for seed in range(3):
+        res = tune(cup, FINITE, calls=12, seed=seed, parallel=parallel, runner=InlineRunner(cup))
+        keys = [tuple(e.params.values()) for e in res.evaluations]
+        assert len(set(keys)) == len(keys) == 12
+        found.append(next(e.index for e in res.evaluations if e.value == 0.0))
+    assert max(found) < 12, found  # the optimum within half the space, every seed
+    res = tune(cup, FINITE, calls=30, seed=0, parallel=parallel, runner=InlineRunner(cup))
+    assert res.exhausted and len({tuple(e.params.values()) for e in res.evaluations}) == len(res.evaluations) == 24
+
+
+def test_acquisition_settings_are_checked_and_change_the_search():
+    with pytest.raises(TuneError, match="unknown acquisition function 'UCB'"):
+        tune(cup, FINITE, calls=3, acq_func="UCB")
+    with pytest.raises(TuneError, match="unknown generator 'grid'"):
+        tune(cup, FINITE, calls=3, init_gen="grid")
+    lcb = tune(cup, FINITE, calls=10, seed=0)
+    ei = tune(cup, FINITE, calls=10, seed=0, acq_func="EI")
+    assert points(lcb)[:5] == points(ei)[:5]  # the same initial design
+    assert points(lcb) != points(ei)
 
 
 def test_random_search_on_a_finite_space_never_repeats_and_stops_when_exhausted():
