@@ -13,11 +13,11 @@
    that ratio (what is left when the step-time level is right: scheduling, routing, overheads).
 
 The two replicas share the 2-core CPU (one torch thread each), so each can slow the other down, by an
-amount that depends on what the other runs: the profile (`--concurrent 2`) measures every shape alone,
-and a subset again while a neighbour process runs each kind of step (few-sequence decodes, decode
-batches, prefills); the simulator then times every step by what the other replica has in progress
-when it starts (sim.contention.ContentionCost). Profiles without that measurement fall back to the
-busy-neighbour blend (sim.calibrate.neighbour_share).
+amount that depends on what the other runs: the profile (`--concurrent 2`) measures every shape alone
+and beside a neighbour process running each kind of step (few-sequence decodes, decode batches,
+prefills; and random grid shapes), the conditions interleaved round by round; the simulator then times
+every step by what the other replica has in progress when it starts (sim.contention.ContentionCost).
+Profiles without that measurement fall back to the busy-neighbour blend (sim.calibrate.neighbour_share).
 
 Other sessions' processes on the machine: Linux autogroup scheduling shares the CPU between sessions
 first, so their nice 19 does not make them yield to this run (measured: with a neighbour replica and

@@ -29,8 +29,9 @@ time between steps, measured on a short real replay (`measure_loop_overhead`).
 Replicas that share a machine slow each other down, by an amount that depends on what the neighbour
 runs. A profile measured with `--concurrent N` carries a second model measured with busy neighbours
 (`BusyNeighbours`, random grid shapes; `neighbour_share` blends the two by how busy the other replicas
-are in simulation) and, in its optional `contention` section, one model per kind of neighbour step,
-all measured interleaved; sim.contention.ContentionCost uses those step by step (see that module).
+are in simulation) and, in its optional `contention` section, the factor on the alone time per kind
+of neighbour step and kind of own step, all measured interleaved; sim.contention.ContentionCost uses
+those step by step (see that module).
 
 Profiles are TOML or JSON (by extension) and carry what produced them: device, model, library
 versions, KV capacity, coefficients, fit error on held-back grid points, and the grid itself.
@@ -343,6 +344,13 @@ class Profile:
 
         return ContentionCost(self.cost, factor_table(self.contention), group=group,
                               name=f"{self.cost.name} (co-located)")
+
+    def cost_at(self, u: float) -> FittedCost:
+        """The cost model of a replica whose neighbours are busy a share u of the time (0: alone, 1: always).
+        Without a busy measurement, the one model there is."""
+        if self.busy is None:
+            return self.cost
+        return blend(self.cost, self.busy, u)
 
     def to_dict(self) -> dict[str, Any]:
         return {
