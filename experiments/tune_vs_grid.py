@@ -1,6 +1,7 @@
 """Bayesian tuning (scikit-optimize) vs random search vs an exhaustive grid, on two real traces.
 
-    python experiments/tune_vs_grid.py --grid-cache grid.pkl   # about 15-25 minutes on 2 cores
+    python experiments/tune_vs_grid.py --grid-cache grid.pkl   # grids ~3 min on 2 cores; searches (3 methods
+                                                               # x 80 of 30 evaluations) ~20 min on one core
     python experiments/tune_vs_grid.py --quick                 # a smoke run: fewer seeds, smaller budget
 
 For each trace slice, every point of a small but real grid is simulated once. The searches then run
