@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-
 from policies.plan import StepPlan
 
 
