@@ -229,7 +229,7 @@ class Replica:
                             if self._cut is not None:
                                 m, end = self._cut
                                 self._cut = None
-                    sched.advance(plan, m, now, now + run.elapsed(1) if m > 1 else end, end, run)
+                    sched.advance(plan, m, now, now + run.first if m > 1 else end, end, run)
                     st.busy_time += end - now
                     st.steps += m
                     st.tokens += m * f.decode_seqs

@@ -80,10 +80,12 @@ class DecodeRun:
     time to the end of step m in closed form: a run of a thousand steps costs what one step does.
     """
 
-    __slots__ = ("a1", "b1", "a2", "b2", "c", "_top", "_x", "_cx")
+    __slots__ = ("a1", "b1", "a2", "b2", "c", "_top", "_x", "_cx", "_params", "first")
 
     def __init__(self, a1: float, b1: float, a2: float, b2: float, c: float):
         self.a1, self.b1, self.a2, self.b2, self.c = a1, b1, a2, b2, c
+        self._params = (a1, b1, a2, b2, c)
+        self.first = max(a1, a2) + c  # the first step's duration, elapsed(1)
         if a2 > a1 or (a2 == a1 and b2 > b1):  # the line on top at i = 0 first
             a1, b1, a2, b2 = a2, b2, a1, b1
         self._top = (a1, b1, a2, b2)
@@ -128,7 +130,7 @@ class DecodeRun:
         return j
 
     def params(self) -> tuple[float, float, float, float, float]:
-        return self.a1, self.b1, self.a2, self.b2, self.c
+        return self._params
 
 
 class CostModel(Protocol):
