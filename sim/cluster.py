@@ -83,7 +83,7 @@ class Replica:
         self._wake = env.event()
         self._token = 0  # invalidates timers armed before the last wake-up
         self._asleep = False
-        self._in_run = False  # waiting out a decode run (interrupted by an arrival)
+        self._in_run = False  # waiting out a decode run (an arrival cuts it: _cut_run)
         self._run_state: tuple | None = None  # (start, DecodeRun, steps, batch) of the run being waited out
         self._cut: tuple[int, float] | None = None  # (steps, end) of that run once an arrival cut it short
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
