@@ -95,8 +95,7 @@ class Replica:
     # Router view
     @property
     def num_outstanding(self) -> int:
-        sched = self.sched
-        return len(sched.waiting) + len(sched.running)  # (sched.num_outstanding, one call less per read)
+        return self.sched.num_outstanding
 
     @property
     def num_running(self) -> int:

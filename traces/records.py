@@ -78,9 +78,7 @@ class RecordTable:
         if len(self._buf) >= self._FLUSH:
             self._flush()
 
-    _BUF_FIELDS = ("arrival", "admitted", "first_token", "finish", "input_tokens", "output_tokens", "generated_tokens",
-                   "cached_tokens", "preemptions", "replica", "status", "reason", "session_id", "step",
-                   "result_cache_hit")
+    _BUF_FIELDS = FIELD_NAMES[1:]  # the order of a buffered row after its id (put() writes them so)
 
     def _flush(self) -> None:
         buf = self._buf
