@@ -16,10 +16,13 @@ both off, and tests check that both modes give the same records):
   progress, which is exactly when a step-by-step replica would have looked at
   its queue again; a router reading the replica meanwhile sees the steps
   completed so far (`pending_tokens`).
-- Run-ahead: in an open-loop replay with nothing between the front end and
-  the replicas (no result cache, sessions or faults), nothing can look at or
-  change a replica before the front end's next arrival, so a step or run that
-  ends before that arrival is applied at once, without a SimPy event.
+- The direct driver (`run_direct`): in an open-loop replay with nothing
+  between the front end and the replicas (no result cache, sessions, faults
+  or other processes), nothing can look at or change a replica before the
+  front end's next arrival. Then no event queue is needed: before each
+  arrival every replica applies the steps that end before it, and the request
+  is routed at its arrival time. Otherwise each replica is a SimPy process.
+  Both drivers plan and apply steps with the same code (`_begin`, `_apply`).
 
 Around the replicas (sim/frontend.py): a result cache, the router, retries
 after crashes, closed-loop sessions; sim/faults.py injects crashes and cache
@@ -55,10 +58,12 @@ _NS = 8  # values per sample in Replica.samples
 
 
 class Replica:
-    """One model replica: a scheduler, a cost model and a SimPy process."""
+    """One model replica: a scheduler, a cost model, and a SimPy process (or `catch_up` calls from
+    run_direct)."""
 
-    def __init__(self, env: simpy.Environment, idx: int, sched: ContinuousBatchingScheduler, cost: CostModel,
-                 records: RecordTable, jump: bool, new_queue: Callable[[], Any] | None = None):
+    def __init__(self, env: simpy.Environment | DirectClock, idx: int, sched: ContinuousBatchingScheduler,
+                 cost: CostModel, records: RecordTable, jump: bool, new_queue: Callable[[], Any] | None = None,
+                 direct: bool = False):
         self.env, self.idx, self.sched, self.cost = env, idx, sched, cost
         self.records, self.jump = records, jump
         self.kv = sched.kv
@@ -80,7 +85,8 @@ class Replica:
         self._next_sample = 0.0
         self.samples = array("d")  # t, used, evictable, cached, evictions, reclaimed, running, waiting
         self.stats = ReplicaStats(kv_blocks=sched.kv.num_blocks)
-        self._wake = env.event()
+        self.direct = direct  # driven by run_direct (no SimPy process) rather than by _loop
+        self._wake = env.event() if not direct else None
         self._token = 0  # invalidates timers armed before the last wake-up
         self._asleep = False
         self._in_run = False  # waiting out a decode run (an arrival cuts it: _cut_run)
@@ -89,8 +95,11 @@ class Replica:
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
-        self.ahead: Any = None  # an object whose `next_arrival` bounds run-ahead (see _loop); None: off
-        self.proc = env.process(self._loop())
+        # The step in progress as _begin planned it: (plan, features, start, DecodeRun or None, steps, end);
+        # t_next: when this replica next acts by itself (that step's end, a queue deadline, inf: never).
+        self._pend: tuple | None = None
+        self.t_next = math.inf
+        self.proc = env.process(self._loop()) if not direct else None
 
     # Router view
     @property
@@ -120,8 +129,22 @@ class Replica:
 
     def submit(self, seq: Sequence) -> None:
         seq.replica = self.idx
-        self.sched.add(seq, self.env.now)
-        if self._in_run:  # waiting out a decode run: cut it at the end of the step in progress
+        now = self.env.now
+        self.sched.add(seq, now)
+        if self.direct:
+            p = self._pend
+            if p is None:  # idle: it wakes now, once every arrival of this instant is in (see catch_up)
+                if self.t_next > now:
+                    self.t_next = now
+            elif p[3] is not None and p[4] > 1:  # a decode run: cut it at the end of the step in progress
+                plan, f, start, run, m, _ = p
+                j = run.step_at(now - start, m) + 1
+                if j < m:
+                    end = start + run.elapsed(j)
+                    self._pend = (plan, f, start, run, j, end)
+                    self.t_next = end
+                    self._run_state = (start, run, j, f.decode_seqs)
+        elif self._in_run:  # waiting out a decode run: cut it at the end of the step in progress
             self._cut_run()
         elif self._asleep and not self._wake.triggered:
             self._wake.succeed()
@@ -169,82 +192,112 @@ class Replica:
                 put(s)
             done.clear()
 
+    # ---- one step: plan it, then apply it (shared by both drivers) --------------------------------
+    def _begin(self, now: float) -> bool:
+        """Plan the step (or decode run) that starts at `now`; False when there is nothing to do (then
+        `t_next` is the scheduler's next wake-up, inf if none)."""
+        sched = self.sched
+        plan = sched.schedule(now)
+        if sched.done:
+            self._collect()
+        if not plan.decode and not plan.prefill:
+            self._pend = None
+            wake = sched.next_wakeup()
+            self.t_next = wake if wake is not None else math.inf
+            self._idle = True
+            return False
+        self._idle = False
+        f = plan_features(plan)
+        self.current = f
+        k = sched.horizon(plan) if self.jump else 1
+        if k > 1 and self.reclaimer is not None:
+            k = self._reclaim_horizon(plan, k)
+        if k == 1:
+            run = None
+            m = 1
+            end = now + self.cost.step_time(f)
+        else:
+            run = self.cost.decode_run(f)
+            m = k
+            end = now + run.elapsed(k)
+            deadline = sched.next_wakeup()
+            if deadline is not None and deadline < end:  # a queue deadline: look at the queue again then
+                m = run.step_at(deadline - now, k) + 1
+                end = now + run.elapsed(m)
+        self._pend = (plan, f, now, run, m, end)
+        self.t_next = end
+        if run is not None and self.direct:  # (the SimPy driver sets it while it waits the run out)
+            self._run_state = (now, run, m, f.decode_seqs)
+        return True
+
+    def _apply(self) -> None:
+        """Apply the step (or the m steps of the run) planned by _begin: it has ended."""
+        plan, f, start, run, m, end = self._pend
+        self._pend = None
+        sched, st = self.sched, self.stats
+        if run is None:
+            sched.update(plan, start, end)
+            st.steps += 1
+            st.tokens += f.prefill_tokens + f.decode_seqs
+        else:
+            sched.advance(plan, m, start, start + run.first if m > 1 else end, end, run)
+            st.steps += m
+            st.tokens += m * f.decode_seqs
+        st.busy_time += end - start
+        self.current = None
+        self._run_state = None
+        self.clock = end
+        if sched.done:
+            self._collect()
+        if self.reclaimer is not None or self.sample_every:
+            self._after_step(end)
+
+    # ---- the SimPy driver -------------------------------------------------------------------------
     def _loop(self):
-        env, sched, cost, st = self.env, self.sched, self.cost, self.stats
-        reclaim = self.reclaimer is not None
-        after_step = reclaim or self.sample_every > 0
-        ahead = self.ahead
-        busy = False
+        env = self.env
         while True:
             try:
-                now = self.clock  # the step arithmetic is the reference; env.now may lag it (run-ahead)
-                plan = sched.schedule(now)
-                if sched.done:
-                    self._collect()
-                if not plan.decode and not plan.prefill:
-                    wake_at = sched.next_wakeup()
-                    if wake_at is not None:
-                        self._arm(wake_at)
-                    self._idle = True
+                if not self._begin(self.clock):
+                    if self.t_next < math.inf:
+                        self._arm(self.t_next)
                     yield from self._sleep()
                     self._idle = False
                     self.clock = env.now
                     continue
-                f = plan_features(plan)
-                k = sched.horizon(plan) if self.jump else 1
-                if k > 1 and reclaim:
-                    k = self._reclaim_horizon(plan, k)
-                busy = True
-                self.current = f
-                # Run-ahead: nothing outside this replica can look at it or change it before the front
-                # end's next arrival, so a step (or run) that ends before then is applied at once.
-                limit = ahead.next_arrival if ahead is not None else -math.inf
-                if k == 1:
-                    run = None
-                    d = cost.step_time(f)
-                    end = now + d
-                    if end >= limit:
-                        yield env.timeout(end - env.now)
-                    sched.update(plan, now, end)
-                    st.busy_time += d
-                    st.steps += 1
-                    st.tokens += f.prefill_tokens + f.decode_seqs
+                plan, f, start, run, m, end = self._pend
+                if run is None:
+                    yield env.timeout(end - env.now)
                 else:
-                    run = cost.decode_run(f)
-                    m = k
-                    end = now + run.elapsed(k)
-                    deadline = sched.next_wakeup()
-                    if deadline is not None and deadline < end:
-                        m = run.step_at(deadline - now, k) + 1
-                        end = now + run.elapsed(m)
-                    if end >= limit:
-                        self._in_run = True  # submit() may cut the run short (see _cut_run)
-                        self._run_state = (now, run, m, f.decode_seqs)
-                        try:
-                            yield env.timeout(end - env.now)
-                        finally:  # (also on a crash: then the cut, if any, tells which steps were under way)
-                            self._in_run = False
-                            self._run_state = None
-                            if self._cut is not None:
-                                m, end = self._cut
-                                self._cut = None
-                    sched.advance(plan, m, now, now + run.first if m > 1 else end, end, run)
-                    st.busy_time += end - now
-                    st.steps += m
-                    st.tokens += m * f.decode_seqs
-                busy = False
-                self.current = None
-                self.clock = end
-                if sched.done:
-                    self._collect()
-                if after_step:
-                    self._after_step(end)
+                    self._in_run = True  # submit() may cut the run short (see _cut_run)
+                    self._run_state = (start, run, m, f.decode_seqs)
+                    try:
+                        yield env.timeout(end - env.now)
+                    finally:  # (also on a crash: then the cut, if any, tells which steps were under way)
+                        self._in_run = False
+                        self._run_state = None
+                        if self._cut is not None:
+                            m, end = self._cut
+                            self._cut = None
+                            self._pend = (plan, f, start, run, m, end)
+                self._apply()
             except simpy.Interrupt:  # a crash (sim/faults.py): only ever raised at a yield above
-                if busy:
-                    self._lose_step(plan, f, now, run, m if run is not None else 1)
-                busy = False
+                p = self._pend
+                if p is not None:
+                    self._lose_step(p[0], p[1], p[2], p[3], p[4])
+                self._pend = None
                 self.current = None
                 yield from self._down()
+
+    # ---- the direct driver (run_direct): no SimPy events at all -----------------------------------
+    def catch_up(self, t: float) -> None:
+        """Apply every step that ends before `t`, planning the next after each (direct driver)."""
+        while self.t_next < t:
+            if self._pend is not None:
+                self._apply()
+                now = self.clock
+            else:  # woken by an arrival or a queue deadline
+                now = self.clock = self.t_next
+            self._begin(now)
 
     # ---- crashes --------------------------------------------------------------------------------
     def crash(self, down: float) -> None:
@@ -344,7 +397,7 @@ def _num_evictable(kv) -> int:
 
 @dataclass
 class Cluster:
-    env: simpy.Environment
+    env: simpy.Environment | DirectClock
     replicas: list[Replica]
     records: RecordTable
     cfg: SimConfig
@@ -364,9 +417,10 @@ def router_options(name: str, cost: CostModel) -> dict[str, float]:
     return {"c_tok": prefill, "d0": d_one, "d1": max(d_many - d_one, 0.0) / 64}
 
 
-def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = None, check: bool = False) -> Cluster:
-    """Wire every object of a run in one visible place."""
-    env = simpy.Environment()
+def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = None, check: bool = False,
+                  direct: bool | None = None) -> Cluster:
+    """Wire every object of a run in one visible place. direct: drive it with run_direct (None: whenever
+    the configuration allows it; False: always SimPy)."""
     cost = cost if cost is not None else load_cost_model(cfg.profile, cfg.tp, cfg.gpu_memory_utilization)
     num_blocks = cfg.num_blocks or cost.kv_capacity_tokens // cfg.scheduler.block_size
     meta: dict[str, Any] = {"cost_model": getattr(cost, "name", type(cost).__name__),
@@ -388,22 +442,27 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
     # gives replica i its own view of the others' `current` steps) may also forbid decode-run jumps.
     bind = getattr(cost, "for_replica", None)
     jump = cfg.jump and getattr(cost, "jump_ok", True)
+    # The direct driver (run_direct) needs every outside event that can touch a replica to be a known
+    # arrival: open loop, nothing between the front end and the replicas, no faults, no other processes,
+    # step times of its own; otherwise SimPy drives the run.
+    can_direct = (jump and not Frontend.sink_needed(cfg) and bind is None and not cfg.faults.cache_node_loss
+                  and not (cfg.gpu_tasks.enabled and len(workload)) and getattr(cost, "run_ahead_ok", True))
+    if direct is None:
+        direct = can_direct
+    elif direct and not can_direct:
+        raise ValueError("direct=True needs jump mode, no result cache, sessions, faults or GPU tasks, and a cost "
+                         "model without per-replica views")
+    env = DirectClock() if direct else simpy.Environment()
     for i in range(n_replicas):
         sched = create_scheduler(cfg.scheduler, num_blocks)
         if new_queue is not None:
             sched.waiting = new_queue()
         replicas.append(Replica(env, i, sched, cost if bind is None else bind(i, replicas), records, jump,
-                                new_queue))
+                                new_queue, direct=direct))
     router = create_router(cfg.router, seed=cfg.seed, **router_options(cfg.router, cost))
     fe = Frontend(env, replicas, records, router, workload, cfg, check=check)
     mem = cfg.memory
-    # Run-ahead (Replica._loop) needs every outside event that can touch a replica to be a known arrival:
-    # open loop, nothing between the front end and the replicas, no faults, step times of its own.
-    run_ahead = (jump and not fe.needs_sink and bind is None and not cfg.faults.cache_node_loss
-                 and getattr(cost, "run_ahead_ok", True))
     for rep in replicas:
-        if run_ahead:
-            rep.ahead = fe
         if fe.needs_sink:
             rep.sink = fe.done
         rep.on_crash, rep.on_recover = fe.crashed, fe.recovered
@@ -420,6 +479,49 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
 
         gpu = start_gpu_tasks(env, cfg.gpu_tasks, cfg.seed, float(workload.arrival[0]), float(workload.arrival[-1]))
     return Cluster(env, replicas, records, cfg, fe, meta=meta, gpu_tasks=gpu)
+
+
+class DirectClock:
+    """The clock of a run without SimPy (run_direct): the replicas and the front end read `now`."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+def drive(cluster: Cluster) -> None:
+    """Replay the workload's arrivals through the cluster to the end, with its driver."""
+    if isinstance(cluster.env, DirectClock):
+        run_direct(cluster)
+    else:
+        cluster.env.process(cluster.frontend.arrivals())
+        cluster.env.run()
+
+
+def run_direct(cluster: Cluster) -> None:
+    """Replay the arrivals in order without an event queue: before each arrival, every replica applies
+    the steps that end before it (nothing else can touch a replica in between), then the front end
+    routes the request at its arrival time. Gives the records the SimPy driver gives (tests check it);
+    build_cluster decides when it applies."""
+    fe, reps, clock = cluster.frontend, cluster.replicas, cluster.env
+    w = fe.workload
+    request, send, progress = w.request, fe.send, fe.progress
+    tick = max(len(w) // 200, 1)
+    for i, t in enumerate(w.arrival.tolist()):
+        for r in reps:
+            if r.t_next < t:
+                r.catch_up(t)
+        clock.now = t
+        send(Sequence(request(i)))
+        if progress is not None and i % tick == 0:
+            progress(i)
+    fe.arrivals_done = True
+    end = clock.now
+    for r in reps:
+        r.catch_up(math.inf)
+        end = max(end, r.clock)
+    clock.now = end
 
 
 def _checked(sched: ContinuousBatchingScheduler) -> None:
@@ -450,19 +552,19 @@ def _checked(sched: ContinuousBatchingScheduler) -> None:
 
 
 def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
-             progress: Callable[[int], None] | None = None, check: bool = False) -> RunResult:
+             progress: Callable[[int], None] | None = None, check: bool = False,
+             direct: bool | None = None) -> RunResult:
     """Replay `workload` through a simulated cluster; every request ends with one record.
     `check=True` verifies the KV pool's invariants after every step and the front end's (result cache
     capacity and expiry, submissions only to replicas that are up) as it goes (for tests)."""
     t0 = time.perf_counter()
-    cluster = build_cluster(workload, cfg, cost, check=check)
+    cluster = build_cluster(workload, cfg, cost, check=check, direct=direct)
     if check:
         for rep in cluster.replicas:
             _checked(rep.sched)
     fe = cluster.frontend
     fe.progress = progress
-    cluster.env.process(fe.arrivals())
-    cluster.env.run()
+    drive(cluster)
     end = cluster.env.now
     for rep in cluster.replicas:  # nothing should be left; if it is, say so rather than lose it
         rep.sched.abort_all(end, "simulation ended before the request finished")

@@ -88,7 +88,6 @@ class Frontend:
         self.recorded = 0
         self.pending = 0  # timers of ours not yet fired (cache latency, session think times)
         self.arrivals_done = False
-        self.next_arrival = -math.inf  # time of the next arrival not yet sent (inf after the last)
         self.progress: Callable[[int], None] | None = None
         rc = cfg.result_cache
         self.cache = FrontCache(rc.capacity, rc.ttl, rc.nodes, rc.replication, rc.vnodes) if rc.enabled else None
@@ -107,7 +106,11 @@ class Frontend:
     @property
     def needs_sink(self) -> bool:
         """Whether terminal sequences must pass through `done` (else the replicas record them directly)."""
-        return self.cache is not None or self.sessions is not None or self.cfg.faults.replica_faults
+        return self.sink_needed(self.cfg)
+
+    @staticmethod
+    def sink_needed(cfg: SimConfig) -> bool:
+        return cfg.result_cache.enabled or cfg.sessions.mode == "closed" or bool(cfg.faults.replica_faults)
 
     # ---- arrivals ---------------------------------------------------------------------------------
     def arrivals(self):
@@ -116,18 +119,13 @@ class Frontend:
         arrival = w.arrival.tolist()
         progress = self.progress if self.sessions is None else None
         tick = max(self.n // 200, 1)
-        nxt = [arrival[i] for i in rows]
-        nxt.append(math.inf)
-        for j, i in enumerate(rows):
+        for i in rows:
             t = arrival[i]
-            self.next_arrival = t
             if t > env.now:
                 yield env.timeout(t - env.now)
-            self.next_arrival = nxt[j + 1]
             self.send(Sequence(w.request(i)))
             if progress is not None and i % tick == 0:
                 progress(i)
-        self.next_arrival = math.inf
         self.arrivals_done = True
 
     def _later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:

@@ -163,16 +163,17 @@ def test_jump_gives_the_records_of_single_steps(w, cfg):
     import dataclasses
 
     cost = LinearCost(per_ctx=1e-6)
-    a = simulate(w, cfg, cost=cost)
-    b = simulate(w, dataclasses.replace(cfg, jump=False), cost=cost)
-    for name in ("status", "replica", "generated_tokens", "cached_tokens", "preemptions"):
-        assert list(a.records[name]) == list(b.records[name]), name
-    for name in ("admitted", "first_token", "finish"):
-        np.testing.assert_allclose(a.records[name], b.records[name], rtol=1e-9, atol=1e-12, equal_nan=True)
-    assert a.itl.count() == b.itl.count()
-    if a.itl.count():
-        np.testing.assert_allclose(a.itl.quantiles(), b.itl.quantiles(), rtol=1e-7)
-        assert a.itl.mean() == pytest.approx(b.itl.mean(), rel=1e-9)
+    b = simulate(w, dataclasses.replace(cfg, jump=False), cost=cost)  # SimPy, one event per step
+    # jump mode under both drivers: run_direct (the default here) and SimPy
+    for a in (simulate(w, cfg, cost=cost), simulate(w, cfg, cost=cost, direct=False)):
+        for name in ("status", "replica", "generated_tokens", "cached_tokens", "preemptions"):
+            assert list(a.records[name]) == list(b.records[name]), name
+        for name in ("admitted", "first_token", "finish"):
+            np.testing.assert_allclose(a.records[name], b.records[name], rtol=1e-9, atol=1e-12, equal_nan=True)
+        assert a.itl.count() == b.itl.count()
+        if a.itl.count():
+            np.testing.assert_allclose(a.itl.quantiles(), b.itl.quantiles(), rtol=1e-7)
+            assert a.itl.mean() == pytest.approx(b.itl.mean(), rel=1e-9)
 
 
 @settings(max_examples=25, deadline=None)
@@ -230,11 +231,11 @@ def test_dynamic_batching_waits_for_batch_or_timeout():
     assert math.isclose(r.records["first_token"][0], 0.1 + 0.010 + 0.030)
 
 
-@pytest.mark.parametrize("jump", [True, False])
-def test_router_sees_pending_tokens_of_completed_steps_inside_a_decode_run(jump):
+@pytest.mark.parametrize("jump,direct", [(True, True), (True, False), (False, False)])
+def test_router_sees_pending_tokens_of_completed_steps_inside_a_decode_run(jump, direct):
     """A router reading a replica in the middle of a decode run sees what a stepping replica shows: the
     tokens of the steps completed so far are no longer pending, although the jump applies them at the end."""
-    from sim.cluster import build_cluster
+    from sim.cluster import build_cluster, drive
 
     # prefill of request 0: 0.010 + 0.001 * 100 = 0.110 s (its first token); then decode steps of 0.011 s.
     # Requests 1-3 arrive in the middle of decode steps 1, 11 and 31 (one-token prompts, routed by a
@@ -243,7 +244,7 @@ def test_router_sees_pending_tokens_of_completed_steps_inside_a_decode_run(jump)
     w = Workload.from_requests([Request(index=0, arrival=0.0, input_tokens=100, output_tokens=50)]
                                + [Request(index=i, arrival=t, input_tokens=1, output_tokens=1)
                                   for i, t in enumerate(times[1:], 1)], name="probe")
-    cluster = build_cluster(w, SimConfig(jump=jump, replicas=2), cost=LinearCost())
+    cluster = build_cluster(w, SimConfig(jump=jump, replicas=2), cost=LinearCost(), direct=direct)
     seen = []
 
     class Recorder:
@@ -252,8 +253,7 @@ def test_router_sees_pending_tokens_of_completed_steps_inside_a_decode_run(jump)
             return 0 if req.index == 0 else 1
 
     cluster.frontend.router = Recorder()
-    cluster.env.process(cluster.frontend.arrivals())
-    cluster.env.run()
+    drive(cluster)
     # 100 prompt + 50 output tokens; the prefill computes 100 (and samples token 1); each completed decode
     # step one more. (The last output token's KV is never computed, so 49 decode steps finish it.)
     assert seen == [0, 50, 40, 20]
