@@ -11,7 +11,7 @@ from policies.sequence import Sequence
 
 
 class StepPlan:
-    __slots__ = ("prefill", "prefill_tokens", "decode", "preempted")
+    __slots__ = ("prefill", "prefill_tokens", "decode", "preempted", "decode_ctx")
 
     def __init__(self) -> None:
         # Sequences computing prompt (or recomputed) tokens this step, and how many each.
@@ -22,6 +22,9 @@ class StepPlan:
         self.decode: list[Sequence] = []
         # Sequences preempted while building this plan (blocks freed, back to waiting).
         self.preempted: list[Sequence] = []
+        # Sum over `decode` of their context length including the new token (num_computed + 1), summed by
+        # the scheduler as it plans them (it reads each anyway); -1 when whoever built the plan did not.
+        self.decode_ctx = -1
 
     @property
     def empty(self) -> bool:

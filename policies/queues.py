@@ -25,32 +25,21 @@ class RequestQueue(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
-class FCFSQueue:
-    """First come, first served."""
-
-    def __init__(self) -> None:
-        self._q: deque = deque()
+class FCFSQueue(deque):
+    """First come, first served. (A deque itself, so that len(), iteration and remove() are the deque's
+    own: the scheduler asks for the length several times per step.)"""
 
     def push(self, seq: Any, now: float) -> None:
-        self._q.append(seq)
+        self.append(seq)
 
     def push_front(self, seq: Any) -> None:
-        self._q.appendleft(seq)
+        self.appendleft(seq)
 
     def peek(self, now: float) -> Any | None:
-        return self._q[0] if self._q else None
+        return self[0] if self else None
 
-    def pop(self, now: float) -> Any:
-        return self._q.popleft()
-
-    def remove(self, seq: Any) -> None:
-        self._q.remove(seq)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._q)
+    def pop(self, now: float) -> Any:  # (the queue's pop: the oldest; not deque.pop)
+        return self.popleft()
 
 
 class PriorityQueue:

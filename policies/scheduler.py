@@ -81,6 +81,9 @@ class ContinuousBatchingScheduler:
         self.pending = 0
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._jumpable = False
+        self._min_left: int | None = None  # fewest output tokens left among the last plan's decodes
+        # Whether next_wakeup() can ever return a time (else callers may skip asking).
+        self.may_wake = cfg.queue_timeout is not None or type(self).next_wakeup is not ContinuousBatchingScheduler.next_wakeup
 
     # ---- arrivals ---------------------------------------------------------------
     def add(self, seq: Sequence, now: float) -> bool:
@@ -135,6 +138,7 @@ class ContinuousBatchingScheduler:
         if self.cfg.queue_timeout is not None:
             self._expire(now)
         plan = StepPlan()
+        self._min_left = None
         budget = self.cfg.max_num_batched_tokens
         if self.cfg.chunked_prefill:
             budget, all_scheduled = self._schedule_running(plan, budget)
@@ -154,6 +158,8 @@ class ContinuousBatchingScheduler:
         running = self.running
         decode, prefill, prefill_tokens = plan.decode, plan.prefill, plan.prefill_tokens
         all_scheduled = True
+        ctx = 0  # plan.decode_ctx, and the fewest tokens any decode has left (horizon reads it)
+        min_left = 1 << 62
         i = 0
         while i < len(running):  # (running shrinks when a sequence is preempted)
             seq = running[i]
@@ -178,11 +184,17 @@ class ContinuousBatchingScheduler:
                 table.extend(kv.allocate(need))
             if n == 1 and seq.num_generated:
                 decode.append(seq)
+                ctx += computed + 1
+                left = seq.req.output_tokens - seq.num_generated
+                if left < min_left:
+                    min_left = left
             else:
                 prefill.append(seq)
                 prefill_tokens.append(n)
             budget -= n
             i += 1
+        plan.decode_ctx = ctx
+        self._min_left = min_left
         return budget, all_scheduled
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
@@ -307,11 +319,13 @@ class ContinuousBatchingScheduler:
         decode = plan.decode
         if not self._jumpable or not decode:
             return 1
-        k = 1 << 62
-        for s in decode:
-            left = s.req.output_tokens - s.num_generated
-            if left < k:
-                k = left
+        k = self._min_left  # as _schedule_running found it for this plan
+        if k is None:
+            k = 1 << 62
+            for s in decode:
+                left = s.req.output_tokens - s.num_generated
+                if left < k:
+                    k = left
         if k > 1:
             bs = self.cfg.block_size
             free = self.kv.num_free
@@ -341,12 +355,19 @@ class ContinuousBatchingScheduler:
         itl = self.itl
         c = 0
         done = None
+        grow = None  # (table, blocks) of the sequences that need blocks: one allocation for all of them
+        total = 0
         for seq in decode:
             computed = seq.num_computed
             table = seq.block_table
             i = len(table) * bs - computed + 1  # the step that needs the next block
             if i <= m:
-                table.extend(kv.allocate((m - i) // bs + 1))
+                k = (m - i) // bs + 1
+                total += k
+                if grow is None:
+                    grow = [(table, k)]
+                else:
+                    grow.append((table, k))
             t = seq.t_last_token
             if t == start:
                 c += 1
@@ -361,6 +382,15 @@ class ContinuousBatchingScheduler:
                     done = [seq]
                 else:
                     done.append(seq)
+        if grow is not None:  # (consecutive allocations would hand out these blocks in this order)
+            if len(grow) == 1:
+                grow[0][0].extend(kv.allocate(total))
+            else:
+                blocks = kv.allocate(total)
+                p = 0
+                for table, k in grow:
+                    table.extend(blocks[p:p + k])
+                    p += k
         self.pending -= m * len(decode)
         if c:
             itl.step(first_end - start, c)
@@ -412,6 +442,7 @@ class DynamicBatchScheduler(ContinuousBatchingScheduler):
         if cfg.queue_timeout is not None:
             self._expire(now)
         plan = StepPlan()
+        self._min_left = None
         if not self.running and len(self.waiting):
             oldest = self._oldest_waiting()
             if len(self.waiting) >= cfg.max_batch_size or now >= oldest + cfg.max_wait:

@@ -104,7 +104,8 @@ class Replica:
     # Router view
     @property
     def num_outstanding(self) -> int:
-        return self.sched.num_outstanding
+        s = self.sched  # (its num_outstanding, inlined: routers read every replica on every arrival)
+        return len(s.waiting) + len(s.running)
 
     @property
     def num_running(self) -> int:
@@ -138,9 +139,10 @@ class Replica:
                     self.t_next = now
             elif p[3] is not None and p[4] > 1:  # a decode run: cut it at the end of the step in progress
                 plan, f, start, run, m, _ = p
-                j = run.step_at(now - start, m) + 1
+                j, e = run.step_end(now - start, m)
+                j += 1  # steps done by the end of the one in progress
                 if j < m:
-                    end = start + run.elapsed(j)
+                    end = start + e
                     self._pend = (plan, f, start, run, j, end)
                     self.t_next = end
                     self._run_state = (start, run, j, f.decode_seqs)
@@ -157,10 +159,11 @@ class Replica:
         env, proc = self.env, self.proc
         start, run, m, _ = self._run_state
         now = env.now
-        j = run.step_at(now - start, m) + 1  # steps done by the end of the one in progress
+        j, e = run.step_end(now - start, m)
+        j += 1  # steps done by the end of the one in progress
         if j >= m:
             return  # the run ends with the step in progress anyway
-        end = start + run.elapsed(j)
+        end = start + e
         self._cut = (j, end)
         target = proc._target
         target.callbacks.remove(proc._resume)
@@ -220,7 +223,7 @@ class Replica:
             run = self.cost.decode_run(f)
             m = k
             end = now + run.elapsed(k)
-            deadline = sched.next_wakeup()
+            deadline = sched.next_wakeup() if sched.may_wake else None
             if deadline is not None and deadline < end:  # a queue deadline: look at the queue again then
                 m = run.step_at(deadline - now, k) + 1
                 end = now + run.elapsed(m)

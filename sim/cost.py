@@ -52,10 +52,13 @@ def plan_features(plan: StepPlan) -> StepFeatures:
     """Features of a plan, read before the scheduler's update()."""
     decode = plan.decode
     if not plan.prefill:  # decode only (the common case)
-        ctx = len(decode)
-        for seq in decode:
-            ctx += seq.num_computed
-        return StepFeatures(0, len(decode), 0.0, ctx, len(decode))
+        nd = len(decode)
+        ctx = plan.decode_ctx
+        if ctx < 0:  # (not summed by the scheduler)
+            ctx = nd
+            for seq in decode:
+                ctx += seq.num_computed
+        return StepFeatures(0, nd, 0.0, ctx, nd)
     pt = 0
     attn = 0.0
     logits = 0
@@ -65,9 +68,11 @@ def plan_features(plan: StepPlan) -> StepFeatures:
         attn += n * c0 + n * (n + 1) / 2
         if c0 + n == seq.num_tokens:
             logits += 1
-    ctx = 0
-    for seq in plan.decode:
-        ctx += seq.num_computed + 1
+    ctx = plan.decode_ctx
+    if ctx < 0:
+        ctx = 0
+        for seq in plan.decode:
+            ctx += seq.num_computed + 1
     nd = len(plan.decode)
     return StepFeatures(pt, nd, attn, ctx, logits + nd)
 
@@ -110,6 +115,10 @@ class DecodeRun:
 
     def step_at(self, t: float, k: int) -> int:
         """Smallest j in [0, k) with elapsed(j + 1) >= t: the step in progress at time t after the start."""
+        return self.step_end(t, k)[0]
+
+    def step_end(self, t: float, k: int) -> tuple[int, float]:
+        """(j, elapsed(j + 1)) for j = step_at(t, k): the step in progress at t and when it ends."""
         # Start from the root of the upper line's quadratic, a close guess, then settle it exactly.
         a = max(self.a1, self.a2) + self.c
         b = max(self.b1, self.b2)
@@ -121,13 +130,21 @@ class DecodeRun:
             guess = t / a if a > 0 else 0.0
         j = int(min(max(guess - 1, 0.0), k - 1)) if math.isfinite(guess) else k - 1
         elapsed = self.elapsed
-        if elapsed(j + 1) >= t:
-            while j > 0 and elapsed(j) >= t:
+        e = elapsed(j + 1)
+        if e >= t:
+            while j > 0:
+                e0 = elapsed(j)
+                if e0 < t:
+                    break
                 j -= 1
+                e = e0
         else:
-            while j < k - 1 and elapsed(j + 1) < t:
+            while j < k - 1:
                 j += 1
-        return j
+                e = elapsed(j + 1)
+                if e >= t:
+                    break
+        return j, e
 
     def params(self) -> tuple[float, float, float, float, float]:
         return self._params

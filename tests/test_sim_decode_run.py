@@ -35,6 +35,8 @@ def test_elapsed_is_the_sum_of_durations_and_step_at_inverts_it(a1, b1, a2, b2, 
         assert abs(j - expect) <= 1  # float ties at a boundary may land either side
         if j > 0:
             assert run.elapsed(j) < t or math.isclose(run.elapsed(j), t, rel_tol=1e-9)
+        # step_end: the same step, and exactly the end that elapsed() gives for it (a cut run ends there)
+        assert run.step_end(t, k) == (j, run.elapsed(j + 1))
 
 
 def test_roofline_run_crosses_from_memory_to_compute_bound():
