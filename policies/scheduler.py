@@ -161,10 +161,13 @@ class ContinuousBatchingScheduler:
         ctx = 0  # plan.decode_ctx, and the fewest tokens any decode has left (horizon reads it)
         min_left = 1 << 62
         i = 0
-        while i < len(running):  # (running shrinks when a sequence is preempted)
+        nrun = len(running)
+        while i < nrun:  # (running shrinks when a sequence is preempted)
             seq = running[i]
             computed = seq.num_computed
-            n = seq.req.input_tokens + seq.num_generated - computed
+            g = seq.num_generated
+            req = seq.req
+            n = req.input_tokens + g - computed
             if n > budget:  # without chunking, running sequences are all decodes (n == 1)
                 n = budget if chunked else 0
                 if n <= 0:
@@ -172,20 +175,21 @@ class ContinuousBatchingScheduler:
                     i += 1
                     continue
             table = seq.block_table
-            need = -(-(computed + n) // bs) - len(table)
+            need = (computed + n + bs - 1) // bs - len(table)
             if need > 0:
                 while need > kv.num_free:
                     victim = running.pop()
                     self._preempt(victim, plan)
                     if victim is seq:
                         break
+                nrun = len(running)
                 if seq.status is not SeqStatus.RUNNING:
                     break
                 table.extend(kv.allocate(need))
-            if n == 1 and seq.num_generated:
+            if n == 1 and g:
                 decode.append(seq)
                 ctx += computed + 1
-                left = seq.req.output_tokens - seq.num_generated
+                left = req.output_tokens - g
                 if left < min_left:
                     min_left = left
             else:
@@ -220,24 +224,25 @@ class ContinuousBatchingScheduler:
             if seq.hashes is None:
                 seq.hashes = prefix_block_hashes(seq.req, bs) if cfg.prefix_caching else []
             hit = kv.lookup(seq.hashes) if seq.hashes else []
-            max_hit = (seq.num_tokens - 1) // bs  # always compute at least the last token
+            num_tokens = seq.req.input_tokens + seq.num_generated
+            max_hit = (num_tokens - 1) // bs  # always compute at least the last token
             if len(hit) > max_hit:
                 hit = hit[:max_hit]
             cached = len(hit) * bs
-            n = seq.num_tokens - cached
+            n = num_tokens - cached
             if n > budget:
                 if cfg.chunked_prefill:
                     n = budget
                 elif plan.prefill:
                     break
                 # else: a prompt longer than the budget runs alone in its own step
-            need = kv.blocks_for(cached + n) - len(hit)
+            need = (cached + n + bs - 1) // bs - len(hit)
             if need + (kv.evictable_among(hit) if hit else 0) > kv.num_free:
                 break
             waiting.pop(now)
             if hit:
                 kv.acquire(hit)
-            kv.count_query(seq.num_tokens, cached)
+            kv.count_query(num_tokens, cached)
             seq.block_table = hit + kv.allocate(need)
             seq.num_computed = cached
             self.pending -= cached
@@ -360,7 +365,7 @@ class ContinuousBatchingScheduler:
         for seq in decode:
             computed = seq.num_computed
             table = seq.block_table
-            i = len(table) * bs - computed + 1  # the step that needs the next block
+            i = len(table) * bs - computed + 1  # the step that needs the next block (if <= m)
             if i <= m:
                 k = (m - i) // bs + 1
                 total += k
