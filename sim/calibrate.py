@@ -925,6 +925,164 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
     return prof, fit
 
 
+# ---- drift: the machine's speed now against when it was profiled ----------------------------------
+
+# The reference shapes the drift check re-times: per role, the profile's grid row closest to the target
+# (log distance over prefill tokens, their attention pairs, decoding sequences and context per sequence),
+# each row used once: small to moderate steps of every kind a continuous-batching replay runs, about
+# 0.3 s a round for the default model on a 2-core CPU.
+DRIFT_ROLES: tuple[tuple[str, str, int, int, int], ...] = (
+    # (role, kind, prefill tokens, decoding sequences, context per decoding sequence)
+    ("one decode", "decode", 0, 1, 256),
+    ("decode batch", "decode", 0, 16, 256),
+    ("short prefill", "prefill", 128, 0, 0),
+    ("prefill chunk", "prefill", 512, 0, 0),
+    ("mixed step", "mixed", 64, 8, 256),
+)
+DRIFT_BUDGET_S = 1.5  # time the timed rounds of one check aim at (repeats from the stored medians)
+_FEATURE_KEYS = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits")
+
+
+def _row_matches(point: GridPoint, row: Mapping[str, Any]) -> bool:
+    """`point` has exactly the features the grid row recorded (every feature field must be there)."""
+    if not all(k in row for k in _FEATURE_KEYS) or row.get("kind") != point.kind:
+        return False
+    f = point.features()
+    return (int(row["prefill_tokens"]) == f.prefill_tokens and int(row["decode_seqs"]) == f.decode_seqs
+            and int(row["decode_ctx"]) == f.decode_ctx and int(row["logits"]) == f.logits
+            and math.isclose(float(row["prefill_attn"]), float(f.prefill_attn), rel_tol=1e-9, abs_tol=1e-6))
+
+
+def _point_from_label(label: str) -> GridPoint | None:
+    """The shape a grid label (GridPoint.label) names, when the label determines it: prefill chunks always;
+    decodes when there are at most two or all have one context. None otherwise (a spread batch keeps
+    only its smallest and largest context in the label) or when the label does not parse."""
+    kind, sep, rest = label.partition(":")
+    if not sep or not rest:
+        return None
+    prefills: list[tuple[int, int, bool]] = []
+    decodes: list[int] = []
+    try:
+        for part in rest.split(" "):
+            if part.startswith("dec"):
+                n_s, _, ctx = part[3:].partition("@")
+                n = int(n_s)
+                lo_s, _, hi_s = ctx.partition("-")
+                lo, hi = int(lo_s), int(hi_s or lo_s)
+                if lo == hi:
+                    decodes = [lo] * n
+                elif n == 2:
+                    decodes = [hi, lo]  # spread_contexts' order: longest first
+                else:
+                    return None
+            else:
+                for chunk in part.split("+"):
+                    done = not chunk.endswith("~")
+                    chunk = chunk.rstrip("~")
+                    k = 1
+                    if "x" in chunk:
+                        k_s, chunk = chunk.split("x", 1)
+                        k = int(k_s)
+                    n_s, _, st_s = chunk.partition("@")
+                    prefills += [(int(st_s), int(n_s), done)] * k
+    except ValueError:
+        return None
+    return GridPoint(kind, tuple(prefills), tuple(decodes))
+
+
+def grid_row_points(profile: Profile) -> dict[int, GridPoint]:
+    """The exact shape of every row of the profile's measured grid that can be rebuilt: from the label when
+    it determines the shape, else from `default_grid` regenerated with the profile's seed (decode contexts
+    are drawn before any limit filters a shape, so the limits it was built with do not matter); a rebuilt
+    shape counts only when its features equal the row's. Row index -> GridPoint."""
+    seed = int(profile.fit.get("seed", 0) or 0)
+    quick = profile.measure.get("quick")
+    regen: dict[str, list[GridPoint]] = {}
+    big = 10 ** 9
+    for q in ((bool(quick),) if quick is not None else (False, True)):
+        for p in default_grid(quick=q, max_tokens=big, max_context=big, max_seqs=big, seed=seed):
+            regen.setdefault(p.label(), []).append(p)
+    out: dict[int, GridPoint] = {}
+    for i, row in enumerate(profile.grid):
+        label = str(row.get("label", ""))
+        cands = [c for c in [_point_from_label(label)] if c is not None] + regen.get(label, [])
+        for c in cands:
+            if _row_matches(c, row):
+                out[i] = c
+                break
+    return out
+
+
+def drift_reference_shapes(profile: Profile) -> list[tuple[str, int, GridPoint]]:
+    """The drift check's reference shapes, chosen deterministically from the profile's own measured grid
+    (DRIFT_ROLES): (role, grid row index, shape). Raises ValueError when the profile has no grid
+    measurements or fewer than 3 of its rows can be rebuilt."""
+    where = profile.name or "profile"
+    if not profile.grid:
+        raise ValueError(f"{where}: the profile has no grid measurements (its 'grid' section is empty; a profile "
+                         f"fitted on an engine step log has none), so there is nothing to re-time for a drift "
+                         f"check: profile with a measured grid (`twinfer profile`) or turn the drift check off "
+                         f"(`twinfer validate --no-drift-check`)")
+    for i, row in enumerate(profile.grid):
+        med = row.get("median_s")
+        if not isinstance(med, (int, float)) or not (math.isfinite(med) and med > 0):
+            raise ValueError(f"{where}: grid row {i} ({row.get('label', '?')}): median_s={med!r} must be a "
+                             f"positive number")
+    points = grid_row_points(profile)
+
+    def dist(row: Mapping[str, Any], pt: int, ds: int, cps: int) -> float:
+        nd = int(row["decode_seqs"])
+        c = int(row["decode_ctx"]) / nd if nd else 0
+        attn = float(row["prefill_attn"])  # the target chunks start at position 0: n (n + 1) / 2
+        return (abs(math.log((int(row["prefill_tokens"]) + 1) / (pt + 1))) + abs(math.log((nd + 1) / (ds + 1)))
+                + abs(math.log((c + 1) / (cps + 1))) + abs(math.log((attn + 1) / (pt * (pt + 1) / 2 + 1))))
+
+    chosen: list[tuple[str, int, GridPoint]] = []
+    used: set[int] = set()
+    for role, kind, pt, ds, cps in DRIFT_ROLES:
+        cands = [i for i in sorted(points) if i not in used and profile.grid[i].get("kind") == kind]
+        if not cands:
+            continue
+        best = min(cands, key=lambda i: (dist(profile.grid[i], pt, ds, cps), i))
+        used.add(best)
+        chosen.append((role, best, points[best]))
+    if len(chosen) < 3:
+        raise ValueError(f"{where}: only {len(chosen)} of the grid's {len(profile.grid)} rows could be rebuilt as "
+                         f"reference shapes for a drift check (need 3: a decode, a prefill, a mixed step); the grid "
+                         f"rows need their label and features (prefill_tokens, decode_seqs, prefill_attn, "
+                         f"decode_ctx, logits) as `twinfer profile` writes them; or turn the drift check off "
+                         f"(`twinfer validate --no-drift-check`)")
+    return chosen
+
+
+def measure_drift(runner: Any, profile: Profile, repeats: int | None = None, warmup: int = 1, seed: int = 0,
+                  budget_s: float = DRIFT_BUDGET_S) -> dict[str, Any]:
+    """How fast the machine runs the executor's steps now against when the profile was measured: re-time
+    the reference shapes (`drift_reference_shapes`, taken from the profile's own grid) on `runner` (an
+    executor.runner.ModelRunner, as `measure_grid` takes; run it alone, nothing else of this session busy)
+    and compare each shape's median with the profile's stored median for it.
+
+    Returns {"factor": the median over shapes of now / stored (> 1: the machine is slower now), "shapes":
+    per shape role, label, stored_s, now_s, ratio, "repeats", "warmup", "seconds"}. The median, not a
+    mean, so one shape caught by a burst of other load does not move the factor. `repeats` None: as many
+    rounds as fit `budget_s` by the stored medians (2 to 5). Never looks at any workload's steps."""
+    refs = drift_reference_shapes(profile)
+    stored = [float(profile.grid[i]["median_s"]) for _, i, _ in refs]
+    if repeats is None:
+        repeats = int(max(2, min(5, budget_s // max(sum(stored), 1e-9) - warmup)))
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"drift check: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    t0 = time.perf_counter()
+    meas = measure_grid(runner, [p for *_, p in refs], repeats=repeats, warmup=warmup, seed=seed)
+    seconds = time.perf_counter() - t0
+    shapes = []
+    for (role, i, p), m, st in zip(refs, meas, stored):
+        now = m.median
+        shapes.append({"role": role, "row": i, "label": p.label(), "stored_s": st, "now_s": now, "ratio": now / st})
+    factor = float(np.median([s["ratio"] for s in shapes]))
+    return {"factor": factor, "shapes": shapes, "repeats": repeats, "warmup": warmup, "seconds": seconds}
+
+
 # ---- validation: simulator vs executor ----------------------------------------------------------
 
 COMPARED = (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"), ("queueing", "queueing"))
@@ -1060,6 +1218,26 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
         raise ValueError(f"factor={factor} must be > 0")
     return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
                       name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor)
+
+
+def drift_corrected(cost: Any, factor: float) -> Any:
+    """`cost` with its forward time (the model's step time without the engine loop's gap) `factor` times as
+    long: the drift check's correction for the machine's current speed (`measure_drift`). The loop's gap
+    (`step_overhead_s`) stays as measured: the drift check times forward passes only. For a co-located model
+    (sim.contention.ContentionCost: anything with `.base` and `with_base`) the alone fit underneath is
+    scaled and the contention factors apply on top as before."""
+    try:
+        factor = float(factor)
+    except (TypeError, ValueError):
+        raise ValueError(f"drift factor={factor!r} must be a finite number > 0") from None
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"drift factor={factor!r} must be a finite number > 0")
+    if hasattr(cost, "with_base") and hasattr(cost, "base"):
+        return cost.with_base(drift_corrected(cost.base, factor))
+    if not isinstance(cost, FittedCost):
+        raise TypeError(f"drift_corrected needs a FittedCost or a model with .base and .with_base, got "
+                        f"{type(cost).__name__}")
+    return scaled(cost.with_overhead(0.0), factor).with_overhead(cost.step_overhead_s)
 
 
 def neighbour_share(workload: Any, cfg: Any, profile: Profile, iters: int = 6,

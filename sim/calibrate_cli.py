@@ -76,6 +76,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repeat", type=int, default=1, help="real runs (default 1); >= 2 reports their spread")
     g.add_argument("--time-limit", type=float, default=600.0,
                    help="s after the last arrival before unfinished requests fail (default 600)")
+    g.add_argument("--drift-check", dest="drift_check", action=argparse.BooleanOptionalAction, default=True,
+                   help="right before and right after the real run(s), re-time a few reference shapes of the "
+                        "profile's own grid in this process (the executor's model, alone, the profile's thread "
+                        "count; about 2 s each) and scale the simulator's step times by the geometric mean of "
+                        "now / profiled: the machine's current speed, never the run's own steps. On by default "
+                        "because a CPU's speed drifts by 10 %% and more between runs (measured here: one decode "
+                        "shape 23.7 -> 34.6 ms over an hour), which a profile measured once cannot follow and "
+                        "which moves p50 latencies more than the simulator's own error; the uncorrected "
+                        "prediction is still reported. Needs a profile with grid measurements")
     o = v.add_argument_group("output")
     o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
     o.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -195,6 +204,33 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         if prof.busy is not None:
             prof.busy = prof.busy.with_overhead(loop["mean_s"])
     return prof, fit
+
+
+def drift_probe_runner(prof, device: str | None = None):
+    """The executor's model runner the drift check times (sim.calibrate.measure_drift), built as
+    `run_profile` built the one it measured the grid on: the profile's model preset, weights from its
+    seed, its torch thread count, on `device` (default: the profile's); KV blocks for the reference shapes
+    only (they reuse the same block ids, as the grid's shapes did)."""
+    from executor.device import select_device
+    from executor.model import LlamaForCausalLM, preset
+    from executor.runner import ModelRunner
+    from sim.calibrate import drift_reference_shapes, grid_blocks_needed
+
+    name = prof.model.get("name")
+    if not name:
+        raise ValueError("drift check: the profile names no model (model.name), so there is no model to re-time "
+                         "its grid on")
+    cfg = preset(name)
+    dev = select_device(device or prof.device.get("device") or "cpu")
+    threads = prof.measure.get("threads")
+    if threads is None and dev.type == "cpu":
+        raise ValueError("drift check: the profile does not record its torch thread count (measure.threads)")
+    threads = int(threads) if threads is not None else None
+    block_size = int(prof.kv.get("block_size") or 16)
+    need = grid_blocks_needed([p for *_, p in drift_reference_shapes(prof)], block_size)
+    seed = int(prof.fit.get("seed", 0) or 0)
+    model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
+    return ModelRunner(model, max(need, 1), block_size, device=dev, num_threads=threads)
 
 
 def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
@@ -328,14 +364,23 @@ def fit_to_model(w, max_position: int):
 
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
-                 time_limit: float, keep_steps: str | Path | None = None) -> dict[str, Any]:
+                 time_limit: float, keep_steps: str | Path | None = None, drift_check: bool = True) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
-    keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run)."""
+    keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
+
+    drift_check: time the profile's reference shapes (sim.calibrate.measure_drift) in this process right
+    before the first real run and right after the last, with no replica running, and simulate again with
+    the step times scaled by the geometric mean of the two factors (sim.calibrate.drift_corrected).
+    "comparison" and "sim" are then the corrected prediction's; "comparison_uncorrected" and
+    "sim_uncorrected" the profile's as measured (the same objects when the check is off)."""
     import numpy as np
 
     from executor.model import preset
     from executor.replay import read_steps, run_workload
-    from sim.calibrate import compare, neighbour_share, read_profile_file, scaled, step_check
+    from sim.calibrate import (
+        compare, drift_corrected, drift_reference_shapes, measure_drift, neighbour_share, read_profile_file, scaled,
+        step_check,
+    )
     from sim.cluster import simulate
     from sim.config import flatten
     from traces.report import summarize
@@ -356,6 +401,11 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     w, dropped = fit_to_model(w, mcfg.max_position)
     if not len(w):
         raise ValueError(f"no request of the workload fits the model's max_position={mcfg.max_position}")
+    if drift_check:
+        drift_reference_shapes(prof)  # no grid to re-time: fail before anything runs
+        if prof.model.get("name") != mname:
+            raise ValueError(f"drift check: the profile's grid was measured on model {prof.model.get('name')!r}, "
+                             f"the executor runs {mname!r}; their step times do not compare (--no-drift-check)")
     # Co-located replicas: the step-by-step model when the profile measured what each kind of neighbour step
     # does (sim.contention); else the busy-neighbour fit blended by the neighbours' average busy share.
     ccost = prof.contention_cost() if cfg.replicas > 1 and device == "cpu" else None
@@ -367,6 +417,11 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
     sim_res = simulate(w, cfg, cost=cost)
     sim_sum = summarize(sim_res, cfg.slo)
+    probe = drift_before = None
+    if drift_check:
+        # the executor's model, alone in this process, right before the replicas start
+        probe = drift_probe_runner(prof, device)
+        drift_before = measure_drift(probe, prof)
     reals, wall, steps = [], [], []
     max_duration = float(w.arrival[-1] - w.arrival[0]) + time_limit
     for k in range(repeat):
@@ -384,7 +439,17 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 shutil.copyfile(Path(tmp) / "steps.csv", dst)
         real_threads = res.meta.get("threads_per_replica")
         reals.append(summarize(res, cfg.slo))
-    cmp = compare(sim_sum, reals)
+    cmp = cmp_raw = compare(sim_sum, reals)
+    sim_raw = sim_sum
+    drift: dict[str, Any] = {"enabled": False}
+    if probe is not None:
+        drift_after = measure_drift(probe, prof)  # the replicas have exited
+        del probe
+        level = math.sqrt(drift_before["factor"] * drift_after["factor"])
+        sim_sum = summarize(simulate(w, cfg, cost=drift_corrected(cost, level)), cfg.slo)
+        cmp = compare(sim_sum, reals)
+        drift = {"enabled": True, "factor": level, "before": drift_before, "after": drift_after,
+                 "steps_real_over_corrected": [sc["busy_ratio"] / level for sc in steps if sc.get("steps")]}
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
@@ -402,14 +467,21 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     elif prof.busy is not None and prof.neighbours != cfg.replicas - 1:
         notes.append(f"the profile's busy measurement had {prof.neighbours} neighbour(s); this run has "
                      f"{cfg.replicas - 1}")
+    if drift["enabled"]:
+        fb, fa = drift["before"]["factor"], drift["after"]["factor"]
+        if max(fa, fb) / min(fa, fb) > 1.1:
+            notes.append(f"the drift check's reference shapes ran {fb:.2f} x their profiled time before the real "
+                         f"run(s) and {fa:.2f} x after: the machine's speed changed during the run (other load?), so "
+                         f"the correction by their geometric mean {drift['factor']:.2f} is uncertain")
     if real_threads != prof_threads:
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
-    return {"comparison": cmp, "step_check": steps, "step_time_corrected": corrected, "notes": notes,
+    return {"comparison": cmp, "comparison_uncorrected": cmp_raw, "drift": drift,
+            "step_check": steps, "step_time_corrected": corrected, "notes": notes,
             "neighbours_busy_share": u if prof.busy is not None else None,
             "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
                            "busy-neighbour blend" if prof.busy is not None else "alone"),
-            "sim": sim_sum, "real": reals,
+            "sim": sim_sum, "sim_uncorrected": sim_raw, "real": reals,
             "config": flatten(cfg), "profile": str(profile_path), "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
             "dropped_too_long": dropped, "real_wall_s": wall, "loadavg_1m": _loadavg()}
 
@@ -422,7 +494,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not (cfg.profile.endswith((".toml", ".json")) or Path(cfg.profile).is_file()):
         raise ValueError("validate needs --profile FILE: a fitted profile written by `twinfer profile`")
     w = load_workload(args)
-    out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit)
+    out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
+                       drift_check=args.drift_check)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
@@ -430,18 +503,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, default=_json_default))
         return 0
     c = out["comparison"]
+    dr = out["drift"]
     title = (f"twinfer validate: {out['workload']}, {out['requests']:,} requests, {cfg.replicas} replica(s), "
-             f"router {cfg.router}, {cfg.scheduler.kind} scheduler; sim {Path(out['profile']).name} vs executor "
-             f"{out['model']} on {out['device']} ({out['threads']} thread(s))")
+             f"router {cfg.router}, {cfg.scheduler.kind} scheduler; sim {Path(out['profile']).name}"
+             + (f" (drift-corrected x{dr['factor']:.3f})" if dr["enabled"] else "")
+             + f" vs executor {out['model']} on {out['device']} ({out['threads']} thread(s))")
     _console().print(render_comparison(c, title=title))
     worst = c["worst"]
     _console().print(f"median |error| over TTFT/TPOT/E2E/throughput: {c['median_abs_rel_error']:.1%}; worst: "
                      + (f"{worst['metric']} {worst['abs_rel_error']:.1%}" if worst else "-"))
+    if dr["enabled"]:
+        b, a = dr["before"], dr["after"]
+        _console().print(f"drift check: the profile's {len(b['shapes'])} reference shapes ran {b['factor']:.3f} x "
+                         f"their profiled time before the real run(s) and {a['factor']:.3f} x after (median over "
+                         f"shapes); simulator step times scaled by {dr['factor']:.3f} (geometric mean)")
+        u = out["comparison_uncorrected"]
+        p50 = ", ".join(f"{lab} {_fmt_rel(u['metrics'].get(m, {}).get('rel_error'))}"
+                        for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50")))
+        _console().print(f"without the drift correction: median |error| {u['median_abs_rel_error']:.1%}; {p50}")
     for k, sc in enumerate(out["step_check"]):
         if sc.get("steps"):
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "
                              f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
-                             f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})")
+                             f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})"
+                             + (f"; {sc['busy_ratio'] / dr['factor']:.2f} x the drift-corrected one"
+                                if dr["enabled"] else ""))
     if out["cost_model"].startswith("co-located"):
         _console().print("co-located replicas: each simulated step is slowed by what the other replicas have in "
                          "progress when it starts (the profile's contention measurement)")
@@ -459,6 +545,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.out:
         _console().print(f"wrote {args.out}")
     return 0
+
+
+def _fmt_rel(e: float | None) -> str:
+    return "n/a" if e is None or not math.isfinite(e) else f"{e:+.1%}"
 
 
 def _json_default(o: Any) -> Any:

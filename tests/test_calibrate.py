@@ -466,15 +466,44 @@ def test_validate_command_end_to_end(tmp_path, capsys):
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
         f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (0, 90, 3), (1, 20, 8), (1, 5000, 2))))
     out = tmp_path / "v.json"
+    # the sample profile's grid rows carry no features: no drift check possible, and it says so
     assert main(["validate", "--profile", str(prof), "--trace", str(trace), "--model-config", "tiny",
-                 "--replicas", "1", "--out", str(out), "--no-progress"]) == 0
+                 "--replicas", "1", "--no-progress"]) == 2
+    assert "--no-drift-check" in capsys.readouterr().err
+    assert main(["validate", "--profile", str(prof), "--trace", str(trace), "--model-config", "tiny",
+                 "--replicas", "1", "--out", str(out), "--no-progress", "--no-drift-check"]) == 0
     text = capsys.readouterr().out
     assert "TTFT p50" in text and "1 requests longer than the model's positions" in text
+    assert "drift check" not in text
     d = json.loads(out.read_text())
+    assert d["drift"] == {"enabled": False} and d["comparison_uncorrected"] == d["comparison"]
     assert d["requests"] == 3 and d["dropped_too_long"] == 1 and d["comparison"]["repeats"] == 1
     assert d["real"][0]["ok"] == 3 and d["sim"]["ok"] == 3
     assert d["step_check"][0]["steps"] > 0 and d["step_time_corrected"]["factor"] > 0
     assert set(d["comparison"]["metrics"]) >= {"ttft.p50", "tpot.p99", "e2e.p90", "throughput_rps"}
+
+
+def test_validate_command_with_the_drift_check(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from sim.calibrate_cli import run_profile
+    from sim.cli import main
+
+    prof, _ = run_profile("tiny", "cpu", 1, 0, True, 0.25, "linear", 1, 512, 16, 2048, 0, loop_overhead=False)
+    path = save_profile_file(prof, tmp_path / "tiny.toml")
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (0, 90, 3), (1, 20, 8))))
+    out = tmp_path / "v.json"
+    assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
+                 "--no-progress"]) == 0  # on by default
+    text = capsys.readouterr().out
+    assert "drift check: the profile's" in text and "without the drift correction: median |error|" in text
+    d = json.loads(out.read_text())
+    dr = d["drift"]
+    assert dr["enabled"] and dr["factor"] == pytest.approx(math.sqrt(dr["before"]["factor"] * dr["after"]["factor"]))
+    assert all(s["now_s"] > 0 and s["label"] in {g["label"] for g in prof.grid} for s in dr["before"]["shapes"])
+    assert d["sim"]["e2e"]["p50"] != d["sim_uncorrected"]["e2e"]["p50"]  # a measured factor is never exactly 1
+    assert set(d["comparison_uncorrected"]["metrics"]) == set(d["comparison"]["metrics"])
 
 
 def test_validate_needs_a_profile_file(capsys):

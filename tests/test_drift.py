@@ -1,0 +1,287 @@
+"""The drift check: the machine's speed now against when the profile was measured (sim.calibrate.measure_drift),
+the correction it makes (drift_corrected) and how `twinfer validate` brackets the real runs with it."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sim.calibrate import (
+    DRIFT_ROLES, FittedCost, GridPoint, Measurement, Profile, _point_from_label, default_grid, drift_corrected,
+    drift_reference_shapes, grid_blocks_needed, grid_row_points, measure_drift, profile_from_measurements,
+    save_profile_file,
+)
+from sim.contention import ContentionCost
+from sim.cost import StepFeatures, plan_features
+
+# intercept, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched
+TRUE = FittedCost([0.006, 2.5e-4, 4e-4, 1.6e-7, 2e-6, 1e-4, 0.003], 65536, name="truth")
+SEED = 3  # not the default: the shapes must be rebuilt with the profile's own seed
+
+
+def synthetic_profile(quick: bool = False, seed: int = SEED, max_context: int = 4096) -> Profile:
+    """A profile of the default grid whose stored medians are TRUE's step times (no torch)."""
+    pts = default_grid(quick=quick, max_context=max_context, seed=seed, max_kv_tokens=65536)
+    meas = [Measurement(p, [TRUE.step_time(p.features())]) for p in pts]
+    prof, _ = profile_from_measurements(meas, 65536, holdout=0.25, seed=seed, name="synthetic",
+                                        model={"name": "tiny"}, kv={"num_blocks": 4096, "block_size": 16},
+                                        measure={"quick": quick, "threads": 1})
+    return prof
+
+
+def _key(f: StepFeatures) -> tuple:
+    return (f.prefill_tokens, f.decode_seqs, round(float(f.prefill_attn), 6), f.decode_ctx, f.logits)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
+class FakeRunner:
+    """Stands in for executor.runner.ModelRunner: each run advances a fake clock by `times[shape]`."""
+
+    def __init__(self, times: dict[tuple, float], clock: FakeClock, num_blocks: int):
+        self.cfg = SimpleNamespace(vocab=512)
+        self.block_size, self.num_blocks, self.device = 16, num_blocks, "cpu"
+        self.times, self.clock, self.runs = times, clock, 0
+
+    def run(self, plan) -> None:
+        self.clock.t += self.times[_key(plan_features(plan))]
+        self.runs += 1
+        for s in plan.decode:  # as the real runner does: a sampled token appended (measure_grid removes it)
+            s.tokens.append(0)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    pytest.importorskip("torch")
+    import executor.device
+
+    c = FakeClock()
+    monkeypatch.setattr(executor.device, "time", SimpleNamespace(perf_counter=c.perf_counter))
+    return c
+
+
+def fake_runner(prof: Profile, clock: FakeClock, scale: float, outlier: tuple[str, float] | None = None):
+    refs = drift_reference_shapes(prof)
+    times = {}
+    for role, i, p in refs:
+        f = p.features()
+        assert _key(f) not in times
+        times[_key(f)] = prof.grid[i]["median_s"] * scale * (outlier[1] if outlier and outlier[0] == role else 1.0)
+    return FakeRunner(times, clock, grid_blocks_needed([p for *_, p in refs], 16))
+
+
+# ---- the reference shapes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_grid_row_is_rebuilt_exactly(quick):
+    prof = synthetic_profile(quick=quick)
+    pts = default_grid(quick=quick, max_context=4096, seed=SEED, max_kv_tokens=65536)
+    got = grid_row_points(prof)
+    assert sorted(got) == list(range(len(pts)))
+    assert all(got[i] == p for i, p in enumerate(pts))  # spread decode contexts included, not just features
+
+
+def test_labels_rebuild_only_shapes_they_determine():
+    assert _point_from_label("prefill:4x64@0") == GridPoint("prefill", ((0, 64, True),) * 4)
+    assert _point_from_label("prefill:512@1024~") == GridPoint("prefill", ((1024, 512, False),))
+    assert _point_from_label("decode:dec16@512") == GridPoint("decode", decodes=(512,) * 16)
+    assert _point_from_label("mixed:256@0 dec2@314-641") == GridPoint("mixed", ((0, 256, True),), (641, 314))
+    assert _point_from_label("decode:dec8@72-395") is None  # the middle six contexts are not in the label
+    assert _point_from_label("nonsense") is None and _point_from_label("decode:decx@1") is None
+
+
+def test_reference_shapes_span_the_kinds_and_are_deterministic():
+    prof = synthetic_profile()
+    refs = drift_reference_shapes(prof)
+    assert [r for r, *_ in refs] == [r[0] for r in DRIFT_ROLES]
+    assert [prof.grid[i]["kind"] for _, i, _ in refs] == ["decode", "decode", "prefill", "prefill", "mixed"]
+    assert [prof.grid[i]["label"] for _, i, _ in refs] == [
+        "decode:dec1@256", refs[1][2].label(), "prefill:128@0", "prefill:512@0", refs[4][2].label()]
+    assert refs[1][2].features().decode_seqs == 16 and refs[4][2].features().prefill_tokens == 64
+    assert len({i for _, i, _ in refs}) == len(refs)
+    assert [(r, i) for r, i, _ in drift_reference_shapes(synthetic_profile())] == [(r, i) for r, i, _ in refs]
+
+
+def test_missing_grid_is_a_clear_error():
+    prof = Profile(cost=TRUE, name="steps@cpu", grid=[])
+    with pytest.raises(ValueError, match="no grid measurements"):
+        measure_drift(object(), prof)
+
+
+def test_grid_rows_without_features_or_times_are_errors():
+    prof = synthetic_profile()
+    bare = Profile(cost=TRUE, name="bare", grid=[{"kind": g["kind"], "label": g["label"], "median_s": g["median_s"]}
+                                                 for g in prof.grid])
+    with pytest.raises(ValueError, match="only 0 of the grid's .* rows could be rebuilt"):
+        drift_reference_shapes(bare)
+    prof.grid[3]["median_s"] = 0.0
+    with pytest.raises(ValueError, match=r"grid row 3 .*median_s=0.0"):
+        drift_reference_shapes(prof)
+
+
+# ---- the factor ------------------------------------------------------------------------------------------
+
+def test_factor_is_now_over_the_profiled_medians(clock):
+    prof = synthetic_profile()
+    runner = fake_runner(prof, clock, 1.2)
+    d = measure_drift(runner, prof, repeats=3, warmup=1)
+    assert d["factor"] == pytest.approx(1.2, rel=1e-9)
+    assert [s["ratio"] for s in d["shapes"]] == pytest.approx([1.2] * len(DRIFT_ROLES), rel=1e-9)
+    assert d["repeats"] == 3 and runner.runs == len(DRIFT_ROLES) * 4
+    assert {s["label"] for s in d["shapes"]} <= {g["label"] for g in prof.grid}
+
+
+def test_one_wild_shape_does_not_move_the_factor(clock):
+    prof = synthetic_profile()
+    d = measure_drift(fake_runner(prof, clock, 1.2, outlier=("prefill chunk", 5.0)), prof, repeats=3, warmup=1)
+    ratios = [s["ratio"] for s in d["shapes"]]
+    assert max(ratios) == pytest.approx(6.0) and np.mean(ratios) > 2.0  # a mean would be way off
+    assert d["factor"] == pytest.approx(1.2, rel=1e-9)
+
+
+def test_repeats_follow_the_time_budget(clock):
+    prof = synthetic_profile()
+    stored = sum(prof.grid[i]["median_s"] for _, i, _ in drift_reference_shapes(prof))
+    d = measure_drift(fake_runner(prof, clock, 1.0), prof, warmup=1, budget_s=3.5 * stored)
+    assert d["repeats"] == 2 and d["factor"] == pytest.approx(1.0)
+    d = measure_drift(fake_runner(prof, clock, 1.0), prof, warmup=1, budget_s=100 * stored)
+    assert d["repeats"] == 5
+
+
+# ---- the correction --------------------------------------------------------------------------------------
+
+def test_drift_corrected_scales_the_forward_time_not_the_loop_gap():
+    cost = FittedCost([0.010, 1e-4, 2e-3, 0, 0, 0, 0], 10_000, name="c", step_overhead_s=0.0005)
+    f = StepFeatures(100, 2, 5050.0, 300, 3)
+    # forward 0.010 + 100 * 1e-4 + 2 * 2e-3 = 0.024 s; x 1.25 = 0.030; + the loop's 0.5 ms
+    assert cost.step_time(f) == pytest.approx(0.0245)
+    assert drift_corrected(cost, 1.25).step_time(f) == pytest.approx(0.0305)
+    dec = StepFeatures(0, 4, 0.0, 400, 4)  # 0.010 + 4 * 2e-3 = 0.018 a step
+    run = drift_corrected(cost, 1.25).decode_run(dec)
+    assert run.elapsed(10) == pytest.approx(10 * (0.018 * 1.25 + 0.0005))
+    assert drift_corrected(cost, 1.25).kv_capacity_tokens == 10_000
+    for bad in (0.0, -1.0, math.nan, math.inf, "x"):
+        with pytest.raises(ValueError, match="drift factor"):
+            drift_corrected(cost, bad)
+
+
+def test_drift_corrected_keeps_the_contention_factors_on_top():
+    base = FittedCost([0.010, 0.001, 0.002, 0, 0, 0, 0], 100_000, name="alone", step_overhead_s=0.001)
+    cc = ContentionCost(base, {"prefill": {"decode": 1.5}})
+    got = drift_corrected(cc, 0.8)
+    dec4, pre = StepFeatures(0, 4, 0.0, 400, 4), StepFeatures(100, 0, 5050.0, 0, 1)
+    assert isinstance(got, ContentionCost) and got.table == cc.table
+    assert got.base.step_time(dec4) == pytest.approx(0.018 * 0.8 + 0.001)
+    assert got.factor(dec4, [pre]) == cc.factor(dec4, [pre]) == pytest.approx(1.5)
+    assert cc.base.step_time(dec4) == pytest.approx(0.019)  # the original is untouched
+
+
+# ---- validate brackets the real runs ---------------------------------------------------------------------
+
+def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float):
+    """run_validate with a stand-in executor (the simulator with step times `truth_factor` x the profile's)
+    and a stand-in drift check (1.1 before, 1.3 after); returns (run, events)."""
+    pytest.importorskip("torch")
+    import sim.calibrate
+    import sim.calibrate_cli
+    from sim.cluster import simulate
+
+    events: list[str] = []
+    truth = drift_corrected(prof.cost, truth_factor)
+
+    def run_workload(w, cfg, **kw):
+        events.append("run")
+        return simulate(w, cfg, cost=truth)
+
+    def read_steps(path):
+        return {"duration": np.array([0.02]), "decode_context": np.array([100]), "prefill_tokens": np.array([0]),
+                "decode_seqs": np.array([1]), "attention_pairs": np.array([100]), "sampled": np.array([1])}
+
+    factors = iter([1.1, 1.3])
+
+    def fake_measure(runner, p, **kw):
+        events.append("probe")
+        return {"factor": next(factors), "shapes": [], "repeats": 0, "warmup": 0, "seconds": 0.0}
+
+    fake = types.ModuleType("executor.replay")
+    fake.run_workload, fake.read_steps = run_workload, read_steps
+    monkeypatch.setitem(sys.modules, "executor.replay", fake)
+    monkeypatch.setattr(sim.calibrate, "measure_drift", fake_measure)
+    monkeypatch.setattr(sim.calibrate_cli, "drift_probe_runner", lambda *a, **k: events.append("build") or object())
+    path = save_profile_file(prof, tmp_path / "p.toml")
+
+    def run(drift_check: bool):
+        from policies.scheduler import SchedulerConfig
+        from sim.config import SimConfig
+        from traces.workload import Request, Workload
+
+        w = Workload.from_requests([Request(i, 0.3 * i, 40 + 20 * (i % 3), 12) for i in range(12)], name="w")
+        cfg = SimConfig(replicas=1, profile=str(path), scheduler=SchedulerConfig(prefix_caching=False))
+        return sim.calibrate_cli.run_validate(w, cfg, str(path), "tiny", "cpu", 1, 60.0, drift_check=drift_check)
+
+    return run, events
+
+
+def test_validate_scales_the_simulator_by_the_bracketing_factor(tmp_path, monkeypatch):
+    level = math.sqrt(1.1 * 1.3)
+    run, events = _validate_setup(tmp_path, monkeypatch, synthetic_profile(max_context=1024), level)
+    out = run(True)
+    assert events == ["build", "probe", "run", "probe"]
+    assert out["drift"]["enabled"] and out["drift"]["factor"] == pytest.approx(level)
+    assert out["drift"]["before"]["factor"] == 1.1 and out["drift"]["after"]["factor"] == 1.3
+    # the stand-in executor runs exactly the corrected model: the corrected prediction has no error left
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
+        assert out["comparison"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+        assert out["comparison_uncorrected"]["metrics"][m]["rel_error"] < -0.05
+    assert out["sim_uncorrected"]["e2e"]["p50"] < out["sim"]["e2e"]["p50"]
+    assert any("1.10 x their profiled time before the real run(s) and 1.30 x after" in n for n in out["notes"])
+
+
+def test_validate_without_the_drift_check(tmp_path, monkeypatch):
+    run, events = _validate_setup(tmp_path, monkeypatch, synthetic_profile(max_context=1024), 1.0)
+    out = run(False)
+    assert events == ["run"] and out["drift"] == {"enabled": False}
+    assert not any("drift" in n for n in out["notes"])
+    assert out["comparison"] is out["comparison_uncorrected"]
+    assert out["comparison"]["metrics"]["e2e.p50"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_validate_refuses_a_drift_check_it_cannot_make_before_running(tmp_path, monkeypatch):
+    prof = synthetic_profile(max_context=1024)
+    prof.grid = []
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0)
+    with pytest.raises(ValueError, match="no grid measurements"):
+        run(True)
+    assert events == []
+    prof = synthetic_profile(max_context=1024)
+    prof.model = {"name": "default"}  # the executor runs "tiny": the grid's times are another model's
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0)
+    with pytest.raises(ValueError, match="measured on model 'default', the executor runs 'tiny'"):
+        run(True)
+    assert events == []
+
+
+# ---- on the real executor ---------------------------------------------------------------------------------
+
+def test_drift_check_on_the_tiny_model():
+    pytest.importorskip("torch")
+    from sim.calibrate_cli import drift_probe_runner, run_profile
+
+    prof, _ = run_profile("tiny", "cpu", 1, 0, True, 0.25, "linear", 1, 512, 16, 2048, 0, loop_overhead=False)
+    runner = drift_probe_runner(prof)
+    assert runner.num_threads == 1
+    d = measure_drift(runner, prof, repeats=2, warmup=1)
+    assert math.isfinite(d["factor"]) and d["factor"] > 0
+    assert len(d["shapes"]) >= 3 and all(s["now_s"] > 0 for s in d["shapes"])
+    assert {s["label"] for s in d["shapes"]} <= {g["label"] for g in prof.grid}
