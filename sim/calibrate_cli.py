@@ -378,7 +378,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     from executor.model import preset
     from executor.replay import read_steps, run_workload
     from sim.calibrate import (
-        compare, drift_corrected, drift_reference_shapes, measure_drift, neighbour_share, read_profile_file, scaled,
+        compare, drift_corrected, drift_reference_shapes, neighbour_share, read_profile_file, scaled, settled_drift,
         step_check,
     )
     from sim.cluster import simulate
@@ -421,7 +421,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     if drift_check:
         # the executor's model, alone in this process, right before the replicas start
         probe = drift_probe_runner(prof, device)
-        drift_before = measure_drift(probe, prof)
+        drift_before = settled_drift(probe, prof)
     reals, wall, steps = [], [], []
     max_duration = float(w.arrival[-1] - w.arrival[0]) + time_limit
     for k in range(repeat):
@@ -443,7 +443,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     sim_raw = sim_sum
     drift: dict[str, Any] = {"enabled": False}
     if probe is not None:
-        drift_after = measure_drift(probe, prof)  # the replicas have exited
+        drift_after = settled_drift(probe, prof)  # the replicas have exited
         del probe
         level = math.sqrt(drift_before["factor"] * drift_after["factor"])
         sim_sum = summarize(simulate(w, cfg, cost=drift_corrected(cost, level)), cfg.slo)
@@ -468,6 +468,11 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         notes.append(f"the profile's busy measurement had {prof.neighbours} neighbour(s); this run has "
                      f"{cfg.replicas - 1}")
     if drift["enabled"]:
+        for when in ("before", "after"):
+            if not drift[when].get("settled", True):
+                notes.append(f"the drift check {when} the real run(s) did not settle (factors "
+                             + ", ".join(f"{x:.2f}" for x in drift[when]["attempts"])
+                             + "): other load on the machine? its median was used")
         fb, fa = drift["before"]["factor"], drift["after"]["factor"]
         if max(fa, fb) / min(fa, fb) > 1.1:
             notes.append(f"the drift check's reference shapes ran {fb:.2f} x their profiled time before the real "

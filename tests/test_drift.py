@@ -208,7 +208,7 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float):
         return {"duration": np.array([0.02]), "decode_context": np.array([100]), "prefill_tokens": np.array([0]),
                 "decode_seqs": np.array([1]), "attention_pairs": np.array([100]), "sampled": np.array([1])}
 
-    factors = iter([1.1, 1.3])
+    factors = iter([1.1, 1.1, 1.3, 1.3])  # each check settles on its second measurement (sim.calibrate.settled_drift)
 
     def fake_measure(runner, p, **kw):
         events.append("probe")
@@ -237,7 +237,7 @@ def test_validate_scales_the_simulator_by_the_bracketing_factor(tmp_path, monkey
     level = math.sqrt(1.1 * 1.3)
     run, events = _validate_setup(tmp_path, monkeypatch, synthetic_profile(max_context=1024), level)
     out = run(True)
-    assert events == ["build", "probe", "run", "probe"]
+    assert events == ["build", "probe", "probe", "run", "probe", "probe"]
     assert out["drift"]["enabled"] and out["drift"]["factor"] == pytest.approx(level)
     assert out["drift"]["before"]["factor"] == 1.1 and out["drift"]["after"]["factor"] == 1.3
     # the stand-in executor runs exactly the corrected model: the corrected prediction has no error left
@@ -285,3 +285,27 @@ def test_drift_check_on_the_tiny_model():
     assert math.isfinite(d["factor"]) and d["factor"] > 0
     assert len(d["shapes"]) >= 3 and all(s["now_s"] > 0 for s in d["shapes"])
     assert {s["label"] for s in d["shapes"]} <= {g["label"] for g in prof.grid}
+
+
+def test_a_burst_of_load_during_one_check_does_not_set_the_correction(monkeypatch):
+    """settled_drift: checks until two in a row agree within tol; a slow first check (other load) is
+    dropped; with no two in a row agreeing, the median of all checks."""
+    import sim.calibrate
+
+    def with_factors(*fs):
+        it = iter(fs)
+        monkeypatch.setattr(sim.calibrate, "measure_drift",
+                            lambda runner, prof, **kw: {"factor": next(it), "shapes": [], "seconds": 0.0})
+
+    with_factors(1.37, 1.02, 1.04)
+    d = sim.calibrate.settled_drift(object(), None)
+    assert d["attempts"] == [1.37, 1.02, 1.04] and d["settled"]
+    assert d["factor"] == pytest.approx(math.sqrt(1.02 * 1.04))
+    with_factors(1.00, 1.01, 9.9)  # agreed at once: the third is never measured
+    d = sim.calibrate.settled_drift(object(), None)
+    assert d["attempts"] == [1.00, 1.01] and d["factor"] == pytest.approx(math.sqrt(1.01))
+    with_factors(1.0, 1.2, 1.5)  # never two in a row within 5 %: the median, marked unsettled
+    d = sim.calibrate.settled_drift(object(), None)
+    assert d["factor"] == pytest.approx(1.2) and not d["settled"]
+    with pytest.raises(ValueError, match="tries"):
+        sim.calibrate.settled_drift(object(), None, tries=0)
