@@ -22,7 +22,7 @@ both off, and tests check that both modes give the same records):
   front end's next arrival. Then no event queue is needed: before each
   arrival every replica applies the steps that end before it, and the request
   is routed at its arrival time. Otherwise each replica is a SimPy process.
-  Both drivers plan and apply steps with the same code (`_begin`, `_apply`).
+  Both drivers plan and apply steps with the same code (`Replica._step`).
 
 Around the replicas (sim/frontend.py): a result cache, the router, retries
 after crashes, closed-loop sessions; sim/faults.py injects crashes and cache
@@ -95,7 +95,7 @@ class Replica:
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
-        # The step in progress as _begin planned it: (plan, features, start, DecodeRun or None, steps, end);
+        # The step in progress as _step planned it: (plan, features, start, DecodeRun or None, steps, end);
         # t_next: when this replica next acts by itself (that step's end, a queue deadline, inf: never).
         self._pend: tuple | None = None
         self.t_next = math.inf
@@ -195,16 +195,40 @@ class Replica:
                 put(s)
             done.clear()
 
-    # ---- one step: plan it, then apply it (shared by both drivers) --------------------------------
-    def _begin(self, now: float) -> bool:
-        """Plan the step (or decode run) that starts at `now`; False when there is nothing to do (then
-        `t_next` is the scheduler's next wake-up, inf if none)."""
+    # ---- one step: apply the one that ended, plan the next (shared by both drivers) ------------------
+    def _step(self) -> bool:
+        """Apply the step (or the m steps of the decode run) in progress, if any: it has ended. Then plan
+        the next one, from its end (else from `clock`). False when there is nothing to do (then `t_next`
+        is the scheduler's next wake-up, inf if none). One function for both halves: it runs once per
+        simulated step, and a Python call costs as much as some of what it does."""
         sched = self.sched
+        p = self._pend
+        if p is not None:
+            plan, f, start, run, m, now = p
+            st = self.stats
+            if run is None:
+                sched.update(plan, start, now)
+                st.steps += 1
+                st.tokens += f.prefill_tokens + f.decode_seqs
+            else:
+                sched.advance(plan, m, start, start + run.first if m > 1 else now, now, run)
+                st.steps += m
+                st.tokens += m * f.decode_seqs
+            st.busy_time += now - start
+            self._run_state = None
+            self.clock = now
+            if self.reclaimer is not None or self.sample_every:
+                if sched.done:
+                    self._collect()
+                self._after_step(now)
+        else:
+            now = self.clock
+        # plan the next
         plan = sched.schedule(now)
         if sched.done:
             self._collect()
         if not plan.decode and not plan.prefill:
-            self._pend = None
+            self._pend = self.current = None
             wake = sched.next_wakeup()
             self.t_next = wake if wake is not None else math.inf
             self._idle = True
@@ -233,44 +257,23 @@ class Replica:
             self._run_state = (now, run, m, f.decode_seqs)
         return True
 
-    def _apply(self) -> None:
-        """Apply the step (or the m steps of the run) planned by _begin: it has ended."""
-        plan, f, start, run, m, end = self._pend
-        self._pend = None
-        sched, st = self.sched, self.stats
-        if run is None:
-            sched.update(plan, start, end)
-            st.steps += 1
-            st.tokens += f.prefill_tokens + f.decode_seqs
-        else:
-            sched.advance(plan, m, start, start + run.first if m > 1 else end, end, run)
-            st.steps += m
-            st.tokens += m * f.decode_seqs
-        st.busy_time += end - start
-        self.current = None
-        self._run_state = None
-        self.clock = end
-        if sched.done:
-            self._collect()
-        if self.reclaimer is not None or self.sample_every:
-            self._after_step(end)
-
     # ---- the SimPy driver -------------------------------------------------------------------------
     def _loop(self):
         env = self.env
         while True:
             try:
-                if not self._begin(self.clock):
+                if not self._step():
                     if self.t_next < math.inf:
                         self._arm(self.t_next)
                     yield from self._sleep()
                     self._idle = False
                     self.clock = env.now
                     continue
-                plan, f, start, run, m, end = self._pend
-                if run is None:
-                    yield env.timeout(end - env.now)
+                p = self._pend
+                if p[3] is None:  # one step
+                    yield env.timeout(p[5] - env.now)
                 else:
+                    plan, f, start, run, m, end = p
                     self._in_run = True  # submit() may cut the run short (see _cut_run)
                     self._run_state = (start, run, m, f.decode_seqs)
                     try:
@@ -282,7 +285,6 @@ class Replica:
                             m, end = self._cut
                             self._cut = None
                             self._pend = (plan, f, start, run, m, end)
-                self._apply()
             except simpy.Interrupt:  # a crash (sim/faults.py): only ever raised at a yield above
                 p = self._pend
                 if p is not None:
@@ -295,12 +297,9 @@ class Replica:
     def catch_up(self, t: float) -> None:
         """Apply every step that ends before `t`, planning the next after each (direct driver)."""
         while self.t_next < t:
-            if self._pend is not None:
-                self._apply()
-                now = self.clock
-            else:  # woken by an arrival or a queue deadline
-                now = self.clock = self.t_next
-            self._begin(now)
+            if self._pend is None:  # woken by an arrival or a queue deadline
+                self.clock = self.t_next
+            self._step()
 
     # ---- crashes --------------------------------------------------------------------------------
     def crash(self, down: float) -> None:
