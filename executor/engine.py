@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from executor.paged import decode_grouping
 from executor.runner import ModelRunner
 from executor.tokens import prompt_tokens
 from policies.plan import StepPlan
@@ -45,6 +46,10 @@ class StepRecord:
     kv_blocks_used: int  # after scheduling
     running: int  # after scheduling
     waiting: int
+    # The decode attention's shape (executor.paged.decode_grouping): SDPA calls, and key tokens read
+    # with each row padded to its group's longest. 0 without decodes.
+    decode_groups: int = 0
+    decode_padded_context: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -139,13 +144,16 @@ class Engine:
             c = s.num_computed
             pctx += c + n
             pairs += n * c + n * (n + 1) // 2
-        dctx = sum(s.num_computed + 1 for s in plan.decode)
+        ctxs = [s.num_computed + 1 for s in plan.decode]
+        dctx = sum(ctxs)
         sched = self.scheduler
+        groups, padded = decode_grouping(ctxs, sched.kv.block_size)
         return StepRecord(
             start=start, duration=0.0, schedule_s=schedule_s, prefill_seqs=len(plan.prefill),
             prefill_tokens=plan.num_prefill_tokens, decode_seqs=len(plan.decode), prefill_context=pctx,
             decode_context=dctx, attention_pairs=pairs + dctx, sampled=sampled, preempted=len(plan.preempted),
             kv_blocks_used=sched.kv.num_used, running=len(sched.running), waiting=len(sched.waiting),
+            decode_groups=groups, decode_padded_context=padded,
         )
 
     def step_table(self) -> dict[str, np.ndarray]:

@@ -179,6 +179,18 @@ class PagedAttention:
         return out
 
 
+def decode_grouping(contexts: Seq[int], block_size: int) -> tuple[int, int]:
+    """(SDPA calls, padded key tokens) of decode rows with these context lengths (new token included),
+    grouped as PagedAttention groups them when they come longest first (ModelRunner's order). A step's
+    attention cost follows these, not only the sum of contexts: one call per group, each row padded to
+    its group's longest."""
+    if not len(contexts):
+        return 0, 0
+    nblk = -(-np.sort(np.asarray(contexts, dtype=np.int64))[::-1] // block_size)
+    groups = _groups(nblk, block_size)
+    return len(groups), int(sum((hi - lo) * int(nblk[lo:hi].max()) for lo, hi in groups)) * block_size
+
+
 def _groups(blocks: np.ndarray, block_size: int) -> list[tuple[int, int]]:
     """Split rows into consecutive runs whose padding to the run's longest row stays small."""
     out: list[tuple[int, int]] = []

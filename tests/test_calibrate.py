@@ -424,7 +424,7 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
                "prefill_tokens": pt, "decode_seqs": ds, "prefill_context": pt, "decode_context": dctx,
                "attention_pairs": pairs, "sampled": sampled, "preempted": 0, "kv_blocks_used": 1, "running": 1,
                "waiting": 0}
-        rows.append(",".join(repr(rec[c]) if isinstance(rec[c], float) else str(rec.get(c, 0)) for c in STEP_COLUMNS))
+        rows.append(",".join(repr(rec[c]) if isinstance(rec.get(c), float) else str(rec.get(c, 0)) for c in STEP_COLUMNS))
     path.write_text(",".join(STEP_COLUMNS) + "\n" + "\n".join(rows) + "\n")
     out = tmp_path / "fit.toml"
     assert main(["profile", "--from-steps", str(path), "--model-config", "tiny", "--form", "linear",

@@ -198,3 +198,26 @@ def test_config_validation():
         ModelConfig(dtype="int8")
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")
+
+
+@pytest.mark.parametrize("contexts", [[2000, 40], [300, 40, 35], [17, 900, 16, 1, 2500, 33, 700], [5]])
+def test_decode_grouping_is_what_paged_attention_builds(contexts):
+    """executor.paged.decode_grouping (logged per step as decode_groups / decode_padded_context) counts the
+    SDPA calls and padded key tokens PagedAttention itself builds for decodes given longest first."""
+    from executor.paged import PagedAttention, PagedKVCache, decode_grouping
+
+    bs, kvh, hd = 16, 2, 8
+    tables, at = [], 0
+    for c in sorted(contexts, reverse=True):
+        n = -(-c // bs)
+        tables.append((list(range(at, at + n)), c))
+        at += n
+    cache = PagedKVCache(1, at, bs, kvh, hd, torch.float32, "cpu")
+    attn = PagedAttention(cache, 4, [], tables)
+    groups, padded = decode_grouping(contexts, bs)
+    assert groups == len(attn.decode_groups)
+    assert padded == sum((g.end - g.start) * g.blocks_per_row for g in attn.decode_groups) * bs
+    assert padded >= sum(-(-c // bs) for c in contexts) * bs
+    assert decode_grouping([], bs) == (0, 0)
+    if contexts == [2000, 40]:  # far apart: two calls, and no padding of the short row to 2000
+        assert groups == 2 and padded == (125 + 3) * bs
