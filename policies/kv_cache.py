@@ -166,11 +166,12 @@ class BlockManager:
         """register(block_table[k], hashes[k]) for k in [start, stop)."""
         if not self.enable_caching:
             return
+        if stop > min(len(block_table), len(hashes)):
+            raise ValueError(f"register_range: blocks [{start}, {stop}) beyond the table ({len(block_table)}) "
+                             f"or the hashes ({len(hashes)})")
         cached, bh, ref = self.cached, self.block_hash, self.shared_ref
-        for k in range(start, stop):
-            h = hashes[k]
+        for h, b in zip(hashes[start:stop], block_table[start:stop]):
             if h not in cached:
-                b = block_table[k]
                 if bh[b] is None:
                     cached[h] = b
                     bh[b] = h
@@ -192,13 +193,15 @@ class BlockManager:
         out = free[::-1]
         free.clear()
         ev, bh, cached, ref = self._evictable, self.block_hash, self.cached, self.shared_ref
-        for _ in range(n - len(out)):
-            b, _ = ev.popitem(last=False)
+        k = n - len(out)
+        pop, append = ev.popitem, out.append
+        for _ in range(k):
+            b, _ = pop(last=False)
             del cached[bh[b]]
             del ref[b]
             bh[b] = None
-            self.evictions += 1
-            out.append(b)
+            append(b)
+        self.evictions += k
         return out
 
     def free(self, block_ids: Seq[int], num_leading: int | None = None) -> None:
@@ -214,9 +217,9 @@ class BlockManager:
             free.extend(block_ids[:n - len(block_ids) - 1:-1] if n else block_ids[::-1])
         if n:
             ref, ev = self.shared_ref, self._evictable
-            for i in range(n - 1, -1, -1):
-                b = block_ids[i]
-                r = ref.get(b)
+            get = ref.get
+            for b in reversed(block_ids[:n]):
+                r = get(b)
                 if r is None:
                     free.append(b)
                 elif r > 1:
