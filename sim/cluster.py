@@ -446,9 +446,9 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
     jump = cfg.jump and getattr(cost, "jump_ok", True)
     # The direct driver (run_direct) needs every outside event that can touch a replica to be a known
     # arrival: open loop, nothing between the front end and the replicas, no faults, no other processes,
-    # step times of its own; otherwise SimPy drives the run.
+    # step times of its own (a cost model can opt out with `direct_ok = False`); otherwise SimPy drives.
     can_direct = (jump and not Frontend.sink_needed(cfg) and bind is None and not cfg.faults.cache_node_loss
-                  and not (cfg.gpu_tasks.enabled and len(workload)) and getattr(cost, "run_ahead_ok", True))
+                  and not (cfg.gpu_tasks.enabled and len(workload)) and getattr(cost, "direct_ok", True))
     if direct is None:
         direct = can_direct
     elif direct and not can_direct:
