@@ -139,10 +139,9 @@ class Replica:
                     self.t_next = now
             elif p[3] is not None and p[4] > 1:  # a decode run: cut it at the end of the step in progress
                 plan, f, start, run, m, _ = p
-                j, e = run.step_end(now - start, m)
-                j += 1  # steps done by the end of the one in progress
-                if j < m:
-                    end = start + e
+                cut = _cut_point(start, run, m, now)
+                if cut is not None:
+                    j, end = cut
                     self._pend = (plan, f, start, run, j, end)
                     self.t_next = end
                     self._run_state = (start, run, j, f.decode_seqs)
@@ -159,12 +158,11 @@ class Replica:
         env, proc = self.env, self.proc
         start, run, m, _ = self._run_state
         now = env.now
-        j, e = run.step_end(now - start, m)
-        j += 1  # steps done by the end of the one in progress
-        if j >= m:
+        cut = _cut_point(start, run, m, now)
+        if cut is None:
             return  # the run ends with the step in progress anyway
-        end = start + e
-        self._cut = (j, end)
+        end = cut[1]
+        self._cut = cut
         target = proc._target
         target.callbacks.remove(proc._resume)
         t = env.timeout(max(end - now, 0.0))
@@ -390,6 +388,15 @@ class Replica:
         # Each decoding sequence takes at most ceil(i / block_size) new blocks in i steps.
         safe = (margin // len(plan.decode)) * kv.block_size + 1 if margin >= 0 else 1
         return max(1, min(k, safe))
+
+
+def _cut_point(start: float, run, m: int, now: float) -> tuple[int, float] | None:
+    """Where new work arriving at `now` cuts a decode run of m steps that began at `start`: (steps done,
+    end) at the end of the step in progress, which is when a stepping replica looks at its queue again;
+    None if that is the run's last step anyway."""
+    j, e = run.step_end(now - start, m)
+    j += 1
+    return (j, start + e) if j < m else None
 
 
 def _num_evictable(kv) -> int:
