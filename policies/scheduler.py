@@ -83,7 +83,8 @@ class ContinuousBatchingScheduler:
         self._jumpable = False
         self._min_left: int | None = None  # fewest output tokens left among the last plan's decodes
         # Whether next_wakeup() can ever return a time (else callers may skip asking).
-        self.may_wake = cfg.queue_timeout is not None or type(self).next_wakeup is not ContinuousBatchingScheduler.next_wakeup
+        self.may_wake = (cfg.queue_timeout is not None
+                         or type(self).next_wakeup is not ContinuousBatchingScheduler.next_wakeup)
 
     # ---- arrivals ---------------------------------------------------------------
     def add(self, seq: Sequence, now: float) -> bool:
