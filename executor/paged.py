@@ -32,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A decode group keeps absorbing rows while its padded size stays within this factor of the
-# useful size, or within this many padded tokens per row: one SDPA call per group.
-_GROUP_WASTE = 1.25
-_GROUP_SLACK_TOKENS = 256
+from executor.grouping import decode_grouping, group_rows  # noqa: F401  (decode_grouping: re-exported)
 
 
 class PagedKVCache:
@@ -141,7 +138,7 @@ class PagedAttention:
                     raise ValueError(f"block table has {len(table)} blocks, decode reaches token {ctx}")
                 slots.append(np.array([table[p // bs] * bs + p % bs], dtype=np.int64))
             nblk = -(-ctxs // bs)
-            for lo, hi in _groups(nblk, bs):
+            for lo, hi in group_rows(nblk.tolist(), bs):
                 nb = int(nblk[lo:hi].max())
                 ids = np.empty((hi - lo, nb), dtype=np.int64)
                 for r, ((table, _), k) in enumerate(zip(decodes[lo:hi], nblk[lo:hi].tolist())):
@@ -177,34 +174,6 @@ class PagedAttention:
             o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=d.mask)
             out[d.start:d.end] = o.reshape(rows, self.n_heads, hd)
         return out
-
-
-def decode_grouping(contexts: Seq[int], block_size: int) -> tuple[int, int]:
-    """(SDPA calls, padded key tokens) of decode rows with these context lengths (new token included),
-    grouped as PagedAttention groups them when they come longest first (ModelRunner's order). A step's
-    attention cost follows these, not only the sum of contexts: one call per group, each row padded to
-    its group's longest."""
-    if not len(contexts):
-        return 0, 0
-    nblk = -(-np.sort(np.asarray(contexts, dtype=np.int64))[::-1] // block_size)
-    groups = _groups(nblk, block_size)
-    return len(groups), int(sum((hi - lo) * int(nblk[lo:hi].max()) for lo, hi in groups)) * block_size
-
-
-def _groups(blocks: np.ndarray, block_size: int) -> list[tuple[int, int]]:
-    """Split rows into consecutive runs whose padding to the run's longest row stays small."""
-    out: list[tuple[int, int]] = []
-    lo, longest, useful = 0, 0, 0
-    for i, nb in enumerate(blocks.tolist()):
-        m, u, rows = max(longest, nb), useful + nb, i - lo + 1
-        padded = m * rows
-        if i > lo and padded > _GROUP_WASTE * u and (padded - u) * block_size > _GROUP_SLACK_TOKENS * rows:
-            out.append((lo, i))
-            lo, m, u = i, nb, nb
-        longest, useful = m, u
-    if len(blocks):
-        out.append((lo, len(blocks)))
-    return out
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:

@@ -9,9 +9,13 @@
 The fitted form is
 
     duration = max(A . x, B . x) + C . x + overhead,
-    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched)
+    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched, decode_groups, decode_padded)
 
-where batched = 1 when the step computes two or more tokens. It is there because the data say so:
+where batched = 1 when the step computes two or more tokens, and decode_groups / decode_padded are the
+shape of the executor's decode attention (executor.grouping): it runs one SDPA call per group of decode
+rows of similar length, each row padded to its group's longest, so a batch with spread contexts costs
+more than one with the same total context spread evenly (measured on the grid: up to a fifth more at 16
+to 128 rows). decode_padded is collinear with decode_ctx for even batches; the fit shares the cost out. It is there because the data say so:
 on the CPU a one-token step (one decode) runs its matrix products as matrix-vector products, and a
 second token costs as much as the next dozen (measured 8.4 ms for one decode, 12.8 ms for two,
 14.5 ms for four); no straight line through batch size fits both ends.
@@ -52,22 +56,25 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
+from executor.grouping import decode_grouping
 from sim.cost import DecodeRun, StepFeatures
 
-FEATURES = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "batched")
+FEATURES = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "batched",
+            "decode_groups", "decode_padded")
+GROUPING = ("decode_groups", "decode_padded")  # read only by models whose coefficients for them are not all 0
 PROFILE_FORMAT = "twinfer-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: decode_groups / decode_padded coefficients (absent in a version 1 file: 0)
 
 
 # ---- the cost model ---------------------------------------------------------------------------
 
 def feature_row(f: StepFeatures) -> np.ndarray:
     return np.array([1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
-                     1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0])
+                     1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded])
 
 
 def feature_matrix(fs: Iterable[StepFeatures]) -> np.ndarray:
-    """[n, 7]: a leading column of ones, then the features in FEATURES order."""
+    """[n, len(FEATURES)]: a leading column of ones, then the features in FEATURES order."""
     rows = [feature_row(f) for f in fs]
     return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES))
 
@@ -81,6 +88,8 @@ def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.n
             raise ValueError(f"unknown coefficient(s) {sorted(unknown)}; valid: {', '.join(FEATURES)}")
         v = [float(v.get(k, 0.0)) for k in FEATURES]
     a = np.asarray(v, dtype=np.float64)
+    if a.shape == (len(FEATURES) - len(GROUPING),):  # without the grouping terms (as before version 2): 0
+        a = np.concatenate([a, np.zeros(len(GROUPING))])
     if a.shape != (len(FEATURES),):
         raise ValueError(f"expected {len(FEATURES)} coefficients ({', '.join(FEATURES)}), got shape {a.shape}")
     if not np.all(np.isfinite(a)) or np.any(a < 0):
@@ -114,6 +123,10 @@ class FittedCost:
         self._a = self.line_a.tolist()
         self._b = self.line_b.tolist()
         self._max = bool(self.line_a.any() or self.line_b.any())
+        g = [FEATURES.index(k) for k in GROUPING]
+        # The decode attention's shape costs something: the simulator must fill in those features
+        # (sim.cost.grouping_features) and cut decode runs where they change.
+        self.uses_grouping = bool(any(v[i] for v in (self.shared, self.line_a, self.line_b) for i in g))
 
     @property
     def form(self) -> str:
@@ -121,7 +134,7 @@ class FittedCost:
 
     def step_time(self, f: StepFeatures) -> float:
         x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
-             1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0)
+             1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded)
         c, a, b = self._c, self._a, self._b
         base = sum(ci * xi for ci, xi in zip(c, x)) + self.step_overhead_s
         if not self._max:
@@ -134,8 +147,9 @@ class FittedCost:
         return np.maximum(X @ self.line_a, X @ self.line_b) + X @ self.shared + self.step_overhead_s
 
     def decode_run(self, f: StepFeatures) -> DecodeRun:
-        # Step i of the run has decode_ctx + i * decode_seqs, nothing else moves; max(p, q) + s =
-        # max(p + s, q + s) folds the shared term (which also grows with decode_ctx) into both lines.
+        # Step i of the run has decode_ctx + i * decode_seqs, nothing else moves (the grouping features
+        # stay put: the simulator cuts runs where they would change); max(p, q) + s = max(p + s, q + s)
+        # folds the shared term (which also grows with decode_ctx) into both lines.
         x = feature_row(f)
         k = FEATURES.index("decode_ctx")
         b = f.decode_seqs
@@ -576,11 +590,12 @@ class GridPoint:
     prefills: tuple[tuple[int, int, bool], ...] = ()
     decodes: tuple[int, ...] = ()
 
-    def features(self) -> StepFeatures:
+    def features(self, block_size: int = 16) -> StepFeatures:
         pt = sum(n for _, n, _ in self.prefills)
         attn = sum(n * s + n * (n + 1) / 2 for s, n, _ in self.prefills)
         logits = sum(1 for *_, done in self.prefills if done) + len(self.decodes)
-        return StepFeatures(pt, len(self.decodes), attn, sum(self.decodes), logits)
+        return StepFeatures(pt, len(self.decodes), attn, sum(self.decodes), logits,
+                            *decode_grouping(list(self.decodes), block_size))
 
     @property
     def max_context(self) -> int:
@@ -633,6 +648,7 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
 
     if quick:
         batches, ctxs = (1, 8, 32), (64, 512, 1536)
+        small_batches: tuple[int, ...] = (3,)
         chunk_sizes = (32, 256, 1024)
         deep = ((512, 256), (1536, 512))
         multi = ((4, 128),)
@@ -640,6 +656,7 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
         uniform = ((16, 512),)
     else:
         batches, ctxs = (1, 2, 4, 8, 16, 32, 64, 128), (32, 256, 1024, 2048)
+        small_batches = (3, 6, 12)
         chunk_sizes = (16, 64, 128, 256, 512, 1024, 2048)
         deep = ((256, 256), (512, 512), (1024, 256), (1024, 1024), (1536, 512), (2048, 1024), (3072, 512))
         multi = ((2, 512), (4, 64), (4, 256), (8, 128), (16, 32))
@@ -649,6 +666,13 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
     for b in batches:
         for c in ctxs:
             add("decode", decodes=spread_contexts(b, c, rng))
+    # Small batches between the powers of two, where a CPU step moves from matrix-vector to matrix
+    # products and where light load spends most of its steps (own random stream: the shapes above stay
+    # what they were in profiles made before these were added).
+    rng_small = np.random.default_rng(seed + 1)
+    for b in small_batches:
+        for c in ctxs:
+            add("decode", decodes=spread_contexts(b, c, rng_small))
     for b, c in uniform:
         add("decode", decodes=[c] * b)
     for n in chunk_sizes:
@@ -682,7 +706,12 @@ class Measurement:
 
 
 def _build_plan(point: GridPoint, vocab: int, block_size: int, num_blocks: int, first_id: int):
-    """A StepPlan of fresh Sequences in exactly the state the scheduler would leave them in."""
+    """A StepPlan of fresh Sequences in exactly the state the scheduler would leave them in.
+
+    Their blocks are scattered over the whole cache (a seeded permutation of its block ids), as a live
+    replica's are once blocks have been freed and reused a while: gathering from scattered blocks is
+    measurably slower than from one contiguous range (4-8 % per decode step at 4 to 16 rows on this
+    project's CPU), and a grid with contiguous tables under-predicted real steps by as much."""
     from executor.tokens import prompt_tokens
     from policies.kv_cache import BlockManager
     from policies.plan import StepPlan
@@ -715,6 +744,9 @@ def _build_plan(point: GridPoint, vocab: int, block_size: int, num_blocks: int, 
         seq.status = SeqStatus.RUNNING
         plan.decode.append(seq)
         rid += 1
+    perm = np.random.default_rng(first_id).permutation(num_blocks).tolist()
+    for seq in plan.prefill + plan.decode:
+        seq.block_table = [perm[b] for b in seq.block_table]
     return plan
 
 
@@ -886,7 +918,8 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
                               ) -> tuple[Profile, FitResult]:
     """Fit the measurements (and, if given, the same grid measured with busy neighbours: same hold-out
     split) into a Profile."""
-    feats = [m.point.features() for m in meas]
+    bs = int((kv or {}).get("block_size", 16))
+    feats = [m.point.features(bs) for m in meas]
     X = feature_matrix(feats)
     kinds = [m.point.kind for m in meas]
 
@@ -913,7 +946,7 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
     for i, (m, f) in enumerate(zip(meas, feats)):
         row = {"kind": m.point.kind, "label": m.point.label(), "prefill_tokens": f.prefill_tokens,
                "decode_seqs": f.decode_seqs, "prefill_attn": float(f.prefill_attn), "decode_ctx": f.decode_ctx,
-               "logits": f.logits, **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held}
+               "logits": f.logits, "decode_groups": f.decode_groups, "decode_padded": f.decode_padded, **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held}
         if busy_meas is not None:
             b = busy_meas[i].stats()
             row.update(busy_median_s=b["median_s"], busy_iqr_rel=b["iqr_rel"], busy_predicted_s=float(bpred[i]))
@@ -1201,12 +1234,18 @@ def render_comparison(cmp: Mapping[str, Any], title: str = "twinfer validate: si
 def steps_features(steps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(feature matrix, durations, kinds) of an engine step log (executor.engine.Engine.step_table() columns,
     or executor.replay.read_steps of a run's steps.csv)."""
+    missing = [k for k in ("decode_groups", "decode_padded_context") if k not in steps]
+    if missing:
+        raise ValueError(f"the step log has no {' / '.join(missing)} column(s): it was written before they were "
+                         f"logged; rerun the replay with this twinfer to get them")
     d = np.asarray(steps["duration"], dtype=np.float64)
     dctx = np.asarray(steps["decode_context"], dtype=np.float64)
     pt = np.asarray(steps["prefill_tokens"], dtype=np.float64)
     ds = np.asarray(steps["decode_seqs"], dtype=np.float64)
     X = np.column_stack([np.ones(len(d)), pt, ds, np.asarray(steps["attention_pairs"], dtype=np.float64) - dctx,
-                         dctx, np.asarray(steps["sampled"], dtype=np.float64), (pt + ds >= 2).astype(np.float64)])
+                         dctx, np.asarray(steps["sampled"], dtype=np.float64), (pt + ds >= 2).astype(np.float64),
+                         np.asarray(steps["decode_groups"], dtype=np.float64),
+                         np.asarray(steps["decode_padded_context"], dtype=np.float64)])
     kinds = ["decode" if p == 0 else "prefill" if q == 0 else "mixed" for p, q in zip(pt.tolist(), ds.tolist())]
     return X, d, kinds
 

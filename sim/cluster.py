@@ -48,7 +48,7 @@ from policies.routers import create_router
 from policies.scheduler import ContinuousBatchingScheduler, create_scheduler
 from policies.sequence import SeqStatus, Sequence
 from sim.config import SimConfig
-from sim.cost import CostModel, StepFeatures, load_cost_model, plan_features
+from sim.cost import CostModel, StepFeatures, grouping_features, load_cost_model, plan_features
 from sim.frontend import Frontend
 from traces.records import ItlLog, RecordTable, ReplicaStats, RunResult
 from traces.workload import Workload
@@ -67,6 +67,9 @@ class Replica:
         self.env, self.idx, self.sched, self.cost = env, idx, sched, cost
         self.records, self.jump = records, jump
         self.kv = sched.kv
+        # A fitted model that prices the executor's decode attention grouping: fill those features in per
+        # step, and cut decode runs where they change (sim.cost.grouping_features).
+        self._grouping = bool(getattr(cost, "uses_grouping", False))
         self.sink: Callable[[Sequence], None] = records.put  # where terminal sequences go
         self.new_queue = new_queue or (lambda: create_queue(sched.cfg.queue))
         self.healthy = True  # as the router sees it
@@ -237,6 +240,8 @@ class Replica:
         k = sched.horizon(plan) if self.jump else 1
         if k > 1 and self.reclaimer is not None:
             k = self._reclaim_horizon(plan, k)
+        if self._grouping:
+            k = min(k, grouping_features(f, plan, sched.cfg.block_size))
         if k == 1:
             run = None
             m = 1

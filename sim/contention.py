@@ -98,6 +98,7 @@ class ContentionCost:
         self.kv_capacity_tokens = base.kv_capacity_tokens
         self.step_overhead_s = getattr(base, "step_overhead_s", 0.0)
         self.profile = getattr(base, "profile", None)
+        self.uses_grouping = bool(getattr(base, "uses_grouping", False))
 
     # an unbound model: no neighbour known
     def step_time(self, f: StepFeatures) -> float:
@@ -140,6 +141,7 @@ class ReplicaContention:
         self.name = model.name
         self.kv_capacity_tokens = model.kv_capacity_tokens
         self.step_overhead_s = model.step_overhead_s
+        self.uses_grouping = model.uses_grouping
 
     def neighbours(self) -> list[StepFeatures | None]:
         g, i = self.model.group, self.i

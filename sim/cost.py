@@ -1,6 +1,6 @@
 """Cost models: how long one engine step takes, predicted from its plan.
 
-A plan is reduced to five features (see `StepFeatures`); both cost models
+A plan is reduced to a few features (see `StepFeatures`); both cost models
 are functions of them, so a decode-only run of k steps (context growing by
 the batch size each step) is predicted in one vectorised call with exactly
 the arithmetic that k single calls would do.
@@ -21,20 +21,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
+from executor.grouping import decode_grouping, steps_same_grouping
 from policies.plan import StepPlan
 
 
 class StepFeatures:
     """What a step's duration depends on (a plain slotted class: built once per simulated step)."""
 
-    __slots__ = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits")
+    __slots__ = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "decode_groups",
+                 "decode_padded")
 
-    def __init__(self, prefill_tokens: int, decode_seqs: int, prefill_attn: float, decode_ctx: int, logits: int):
+    def __init__(self, prefill_tokens: int, decode_seqs: int, prefill_attn: float, decode_ctx: int, logits: int,
+                 decode_groups: int = 0, decode_padded: int = 0):
         self.prefill_tokens = prefill_tokens  # tokens computed by prefill chunks
         self.decode_seqs = decode_seqs  # sequences computing one decode token
         self.prefill_attn = prefill_attn  # sum over prefill query tokens of their attended context length
         self.decode_ctx = decode_ctx  # sum over decode sequences of their context length (incl. the new token)
         self.logits = logits  # sequences sampling a token this step
+        # The executor's decode attention shape (executor.grouping.decode_grouping): SDPA calls and padded
+        # key tokens. Filled in only for cost models that read them (`uses_grouping`), else 0.
+        self.decode_groups = decode_groups
+        self.decode_padded = decode_padded
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StepFeatures) and all(
@@ -75,6 +82,17 @@ def plan_features(plan: StepPlan) -> StepFeatures:
             ctx += seq.num_computed + 1
     nd = len(plan.decode)
     return StepFeatures(pt, nd, attn, ctx, logits + nd)
+
+
+def grouping_features(f: StepFeatures, plan: StepPlan, block_size: int) -> int:
+    """Fill in f's decode attention shape (decode_groups, decode_padded) from the plan's decode rows, as the
+    executor groups them, and return for how many decode steps from this one it stays the same (a decode
+    run may be predicted in one piece only that far). For cost models with `uses_grouping`."""
+    if not plan.decode:
+        return 1 << 62
+    ctxs = [s.num_computed + 1 for s in plan.decode]
+    f.decode_groups, f.decode_padded = decode_grouping(ctxs, block_size)
+    return steps_same_grouping(ctxs, block_size)
 
 
 class DecodeRun:

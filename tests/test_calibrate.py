@@ -15,12 +15,12 @@ from sim.calibrate import (
     FEATURES, FittedCost, GridPoint, Profile, _build_plan, blend, compare, default_grid, feature_matrix, fit_cost,
     holdout_split, load_profile_file, neighbour_share, read_profile_file, save_profile_file, scaled, to_toml,
 )
-from sim.cost import StepFeatures, load_cost_model, plan_features
+from sim.cost import StepFeatures, grouping_features, load_cost_model, plan_features
 
 # intercept, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched
-LINEAR = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4, 0.004]
-LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4, 0.0]  # flat: weight-bound small steps
-LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4, 0.002]  # steep: compute-bound large steps
+LINEAR = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4, 0.004, 4e-4, 6e-7]
+LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4, 0.0, 0.0, 0.0]  # flat: weight-bound small steps
+LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4, 0.002, 0.0, 0.0]  # steep: compute-bound large steps
 
 
 def grid_X() -> np.ndarray:
@@ -70,7 +70,7 @@ def test_max_form_takes_the_larger_line_plus_shared():
 def test_coefficients_must_be_non_negative_and_complete():
     with pytest.raises(ValueError, match=">= 0"):
         FittedCost([0.01, -1e-4, 0, 0, 0, 0, 0], 100)
-    with pytest.raises(ValueError, match="7 coefficients"):
+    with pytest.raises(ValueError, match="9 coefficients"):
         FittedCost([0.01, 1e-4], 100)
     with pytest.raises(ValueError, match="unknown coefficient"):
         FittedCost({"intercept": 0.01, "flops": 1.0}, 100)
@@ -294,7 +294,13 @@ def test_load_cost_model_file_drives_the_simulator(tmp_path):
 def test_grid_features_match_the_simulators_plan_features():
     for p in default_grid(quick=True) + default_grid()[::5]:
         plan = _build_plan(p, vocab=512, block_size=16, num_blocks=40_000, first_id=0)
-        assert plan_features(plan) == p.features(), p.label()
+        f = plan_features(plan)
+        grouping_features(f, plan, 16)
+        assert f == p.features(16), p.label()
+        assert f.decode_groups >= (1 if p.decodes else 0) and f.decode_padded >= f.decode_ctx
+        # the blocks are scattered over the cache, as a live replica's are, and never shared
+        ids = [b for s in plan.prefill + plan.decode for b in s.block_table]
+        assert len(set(ids)) == len(ids) and (len(ids) < 4 or ids != sorted(ids))
 
 
 def test_grid_respects_limits():
@@ -418,12 +424,14 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
         dctx = int(ds * rng.integers(2, 900))
         pairs = pt * (pt + 1) // 2 + dctx
         sampled = ds + (1 if pt else 0)
-        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled, float(pt + ds >= 2)], dtype=float)
+        groups = int(rng.integers(1, 4)) if ds else 0
+        padded = dctx + int(rng.integers(0, 16 * ds + 1)) if ds else 0
+        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled, float(pt + ds >= 2), groups, padded], dtype=float)
         dur = float(x @ np.array(LINEAR))
         rec = {"replica": 0, "start": 1.0 * i, "duration": dur, "schedule_s": 1e-5, "prefill_seqs": int(pt > 0),
                "prefill_tokens": pt, "decode_seqs": ds, "prefill_context": pt, "decode_context": dctx,
                "attention_pairs": pairs, "sampled": sampled, "preempted": 0, "kv_blocks_used": 1, "running": 1,
-               "waiting": 0}
+               "waiting": 0, "decode_groups": groups, "decode_padded_context": padded}
         rows.append(",".join(repr(rec[c]) if isinstance(rec.get(c), float) else str(rec.get(c, 0)) for c in STEP_COLUMNS))
     path.write_text(",".join(STEP_COLUMNS) + "\n" + "\n".join(rows) + "\n")
     out = tmp_path / "fit.toml"

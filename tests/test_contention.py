@@ -152,7 +152,8 @@ def test_a_real_step_log_gets_the_factor_of_what_the_neighbour_ran():
     steps = {"start": np.array([0.0, 0.05, 0.1]), "duration": np.array([0.1, 0.1, 0.1]),
              "replica": np.array([0, 1, 0]), "prefill_tokens": np.array([0, 100, 0]),
              "decode_seqs": np.array([4, 0, 4]), "decode_context": np.array([400, 0, 400]),
-             "attention_pairs": np.array([400, 5050, 400]), "sampled": np.array([4, 1, 4])}
+             "attention_pairs": np.array([400, 5050, 400]), "sampled": np.array([4, 1, 4]),
+             "decode_groups": np.array([1, 0, 1]), "decode_padded_context": np.array([448, 0, 448])}
     nb = neighbour_steps_at(steps)
     assert nb[0] == [None] and nb[1][0].decode_seqs == 4 and nb[2][0].prefill_tokens == 100
     m = ContentionCost(BASE, FACTOR)

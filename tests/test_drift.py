@@ -206,7 +206,8 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float):
 
     def read_steps(path):
         return {"duration": np.array([0.02]), "decode_context": np.array([100]), "prefill_tokens": np.array([0]),
-                "decode_seqs": np.array([1]), "attention_pairs": np.array([100]), "sampled": np.array([1])}
+                "decode_seqs": np.array([1]), "attention_pairs": np.array([100]), "sampled": np.array([1]),
+                "decode_groups": np.array([1]), "decode_padded_context": np.array([112])}
 
     factors = iter([1.1, 1.1, 1.3, 1.3])  # each check settles on its second measurement (sim.calibrate.settled_drift)
 

@@ -9,9 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from executor.grouping import group_rows
 from executor.model import LlamaForCausalLM, ModelConfig, RopeScaling, preset, rope_inv_freq
-from executor.paged import PagedAttention, PagedKVCache, _groups
+from executor.paged import PagedAttention, PagedKVCache
 
 
 @pytest.fixture(autouse=True)
@@ -81,13 +84,13 @@ def test_paged_attention_matches_dense_reference_on_a_mixed_batch(kv_heads):
 
 
 def test_decode_groups_bound_padding():
-    assert _groups(np.array([], dtype=np.int64), 16) == []
-    assert _groups(np.array([5]), 16) == [(0, 1)]
+    assert group_rows([], 16) == []
+    assert group_rows([5], 16) == [(0, 1)]
     # equal lengths: one group; a long one and many short ones: split
-    assert _groups(np.array([10, 10, 10]), 16) == [(0, 3)]
-    assert _groups(np.array([100, 3, 3, 3]), 16) == [(0, 1), (1, 4)]
+    assert group_rows([10, 10, 10], 16) == [(0, 3)]
+    assert group_rows([100, 3, 3, 3], 16) == [(0, 1), (1, 4)]
     blocks = np.array(sorted(np.random.default_rng(0).integers(1, 300, 64), reverse=True))
-    for lo, hi in _groups(blocks, 16):
+    for lo, hi in group_rows(blocks.tolist(), 16):
         padded = blocks[lo:hi].max() * (hi - lo)
         useful = blocks[lo:hi].sum()
         assert padded <= 1.25 * useful or (padded - useful) * 16 <= 256 * (hi - lo) or hi - lo == 1
@@ -221,3 +224,22 @@ def test_decode_grouping_is_what_paged_attention_builds(contexts):
     assert decode_grouping([], bs) == (0, 0)
     if contexts == [2000, 40]:  # far apart: two calls, and no padding of the short row to 2000
         assert groups == 2 and padded == (125 + 3) * bs
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(2, 3000), min_size=1, max_size=40), st.sampled_from([1, 4, 16, 32]))
+def test_grouping_is_unchanged_exactly_as_long_as_steps_same_grouping_says(contexts, bs):
+    """The simulator may treat a fitted model's grouping features as constant over `steps_same_grouping`
+    decode steps: every step in that span groups like the first, and the step after it is the first at
+    which some row needs a new block."""
+    from executor.grouping import decode_grouping, steps_same_grouping
+
+    k = steps_same_grouping(contexts, bs)
+    assert k >= 1
+    blocks = [-(-c // bs) for c in contexts]
+    first = decode_grouping(contexts, bs)
+    for i in range(min(k, 40)):
+        now = [c + i for c in contexts]
+        assert [-(-c // bs) for c in now] == blocks
+        assert decode_grouping(now, bs) == first
+    assert [-(-(c + k) // bs) for c in contexts] != blocks

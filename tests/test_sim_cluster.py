@@ -157,12 +157,20 @@ def test_every_request_recorded_once_with_terminal_status(w, cfg):
     assert sum(counts.values()) == len(w)
 
 
+def grouped_cost():
+    """A fitted model that prices the executor's decode attention grouping (per SDPA call and per padded key
+    token): the simulator must cut decode runs wherever a row crosses a KV block boundary."""
+    from sim.calibrate import FittedCost
+
+    return FittedCost([0.010, 1e-4, 5e-4, 0, 1e-6, 0, 0, 0.002, 3e-6], 1_000_000, name="grouped-test")
+
+
 @FAST
-@given(workloads(), configs())
-def test_jump_gives_the_records_of_single_steps(w, cfg):
+@given(workloads(), configs(), st.sampled_from(["linear", "grouped"]))
+def test_jump_gives_the_records_of_single_steps(w, cfg, model):
     import dataclasses
 
-    cost = LinearCost(per_ctx=1e-6)
+    cost = LinearCost(per_ctx=1e-6) if model == "linear" else grouped_cost()
     b = simulate(w, dataclasses.replace(cfg, jump=False), cost=cost)  # SimPy, one event per step
     # jump mode under both drivers: run_direct (the default here) and SimPy
     for a in (simulate(w, cfg, cost=cost), simulate(w, cfg, cost=cost, direct=False)):
@@ -257,3 +265,19 @@ def test_router_sees_pending_tokens_of_completed_steps_inside_a_decode_run(jump,
     # 100 prompt + 50 output tokens; the prefill computes 100 (and samples token 1); each completed decode
     # step one more. (The last output token's KV is never computed, so 49 decode steps finish it.)
     assert seen == [0, 50, 40, 20]
+
+
+def test_grouping_features_reach_a_fitted_model_and_change_its_times():
+    """With grouping coefficients, a batch of far-apart contexts (two SDPA groups, short rows not padded to
+    the long one) costs what the executor's grouping says; without them the same replay ignores it."""
+    from sim.calibrate import FittedCost
+
+    w = Workload.from_requests([Request(0, 0.0, 3000, 40), Request(1, 0.0, 40, 40)], name="spread")
+    cfg = SimConfig(replicas=1, scheduler=SchedulerConfig(block_size=16, max_num_batched_tokens=8192))
+    plain = FittedCost([0.010, 1e-4, 5e-4, 0, 1e-6, 0, 0], 1_000_000)
+    per_group = FittedCost([0.010, 1e-4, 5e-4, 0, 1e-6, 0, 0, 0.004, 0], 1_000_000)
+    assert not plain.uses_grouping and per_group.uses_grouping
+    a, b = simulate(w, cfg, cost=plain), simulate(w, cfg, cost=per_group)
+    # 39 decode steps of both rows, two groups each (3000+ vs 40+ tokens: padding 40 to 3000 would waste
+    # far more than the group rule allows), so each costs 2 x 0.004 s more; both requests finish together.
+    assert b.records["finish"][0] - a.records["finish"][0] == pytest.approx(39 * 2 * 0.004, rel=1e-9)
