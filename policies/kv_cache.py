@@ -211,8 +211,11 @@ class BlockManager:
         leading blocks it registered or reused); the rest go straight back to the free list.
         None means any block may.
         """
-        n = len(block_ids) if num_leading is None else min(num_leading, len(block_ids))
         free = self._free
+        if num_leading == 0:  # (the common case: no leading hashed blocks, all straight back)
+            free.extend(block_ids[::-1])
+            return
+        n = len(block_ids) if num_leading is None else min(num_leading, len(block_ids))
         if n < len(block_ids):
             free.extend(block_ids[:n - len(block_ids) - 1:-1] if n else block_ids[::-1])
         if n:

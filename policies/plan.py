@@ -11,7 +11,7 @@ from policies.sequence import Sequence
 
 
 class StepPlan:
-    __slots__ = ("prefill", "prefill_tokens", "decode", "preempted", "decode_ctx")
+    __slots__ = ("prefill", "prefill_tokens", "decode", "preempted", "decode_ctx", "min_left")
 
     def __init__(self) -> None:
         # Sequences computing prompt (or recomputed) tokens this step, and how many each.
@@ -25,6 +25,9 @@ class StepPlan:
         # Sum over `decode` of their context length including the new token (num_computed + 1), summed by
         # the scheduler as it plans them (it reads each anyway); -1 when whoever built the plan did not.
         self.decode_ctx = -1
+        # The fewest output tokens any of `decode` has left to generate (1 << 62 if none), found by the
+        # scheduler as it plans them; -1 when whoever built the plan did not.
+        self.min_left = -1
 
     @property
     def empty(self) -> bool:

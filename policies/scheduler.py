@@ -27,7 +27,10 @@ from policies.kv_cache import BlockManager, prefix_block_hashes
 from policies.plan import StepPlan
 from policies.queues import RequestQueue, create_queue, QUEUES
 from policies.sequence import SeqStatus, Sequence
-from traces.records import ItlLog
+from traces.records import ITL_FLUSH, ItlLog
+
+# (module globals: a class attribute of an enum is read by a slower path than a global in Python 3.11)
+_WAITING, _RUNNING, _FINISHED = SeqStatus.WAITING, SeqStatus.RUNNING, SeqStatus.FINISHED
 
 
 def _check(name: str, ok: bool, allowed: str, value: object) -> None:
@@ -82,6 +85,11 @@ class ContinuousBatchingScheduler:
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._jumpable = False
         self._min_left: int | None = None  # fewest output tokens left among the last plan's decodes
+        # Set by update() and advance() when the next step is certain to be every running sequence as a
+        # decode, none needing a new block: (running list, its length, next decode_ctx, next _min_left).
+        # The next _schedule_running then plans it without walking the batch (the list's identity and
+        # length guard it; every other change to the batch clears or replaces it).
+        self._steady: tuple | None = None
         # Whether next_wakeup() can ever return a time (else callers may skip asking).
         self.may_wake = (cfg.queue_timeout is not None
                          or type(self).next_wakeup is not ContinuousBatchingScheduler.next_wakeup)
@@ -90,14 +98,16 @@ class ContinuousBatchingScheduler:
     def add(self, seq: Sequence, now: float) -> bool:
         """Queue a new request. False (and the sequence is in `done`, rejected) if it cannot be admitted."""
         cfg = self.cfg
-        need = self.kv.blocks_for(seq.req.input_tokens + seq.req.output_tokens - 1)
-        if need > self.kv.num_blocks:
-            return self._reject(seq, now, f"needs {need} KV blocks, replica has {self.kv.num_blocks}")
+        req = seq.req
+        kv = self.kv
+        need = -(-(req.input_tokens + req.output_tokens - 1) // kv.block_size)  # (kv.blocks_for, inlined)
+        if need > kv.num_blocks:
+            return self._reject(seq, now, f"needs {need} KV blocks, replica has {kv.num_blocks}")
         if cfg.max_waiting is not None and len(self.waiting) >= cfg.max_waiting:
             return self._reject(seq, now, f"waiting queue full (max_waiting={cfg.max_waiting})")
-        seq.status = SeqStatus.WAITING
+        seq.status = _WAITING
         self.waiting.push(seq, now)
-        self.pending += seq.req.input_tokens + seq.req.output_tokens - seq.num_computed
+        self.pending += req.input_tokens + req.output_tokens - seq.num_computed
         if cfg.queue_timeout is not None:
             heapq.heappush(self._deadlines, (seq.t_arrival + cfg.queue_timeout, seq.order, seq))
         return True
@@ -136,17 +146,23 @@ class ContinuousBatchingScheduler:
 
     # ---- one step -------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
-        if self.cfg.queue_timeout is not None:
+        cfg = self.cfg
+        if cfg.queue_timeout is not None:
             self._expire(now)
         plan = StepPlan()
-        self._min_left = None
-        budget = self.cfg.max_num_batched_tokens
-        if self.cfg.chunked_prefill:
-            budget, all_scheduled = self._schedule_running(plan, budget)
+        budget = cfg.max_num_batched_tokens
+        if cfg.chunked_prefill:  # (_schedule_running sets _min_left)
+            if self.running:
+                budget, all_scheduled = self._schedule_running(plan, budget)
+            else:  # (what _schedule_running gives for no running sequences)
+                plan.decode_ctx = 0
+                plan.min_left = self._min_left = 1 << 62
+                all_scheduled = True
             if not plan.preempted and len(self.waiting):
                 self._admit(plan, budget, now)
         else:
             # Prefill first (whole prompts, no decodes in that step), as vLLM does without chunking.
+            self._min_left = None
             self._admit(plan, budget, now)
             all_scheduled = not self.running
             if not plan.prefill:
@@ -155,8 +171,18 @@ class ContinuousBatchingScheduler:
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
-        kv, chunked, bs = self.kv, self.cfg.chunked_prefill, self.cfg.block_size
         running = self.running
+        st = self._steady
+        if st is not None:
+            self._steady = None
+            if st[0] is running and st[1] == len(running) and st[1] <= budget:
+                # After a decode run with no finish: every running sequence decodes again and none needs a
+                # block (advance checked), so the loop below would plan exactly this.
+                plan.decode.extend(running)
+                plan.decode_ctx = st[2]
+                plan.min_left = self._min_left = st[3]
+                return budget - st[1], True
+        kv, chunked, bs = self.kv, self.cfg.chunked_prefill, self.cfg.block_size
         decode, prefill, prefill_tokens = plan.decode, plan.prefill, plan.prefill_tokens
         all_scheduled = True
         ctx = 0  # plan.decode_ctx, and the fewest tokens any decode has left (horizon reads it)
@@ -178,13 +204,13 @@ class ContinuousBatchingScheduler:
             table = seq.block_table
             need = (computed + n + bs - 1) // bs - len(table)
             if need > 0:
-                while need > kv.num_free:
+                while need > len(kv._free) + len(kv._evictable):  # (kv.num_free)
                     victim = running.pop()
                     self._preempt(victim, plan)
                     if victim is seq:
                         break
                 nrun = len(running)
-                if seq.status is not SeqStatus.RUNNING:
+                if seq.status is not _RUNNING:
                     break
                 table.extend(kv.allocate(need))
             if n == 1 and g:
@@ -199,7 +225,7 @@ class ContinuousBatchingScheduler:
             budget -= n
             i += 1
         plan.decode_ctx = ctx
-        self._min_left = min_left
+        plan.min_left = self._min_left = min_left
         return budget, all_scheduled
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
@@ -238,12 +264,13 @@ class ContinuousBatchingScheduler:
                     break
                 # else: a prompt longer than the budget runs alone in its own step
             need = (cached + n + bs - 1) // bs - len(hit)
-            if need + (kv.evictable_among(hit) if hit else 0) > kv.num_free:
+            if need + (kv.evictable_among(hit) if hit else 0) > len(kv._free) + len(kv._evictable):  # (num_free)
                 break
             waiting.pop(now)
             if hit:
                 kv.acquire(hit)
-            kv.count_query(num_tokens, cached)
+            kv.queries += num_tokens  # (kv.count_query, inlined)
+            kv.hits += cached
             seq.block_table = hit + kv.allocate(need)
             seq.num_computed = cached
             self.pending -= cached
@@ -251,7 +278,7 @@ class ContinuousBatchingScheduler:
             if seq.t_admitted is None:
                 seq.t_admitted = now
                 seq.num_cached_tokens = cached
-            seq.status = SeqStatus.RUNNING
+            seq.status = _RUNNING
             running.append(seq)
             plan.prefill.append(seq)
             plan.prefill_tokens.append(n)
@@ -262,7 +289,14 @@ class ContinuousBatchingScheduler:
         finished = False
         bs = self.cfg.block_size
         kv = self.kv
-        self.pending -= sum(plan.prefill_tokens) + len(plan.decode)
+        decode = plan.decode
+        nd = len(decode)
+        self.pending -= sum(plan.prefill_tokens) + nd
+        # Whether the next step plans every running sequence as a decode with no new block (then set
+        # _steady, as advance() does): its context sum and fewest tokens left, found on the way.
+        steady = plan.min_left >= 0 and not plan.preempted and len(self.running) == len(plan.prefill) + nd
+        ctx = plan.decode_ctx + nd
+        min_left = plan.min_left - 1
         for seq, n in zip(plan.prefill, plan.prefill_tokens):
             seq.num_computed += n
             hashes = seq.hashes
@@ -272,35 +306,58 @@ class ContinuousBatchingScheduler:
                 if full > k:
                     kv.register_range(seq.block_table, hashes, k, full)
                     seq.num_hashed_blocks = full
-            if seq.num_computed == seq.num_tokens:
+            computed = seq.num_computed
+            if computed == seq.req.input_tokens + seq.num_generated:  # (num_tokens)
                 if seq.num_generated:  # resumed after preemption: the gap spans it
                     self.itl.single(end - seq.t_last_token)
                 else:
                     seq.t_first_token = end
                 seq.num_generated += 1
                 seq.t_last_token = end
-                if seq.num_generated >= seq.req.output_tokens:
+                left = seq.req.output_tokens - seq.num_generated
+                if left <= 0:
                     self._finish(seq, end)
                     finished = True
-        c = 0
-        for seq in plan.decode:
-            seq.num_computed += 1
-            if seq.t_last_token == start:
-                c += 1
+                elif steady:
+                    ctx += computed + 1
+                    if left < min_left:
+                        min_left = left
+                    if computed == len(seq.block_table) * bs:
+                        steady = False
             else:
-                self.itl.single(end - seq.t_last_token)
+                steady = False  # (its prompt continues in the next step)
+        c = 0
+        itl = self.itl
+        for seq in decode:
+            computed = seq.num_computed + 1
+            seq.num_computed = computed
+            if computed == len(seq.block_table) * bs:
+                steady = False
+            t = seq.t_last_token
+            if t == start:
+                c += 1
+            else:  # (ItlLog.single, inlined)
+                itl.step_d.append(end - t)
+                itl.step_w.append(1)
             seq.t_last_token = end
-            seq.num_generated += 1
-            if seq.num_generated >= seq.req.output_tokens:
+            g = seq.num_generated + 1
+            seq.num_generated = g
+            if g >= seq.req.output_tokens:
                 self._finish(seq, end)
                 finished = True
-        if c:
-            self.itl.step(end - start, c)
+        if c:  # (ItlLog.step, inlined)
+            itl.step_d.append(end - start)
+            itl.step_w.append(c)
         if finished:
-            self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+            self.running = [s for s in self.running if s.status is _RUNNING]
+            self._steady = None
+        elif steady:
+            self._steady = (self.running, len(self.running), ctx, min_left)
+        else:
+            self._steady = None
 
     def _finish(self, seq: Sequence, now: float) -> None:
-        seq.status, seq.outcome, seq.t_finish = SeqStatus.FINISHED, "ok", now
+        seq.status, seq.outcome, seq.t_finish = _FINISHED, "ok", now
         self.pending -= seq.req.input_tokens + seq.req.output_tokens - seq.num_computed
         self.kv.free(seq.block_table, seq.num_hashed_blocks)
         seq.block_table = []
@@ -334,7 +391,8 @@ class ContinuousBatchingScheduler:
                     k = left
         if k > 1:
             bs = self.cfg.block_size
-            free = self.kv.num_free
+            kv = self.kv
+            free = len(kv._free) + len(kv._evictable)  # (kv.num_free, inlined)
             if free < len(decode) * ((k - 1) // bs + 1):  # else surely enough (each needs at most that many)
                 need = 0
                 for seq in decode:  # blocks the next k-1 steps allocate
@@ -343,7 +401,7 @@ class ContinuousBatchingScheduler:
                         need += (k - i) // bs + 1
                 if need > free:
                     k = self._alloc_events(plan, k)[free][0] - 1  # that step would need a preemption
-        return max(k, 1)
+        return k if k > 1 else 1  # (max(k, 1))
 
     def advance(self, plan: StepPlan, m: int, start: float, first_end: float, end: float, run) -> None:
         """Apply m decode steps of `plan` (m <= horizon(plan)), from `start` to `end`, the first ending at
@@ -357,12 +415,15 @@ class ContinuousBatchingScheduler:
         # and the cached blocks evicted for them are the same, in the same LRU order). Sequences finish
         # only at step m, so their blocks are freed after every allocation, as stepping would.
         bs = self.cfg.block_size
-        kv = self.kv
         itl = self.itl
         c = 0
         done = None
         grow = None  # (table, blocks) of the sequences that need blocks: one allocation for all of them
         total = 0
+        edge = False  # whether some sequence that goes on needs a new block in step m + 1
+        m1 = m + 1
+        min_left = 1 << 62  # the fewest tokens left among those that go on
+        gone = 0  # the context (num_computed + 1) of those that finish
         for seq in decode:
             computed = seq.num_computed
             table = seq.block_table
@@ -374,21 +435,32 @@ class ContinuousBatchingScheduler:
                     grow = [(table, k)]
                 else:
                     grow.append((table, k))
+                i += k * bs
             t = seq.t_last_token
             if t == start:
                 c += 1
-            else:
-                itl.single(first_end - t)
-            seq.num_computed = computed + m
+            else:  # (ItlLog.single, inlined)
+                itl.step_d.append(first_end - t)
+                itl.step_w.append(1)
+            computed += m
+            seq.num_computed = computed
             g = seq.num_generated + m
             seq.num_generated = g
             seq.t_last_token = end
-            if g >= seq.req.output_tokens:
+            left = seq.req.output_tokens - g
+            if left <= 0:
                 if done is None:
                     done = [seq]
                 else:
                     done.append(seq)
+                gone += computed + 1
+            else:
+                if left < min_left:
+                    min_left = left
+                if i == m1:
+                    edge = True
         if grow is not None:  # (consecutive allocations would hand out these blocks in this order)
+            kv = self.kv
             if len(grow) == 1:
                 grow[0][0].extend(kv.allocate(total))
             else:
@@ -397,19 +469,38 @@ class ContinuousBatchingScheduler:
                 for table, k in grow:
                     table.extend(blocks[p:p + k])
                     p += k
-        self.pending -= m * len(decode)
-        if c:
-            itl.step(first_end - start, c)
-        itl.run(run.params(), 1, m, len(decode))
+        nd = len(decode)
+        self.pending -= m * nd
+        if c:  # (ItlLog.step, inlined)
+            itl.step_d.append(first_end - start)
+            itl.step_w.append(c)
+        buf = itl._buf  # (ItlLog.run(run.params(), 1, m, nd), inlined: m > 1 here)
+        buf += run.params()
+        buf += (1, m, nd)
+        if len(buf) >= ITL_FLUSH:
+            itl._flush()
+        # The next plan is every running sequence as a decode, with no new block, if every running sequence
+        # was one of this plan's decodes (and _schedule_running built it): then set _steady.
+        steady = not edge and plan.min_left >= 0 and len(self.running) == nd
         if done is not None:
             for seq in done:
                 self._finish(seq, end)
-            self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+            if len(done) == 1:  # (the common case; a copy without it is quicker than the comprehension)
+                running = self.running.copy()
+                running.remove(done[0])
+                self.running = running
+            else:
+                running = self.running = [s for s in self.running if s.status is _RUNNING]
+            self._steady = (running, len(running), plan.decode_ctx + m * nd - gone, min_left) \
+                if steady and running else None
+        else:
+            self._steady = (self.running, nd, plan.decode_ctx + m * nd, min_left) if steady else None
 
     def evacuate(self) -> list[Sequence]:
         """Take every waiting and running sequence off this replica (a crash): their KV blocks are
         freed and the queue is emptied in place (it may carry discipline options). The caller decides
         what becomes of them; their status is left as it was."""
+        self._steady = None
         out = list(self.running) + list(self.waiting)
         for seq in out:
             if seq.block_table:

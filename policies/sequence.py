@@ -20,6 +20,9 @@ class SeqStatus(enum.IntEnum):
     FINISHED = 2
 
 
+_WAITING = SeqStatus.WAITING  # (a global: reading an enum member off its class is slow in Python 3.11)
+
+
 class Sequence:
     __slots__ = (
         "req", "status", "num_computed", "num_generated", "block_table", "num_cached_tokens",
@@ -29,7 +32,7 @@ class Sequence:
 
     def __init__(self, req: Request, now: float | None = None):
         self.req = req
-        self.status = SeqStatus.WAITING
+        self.status = _WAITING
         self.num_computed = 0
         self.num_generated = 0
         self.block_table: list[int] = []

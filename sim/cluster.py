@@ -102,13 +102,15 @@ class Replica:
         # t_next: when this replica next acts by itself (that step's end, a queue deadline, inf: never).
         self._pend: tuple | None = None
         self.t_next = math.inf
+        self.num_outstanding = len(sched.waiting) + len(sched.running)
         self.proc = env.process(self._loop()) if not direct else None
 
-    # Router view
-    @property
-    def num_outstanding(self) -> int:
-        s = self.sched  # (its num_outstanding, inlined: routers read every replica on every arrival)
-        return len(s.waiting) + len(s.running)
+    # Router view. num_outstanding (sequences waiting or running here) is a plain attribute, kept equal to
+    # the scheduler's by _refresh wherever they change (submit, _step, _down, the end of a run): routers read
+    # every replica on every arrival, and a property costs a call each time.
+    def _refresh(self) -> None:
+        s = self.sched
+        self.num_outstanding = len(s.waiting) + len(s.running)
 
     @property
     def num_running(self) -> int:
@@ -134,7 +136,9 @@ class Replica:
     def submit(self, seq: Sequence) -> None:
         seq.replica = self.idx
         now = self.env.now
-        self.sched.add(seq, now)
+        s = self.sched
+        s.add(seq, now)
+        self.num_outstanding = len(s.waiting) + len(s.running)
         if self.direct:
             p = self._pend
             if p is None:  # idle: it wakes now, once every arrival of this instant is in (see catch_up)
@@ -233,11 +237,12 @@ class Replica:
             wake = sched.next_wakeup()
             self.t_next = wake if wake is not None else math.inf
             self._idle = True
+            self.num_outstanding = len(sched.waiting) + len(sched.running)  # (_refresh)
             return False
         self._idle = False
         f = plan_features(plan)
         self.current = f
-        k = sched.horizon(plan) if self.jump else 1
+        k = sched.horizon(plan) if self.jump and sched._jumpable else 1  # (horizon is 1 when not _jumpable)
         if k > 1 and self.reclaimer is not None:
             k = self._reclaim_horizon(plan, k)
         if self._grouping:
@@ -258,6 +263,7 @@ class Replica:
         self.t_next = end
         if run is not None and self.direct:  # (the SimPy driver sets it while it waits the run out)
             self._run_state = (now, run, m, f.decode_seqs)
+        self.num_outstanding = len(sched.waiting) + len(sched.running)  # (_refresh)
         return True
 
     # ---- the SimPy driver -------------------------------------------------------------------------
@@ -349,6 +355,7 @@ class Replica:
         self._wake = env.event()
         self._collect()  # what finished before the crash is recorded as such
         lost = sched.evacuate()
+        self._refresh()
         for s in lost:
             s.status = SeqStatus.FINISHED  # this attempt is over (its queue-timeout entry is dropped)
         kv.evictions -= kv.evict_cached(kv.num_blocks)  # GPU memory is gone: an empty prefix cache, not evictions
@@ -520,12 +527,15 @@ def run_direct(cluster: Cluster) -> None:
     build_cluster decides when it applies."""
     fe, reps, clock = cluster.frontend, cluster.replicas, cluster.env
     w = fe.workload
-    request, send, progress = w.request, fe.send, fe.progress
+    request, progress = w.request, fe.progress
+    send = fe.send if fe.cache is not None else fe.dispatch  # (what send does without a result cache)
     tick = max(len(w) // 200, 1)
     for i, t in enumerate(w.arrival.tolist()):
         for r in reps:
-            if r.t_next < t:
-                r.catch_up(t)
+            while r.t_next < t:  # (r.catch_up(t), inlined)
+                if r._pend is None:
+                    r.clock = r.t_next
+                r._step()
         clock.now = t
         send(Sequence(request(i)))
         if progress is not None and i % tick == 0:
@@ -582,6 +592,7 @@ def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
     end = cluster.env.now
     for rep in cluster.replicas:  # nothing should be left; if it is, say so rather than lose it
         rep.sched.abort_all(end, "simulation ended before the request finished")
+        rep._refresh()
         rep._collect()
     if check:
         for rep in cluster.replicas:

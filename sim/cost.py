@@ -108,13 +108,18 @@ class DecodeRun:
     def __init__(self, a1: float, b1: float, a2: float, b2: float, c: float):
         self.a1, self.b1, self.a2, self.b2, self.c = a1, b1, a2, b2, c
         self._params = (a1, b1, a2, b2, c)
-        self.first = max(a1, a2) + c  # the first step's duration, elapsed(1)
+        self.first = (a2 if a2 > a1 else a1) + c  # max(a1, a2) + c: the first step's duration, elapsed(1)
         if a2 > a1 or (a2 == a1 and b2 > b1):  # the line on top at i = 0 first
             a1, b1, a2, b2 = a2, b2, a1, b1
         self._top = (a1, b1, a2, b2)
         # The other line overtakes from step ceil(x) on (x = inf: never).
-        self._x = math.inf if b2 <= b1 else (a1 - a2) / (b2 - b1)
-        self._cx = max(0, math.ceil(self._x)) if math.isfinite(self._x) else 0
+        if b2 <= b1:
+            self._x = math.inf
+            self._cx = 0
+        else:
+            x = self._x = (a1 - a2) / (b2 - b1)
+            cx = math.ceil(x) if math.isfinite(x) else 0
+            self._cx = cx if cx > 0 else 0  # max(0, ceil(x))
 
     def duration(self, i: int) -> float:
         return max(self.a1 + self.b1 * i, self.a2 + self.b2 * i) + self.c
@@ -138,8 +143,9 @@ class DecodeRun:
     def step_end(self, t: float, k: int) -> tuple[int, float]:
         """(j, elapsed(j + 1)) for j = step_at(t, k): the step in progress at t and when it ends."""
         # Start from the root of the upper line's quadratic, a close guess, then settle it exactly.
-        a = max(self.a1, self.a2) + self.c
-        b = max(self.b1, self.b2)
+        a = self.first  # max(a1, a2) + c
+        b1, b2 = self.b1, self.b2
+        b = b2 if b2 > b1 else b1  # max(b1, b2)
         if b > 0:
             # elapsed(m) ~ m*a + b*m*(m-1)/2 = t  =>  b/2 m^2 + (a - b/2) m - t = 0
             p = a - b / 2
