@@ -791,9 +791,9 @@ def measure_grid(runner: Any, points: Sequence[GridPoint], repeats: int = 7, war
     def once(plan) -> float:
         if not plan.prefill:
             # A decode step is timed right after the same batch's previous step (an untimed run), as it runs
-            # inside a decode run: its KV blocks as warm as the caches keep them. Timed cold (after some
-            # other shape), one- and two-sequence decodes measured 5-14 % slower than the same steps in a
-            # real replay. Prefill and mixed steps are timed after whatever came before, as they run.
+            # inside a decode run: its KV blocks as warm as the caches keep them (measured: a one-sequence
+            # decode 3 % faster than after a prefill; two or more sequences, no difference). Prefill and
+            # mixed steps are timed after whatever came before, as they run.
             run_once(plan)
         with timer(runner.device) as t:
             run_once(plan)
