@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from executor.paged import decode_grouping
+from executor.grouping import decode_grouping
 from executor.runner import ModelRunner
 from executor.tokens import prompt_tokens
 from policies.plan import StepPlan
@@ -46,7 +46,7 @@ class StepRecord:
     kv_blocks_used: int  # after scheduling
     running: int  # after scheduling
     waiting: int
-    # The decode attention's shape (executor.paged.decode_grouping): SDPA calls, and key tokens read
+    # The decode attention's shape (executor.grouping.decode_grouping): SDPA calls, and key tokens read
     # with each row padded to its group's longest. 0 without decodes.
     decode_groups: int = 0
     decode_padded_context: int = 0

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from executor.grouping import decode_grouping, group_rows  # noqa: F401  (decode_grouping: re-exported)
+from executor.grouping import group_rows
 
 
 class PagedKVCache:

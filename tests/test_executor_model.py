@@ -205,9 +205,10 @@ def test_config_validation():
 
 @pytest.mark.parametrize("contexts", [[2000, 40], [300, 40, 35], [17, 900, 16, 1, 2500, 33, 700], [5]])
 def test_decode_grouping_is_what_paged_attention_builds(contexts):
-    """executor.paged.decode_grouping (logged per step as decode_groups / decode_padded_context) counts the
+    """executor.grouping.decode_grouping (logged per step as decode_groups / decode_padded_context) counts the
     SDPA calls and padded key tokens PagedAttention itself builds for decodes given longest first."""
-    from executor.paged import PagedAttention, PagedKVCache, decode_grouping
+    from executor.grouping import decode_grouping
+    from executor.paged import PagedAttention, PagedKVCache
 
     bs, kvh, hd = 16, 2, 8
     tables, at = [], 0
