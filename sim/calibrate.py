@@ -11,14 +11,16 @@ The fitted form is
     duration = max(A . x, B . x) + C . x + overhead,
     x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched, decode_groups, decode_padded)
 
-where batched = 1 when the step computes two or more tokens, and decode_groups / decode_padded are the
-shape of the executor's decode attention (executor.grouping): it runs one SDPA call per group of decode
-rows of similar length, each row padded to its group's longest, so a batch with spread contexts costs
-more than one with the same total context spread evenly (measured on the grid: up to a fifth more at 16
-to 128 rows). decode_padded is collinear with decode_ctx for even batches; the fit shares the cost out. It is there because the data say so:
+where batched = 1 when the step computes two or more tokens. It is there because the data say so:
 on the CPU a one-token step (one decode) runs its matrix products as matrix-vector products, and a
 second token costs as much as the next dozen (measured 8.4 ms for one decode, 12.8 ms for two,
 14.5 ms for four); no straight line through batch size fits both ends.
+
+decode_groups / decode_padded are the shape of the executor's decode attention (executor.grouping): it
+runs one SDPA call per group of decode rows of similar length, each row padded to its group's longest,
+so a batch with spread contexts costs more than one with the same total context spread evenly
+(measured on the grid: up to a fifth more at 16 to 128 rows). decode_padded is collinear with
+decode_ctx for even batches; the fit shares the cost out.
 
 with every coefficient >= 0, so a prediction never decreases when any feature grows and
 extrapolates beyond the grid as straight lines. The plain linear model is A = B = 0; `fit_cost`
@@ -956,7 +958,8 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
     for i, (m, f) in enumerate(zip(meas, feats)):
         row = {"kind": m.point.kind, "label": m.point.label(), "prefill_tokens": f.prefill_tokens,
                "decode_seqs": f.decode_seqs, "prefill_attn": float(f.prefill_attn), "decode_ctx": f.decode_ctx,
-               "logits": f.logits, "decode_groups": f.decode_groups, "decode_padded": f.decode_padded, **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held}
+               "logits": f.logits, "decode_groups": f.decode_groups, "decode_padded": f.decode_padded,
+               **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held}
         if busy_meas is not None:
             b = busy_meas[i].stats()
             row.update(busy_median_s=b["median_s"], busy_iqr_rel=b["iqr_rel"], busy_predicted_s=float(bpred[i]))
