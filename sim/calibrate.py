@@ -1102,31 +1102,44 @@ def drift_reference_shapes(profile: Profile) -> list[tuple[str, int, GridPoint]]
 
 
 def measure_drift(runner: Any, profile: Profile, repeats: int | None = None, warmup: int = 1, seed: int = 0,
-                  budget_s: float = DRIFT_BUDGET_S) -> dict[str, Any]:
+                  budget_s: float = DRIFT_BUDGET_S, stored: str = "median_s") -> dict[str, Any]:
     """How fast the machine runs the executor's steps now against when the profile was measured: re-time
     the reference shapes (`drift_reference_shapes`, taken from the profile's own grid) on `runner` (an
-    executor.runner.ModelRunner, as `measure_grid` takes; run it alone, nothing else of this session busy)
-    and compare each shape's median with the profile's stored median for it.
+    executor.runner.ModelRunner, as `measure_grid` takes) and compare each shape's median with the
+    profile's stored median for it (`stored`, below: nothing else of this session runs meanwhile, or the
+    profile's busy neighbours do).
 
     Returns {"factor": the median over shapes of now / stored (> 1: the machine is slower now), "shapes":
     per shape role, label, stored_s, now_s, ratio, "repeats", "warmup", "seconds"}. The median, not a
     mean, so one shape caught by a burst of other load does not move the factor. `repeats` None: as many
-    rounds as fit `budget_s` by the stored medians (2 to 5). Never looks at any workload's steps."""
+    rounds as fit `budget_s` by the stored medians (2 to 5). Never looks at any workload's steps.
+
+    stored: the grid column the times compare with: "median_s" (measured alone; run the check alone) or
+    "busy_median_s" (measured beside co-located neighbours running random grid shapes, `twinfer profile
+    --concurrent N`; run the check beside the same, `colocated_drift`)."""
     refs = drift_reference_shapes(profile)
-    stored = [float(profile.grid[i]["median_s"]) for _, i, _ in refs]
+    ref_s: list[float] = []
+    for _, i, p in refs:
+        v = profile.grid[i].get(stored)
+        if not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"drift check: grid row {i} ({p.label()}) has {stored}={v!r}; need a positive number"
+                             + (" (busy medians are measured by `twinfer profile --concurrent N`, N >= 2)"
+                                if stored == "busy_median_s" else ""))
+        ref_s.append(float(v))
     if repeats is None:
-        repeats = int(max(2, min(5, budget_s // max(sum(stored), 1e-9) - warmup)))
+        repeats = int(max(2, min(5, budget_s // max(sum(ref_s), 1e-9) - warmup)))
     if repeats < 1 or warmup < 0:
         raise ValueError(f"drift check: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     t0 = time.perf_counter()
     meas = measure_grid(runner, [p for *_, p in refs], repeats=repeats, warmup=warmup, seed=seed)
     seconds = time.perf_counter() - t0
     shapes = []
-    for (role, i, p), m, st in zip(refs, meas, stored):
+    for (role, i, p), m, st in zip(refs, meas, ref_s):
         now = m.median
         shapes.append({"role": role, "row": i, "label": p.label(), "stored_s": st, "now_s": now, "ratio": now / st})
     factor = float(np.median([s["ratio"] for s in shapes]))
-    return {"factor": factor, "shapes": shapes, "repeats": repeats, "warmup": warmup, "seconds": seconds}
+    return {"factor": factor, "shapes": shapes, "repeats": repeats, "warmup": warmup, "seconds": seconds,
+            "stored": stored}
 
 
 def settled_drift(runner: Any, profile: Profile, tries: int = 3, tol: float = 0.05, **kw: Any) -> dict[str, Any]:
@@ -1296,18 +1309,36 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
                       name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor)
 
 
-def drift_corrected(cost: Any, factor: float) -> Any:
+def _drift_factor(factor: Any, what: str = "drift factor") -> float:
+    try:
+        factor = float(factor)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}={factor!r} must be a finite number > 0") from None
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"{what}={factor!r} must be a finite number > 0")
+    return factor
+
+
+def drift_corrected(cost: Any, factor: float, busy_factor: float | None = None) -> Any:
     """`cost` with its forward time (the model's step time without the engine loop's gap) `factor` times as
     long: the drift check's correction for the machine's current speed (`measure_drift`). The loop's gap
     (`step_overhead_s`) stays as measured: the drift check times forward passes only. For a co-located model
     (sim.contention.ContentionCost: anything with `.base` and `with_base`) the alone fit underneath is
-    scaled and the contention factors apply on top as before."""
-    try:
-        factor = float(factor)
-    except (TypeError, ValueError):
-        raise ValueError(f"drift factor={factor!r} must be a finite number > 0") from None
-    if not (math.isfinite(factor) and factor > 0):
-        raise ValueError(f"drift factor={factor!r} must be a finite number > 0")
+    scaled and the contention factors apply on top.
+
+    busy_factor (co-located models only): the co-located drift check's factor (the reference shapes beside
+    busy neighbours, now over the profile's busy medians; `measure_drift(stored="busy_median_s")`). Every
+    busy neighbour's contention factor is then multiplied by busy_factor / factor, so a step beside a busy
+    neighbour is base x F x busy_factor, a step beside idle ones base x factor: a machine whose replicas
+    slow each other more (or less) than when profiled, as a VM's shared cores can, is corrected where it
+    shows, with both cores busy."""
+    factor = _drift_factor(factor)
+    if busy_factor is not None:
+        busy_factor = _drift_factor(busy_factor, "co-located drift factor")
+        if not (hasattr(cost, "with_base") and hasattr(cost, "with_busy_scale")):
+            raise TypeError(f"a co-located drift factor needs a co-located cost model (sim.contention."
+                            f"ContentionCost), got {type(cost).__name__}")
+        return drift_corrected(cost, factor).with_busy_scale(busy_factor / factor)
     if hasattr(cost, "with_base") and hasattr(cost, "base"):
         return cost.with_base(drift_corrected(cost.base, factor))
     if not isinstance(cost, FittedCost):

@@ -85,6 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "shape 23.7 -> 34.6 ms over an hour), which a profile measured once cannot follow and "
                         "which moves p50 latencies more than the simulator's own error; the uncorrected "
                         "prediction is still reported. Needs a profile with grid measurements")
+    g.add_argument("--busy-drift-check", dest="busy_drift_check", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="with co-located replicas and a profile measured with --concurrent N: also re-time the "
+                        "reference shapes beside N - 1 neighbour processes running the profile's grid shapes, "
+                        "against the profile's busy medians, and correct the contention factors by how much "
+                        "more (or less) the replicas slow each other now than when profiled (about 10 s each; "
+                        "on a VM the shared cores' speed under load moves by itself). On by default; the "
+                        "prediction with the alone check only, and the uncorrected one, are still reported")
     o = v.add_argument_group("output")
     o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
     o.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -195,9 +203,15 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
                            if concurrent > 1 else "rounds over all shapes, shuffled each round")},
         busy_meas=busy, neighbours=concurrent - 1)
     if samples is not None:
-        from sim.contention import fit_conditions
+        import numpy as np
+
+        from sim.contention import condition_key, fit_conditions
 
         prof.contention = fit_conditions(points, samples)
+        # every shape's median beside each kind of neighbour: the co-located drift check's references
+        for row, *meds in zip(prof.grid, *(samples[c] for c in conds if c not in ("idle", "grid"))):
+            row.update({condition_key(c): float(np.median(m))
+                        for c, m in zip([c for c in conds if c not in ("idle", "grid")], meds)})
     if loop is not None:
         prof.measure["loop_overhead"] = loop
         prof.cost = prof.cost.with_overhead(loop["mean_s"])
@@ -231,6 +245,74 @@ def drift_probe_runner(prof, device: str | None = None):
     seed = int(prof.fit.get("seed", 0) or 0)
     model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
     return ModelRunner(model, max(need, 1), block_size, device=dev, num_threads=threads)
+
+
+# The neighbour condition the co-located drift check runs: decode batches (3 to 32 sequences, the
+# profile's "decode" class), the step a loaded replica's neighbour runs most of the time, and a steady
+# load (steps of 15-60 ms). Random grid shapes (a prefill of 2048 tokens takes about 1 s) made the
+# check's factor swing from 0.88 to 1.13 around one replay.
+BUSY_CHECK_CONDITION = "decode"
+
+
+def busy_check_reference(prof) -> tuple[str, str]:
+    """(neighbour condition, grid column) the co-located drift check uses on this profile: the steady
+    BUSY_CHECK_CONDITION when the profile stored every shape's median beside it, else the random grid
+    shapes ("grid", busy_median_s) of profiles written before per-condition medians were kept.
+    Raises ValueError when the profile has neither."""
+    from sim.calibrate import drift_reference_shapes
+    from sim.contention import condition_key
+
+    if not prof.neighbours:
+        raise ValueError("the profile has no busy-neighbour measurement (`twinfer profile --concurrent N`)")
+    refs = drift_reference_shapes(prof)
+    for cond, key in ((BUSY_CHECK_CONDITION, condition_key(BUSY_CHECK_CONDITION)), ("grid", "busy_median_s")):
+        if all(isinstance(prof.grid[i].get(key), (int, float)) for _, i, _ in refs):
+            return cond, key
+    missing = ", ".join(p.label() for _, i, p in refs if "busy_median_s" not in prof.grid[i])
+    raise ValueError(f"the profile's reference shapes have no busy medians ({missing})")
+
+
+def colocated_drift(prof, probe, device: str | None = None) -> dict[str, Any]:
+    """The co-located drift check: `probe` (drift_probe_runner) re-times the reference shapes while the
+    profile's number of neighbour processes run the shapes of one neighbour condition (`busy_check_reference`),
+    as the profile's interleaved measurement had them, against the profile's medians for that condition
+    (sim.calibrate.settled_drift with `stored` that column). Start and stop of the neighbours are outside
+    the timed part."""
+    from executor.device import select_device
+    from executor.model import preset
+    from sim.calibrate import BusyNeighbours, grid_blocks_needed, grid_row_points, settled_drift
+    from sim.contention import neighbour_groups
+
+    n = int(prof.neighbours or 0)
+    if n < 1:
+        raise ValueError("co-located drift check: the profile has no busy-neighbour measurement (profile with "
+                         "`twinfer profile --concurrent N`, N >= 2)")
+    cond, key = busy_check_reference(prof)
+    points = [p for _, p in sorted(grid_row_points(prof).items())]
+    group = neighbour_groups(points)[cond]
+    if not group:
+        raise ValueError(f"co-located drift check: the profile's grid has no {cond!r} shapes to run beside")
+    block_size = int(prof.kv.get("block_size") or 16)
+    dev = select_device(device or prof.device.get("device") or "cpu")
+    t0 = time.perf_counter()
+    with BusyNeighbours(n, preset(prof.model["name"]), points, block_size, grid_blocks_needed(points, block_size),
+                        int(prof.measure.get("threads") or 1), str(dev), int(prof.fit.get("seed", 0) or 0),
+                        groups=[group]) as nb:
+        nb.switch(0)
+        d = settled_drift(probe, prof, stored=key)
+    d["neighbours"] = n
+    d["condition"] = cond
+    d["wall_s"] = time.perf_counter() - t0
+    return d
+
+
+def _busy_medians_missing(prof) -> str | None:
+    """Why the co-located drift check cannot run on this profile, or None."""
+    try:
+        busy_check_reference(prof)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
@@ -364,7 +446,8 @@ def fit_to_model(w, max_position: int):
 
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
-                 time_limit: float, keep_steps: str | Path | None = None, drift_check: bool = True) -> dict[str, Any]:
+                 time_limit: float, keep_steps: str | Path | None = None, drift_check: bool = True,
+                 busy_drift_check: bool = True) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
 
@@ -372,7 +455,12 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     before the first real run and right after the last, with no replica running, and simulate again with
     the step times scaled by the geometric mean of the two factors (sim.calibrate.drift_corrected).
     "comparison" and "sim" are then the corrected prediction's; "comparison_uncorrected" and
-    "sim_uncorrected" the profile's as measured (the same objects when the check is off)."""
+    "sim_uncorrected" the profile's as measured (the same objects when the check is off).
+
+    busy_drift_check (with drift_check, co-located replicas and a profile measured with --concurrent N):
+    also re-time the reference shapes beside the profile's busy neighbours (`colocated_drift`), before and
+    after, and correct the contention factors by busy / alone (sim.calibrate.drift_corrected's
+    busy_factor). "comparison" is then that prediction's, "comparison_alone_drift" the alone check's."""
     import numpy as np
 
     from executor.model import preset
@@ -417,20 +505,29 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
     sim_res = simulate(w, cfg, cost=cost)
     sim_sum = summarize(sim_res, cfg.slo)
-    probe = drift_before = None
+    busy_skip = None
+    if drift_check and busy_drift_check:
+        busy_skip = ("one replica" if cfg.replicas < 2 else
+                     "the replicas do not share a CPU" if device != "cpu" else
+                     "the profile has no co-location measurement (`twinfer profile --concurrent N`)"
+                     if ccost is None else _busy_medians_missing(prof))
+    colocated = drift_check and busy_drift_check and busy_skip is None
+    probe = drift_before = busy_before = None
     if drift_check:
         # the executor's model, alone in this process, right before the replicas start
         probe = drift_probe_runner(prof, device)
         drift_before = settled_drift(probe, prof)
-    reals, wall, steps = [], [], []
+        if colocated:
+            busy_before = colocated_drift(prof, probe, device)
+    reals, wall, steps, logs = [], [], [], []
     max_duration = float(w.arrival[-1] - w.arrival[0]) + time_limit
     for k in range(repeat):
         with tempfile.TemporaryDirectory(prefix="twinfer-validate-") as tmp:
             t0 = time.perf_counter()
             res = run_workload(w, cfg, model_config=mname, device=device, max_duration=max_duration, out=tmp)
             wall.append(time.perf_counter() - t0)
-            steps.append(step_check(forward, read_steps(Path(tmp) / "steps.csv"),
-                                    contention=forward if ccost is not None else None))
+            logs.append(read_steps(Path(tmp) / "steps.csv"))
+            steps.append(step_check(forward, logs[-1], contention=forward if ccost is not None else None))
             if keep_steps is not None:
                 import shutil
 
@@ -439,17 +536,28 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 shutil.copyfile(Path(tmp) / "steps.csv", dst)
         real_threads = res.meta.get("threads_per_replica")
         reals.append(summarize(res, cfg.slo))
-    cmp = cmp_raw = compare(sim_sum, reals)
+    cmp = cmp_raw = cmp_alone = compare(sim_sum, reals)
     sim_raw = sim_sum
     drift: dict[str, Any] = {"enabled": False}
     if probe is not None:
         drift_after = settled_drift(probe, prof)  # the replicas have exited
+        busy_after = colocated_drift(prof, probe, device) if colocated else None
         del probe
         level = math.sqrt(drift_before["factor"] * drift_after["factor"])
         sim_sum = summarize(simulate(w, cfg, cost=drift_corrected(cost, level)), cfg.slo)
-        cmp = compare(sim_sum, reals)
+        cmp = cmp_alone = compare(sim_sum, reals)
         drift = {"enabled": True, "factor": level, "before": drift_before, "after": drift_after,
-                 "steps_real_over_corrected": [sc["busy_ratio"] / level for sc in steps if sc.get("steps")]}
+                 "steps_real_over_corrected": [sc["busy_ratio"] / level for sc in steps if sc.get("steps")],
+                 "colocated": {"enabled": False, **({"skipped": busy_skip} if busy_skip else {})}}
+        if colocated:
+            blevel = math.sqrt(busy_before["factor"] * busy_after["factor"])
+            sim_sum = summarize(simulate(w, cfg, cost=drift_corrected(cost, level, blevel)), cfg.slo)
+            cmp = compare(sim_sum, reals)
+            fwd = drift_corrected(forward, level, blevel)
+            drift["colocated"] = {
+                "enabled": True, "factor": blevel, "contention_scale": blevel / level, "before": busy_before,
+                "after": busy_after,
+                "steps_real_over_corrected": [step_check(fwd, lg, contention=fwd).get("busy_ratio") for lg in logs]}
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
@@ -481,7 +589,17 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     if real_threads != prof_threads:
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
+    if drift["enabled"] and drift["colocated"]["enabled"]:
+        cb = drift["colocated"]
+        fb, fa = cb["before"]["factor"], cb["after"]["factor"]
+        if max(fa, fb) / min(fa, fb) > 1.1:
+            notes.append(f"the co-located drift check ran {fb:.2f} x the profile's busy medians before the real "
+                         f"run(s) and {fa:.2f} x after: the correction by their geometric mean {cb['factor']:.2f} "
+                         f"is uncertain")
+    elif drift["enabled"] and busy_drift_check and drift["colocated"].get("skipped") and ccost is not None:
+        notes.append(f"co-located drift check skipped: {drift['colocated']['skipped']}")
     return {"comparison": cmp, "comparison_uncorrected": cmp_raw, "drift": drift,
+            "comparison_alone_drift": cmp_alone,
             "step_check": steps, "step_time_corrected": corrected, "notes": notes,
             "neighbours_busy_share": u if prof.busy is not None else None,
             "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
@@ -500,7 +618,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise ValueError("validate needs --profile FILE: a fitted profile written by `twinfer profile`")
     w = load_workload(args)
     out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
-                       drift_check=args.drift_check)
+                       drift_check=args.drift_check, busy_drift_check=args.busy_drift_check)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
@@ -526,6 +644,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
         p50 = ", ".join(f"{lab} {_fmt_rel(u['metrics'].get(m, {}).get('rel_error'))}"
                         for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50")))
         _console().print(f"without the drift correction: median |error| {u['median_abs_rel_error']:.1%}; {p50}")
+        cb = dr["colocated"]
+        if cb["enabled"]:
+            _console().print(f"co-located drift check: beside {cb['before']['neighbours']} busy neighbour(s) the "
+                             f"reference shapes ran {cb['before']['factor']:.3f} x the profile's busy medians before "
+                             f"and {cb['after']['factor']:.3f} x after; contention factors scaled by "
+                             f"{cb['contention_scale']:.3f} (busy {cb['factor']:.3f} / alone {dr['factor']:.3f})")
+            a = out["comparison_alone_drift"]
+            p50 = ", ".join(f"{lab} {_fmt_rel(a['metrics'].get(m, {}).get('rel_error'))}"
+                            for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"),
+                                           ("e2e.p50", "E2E p50")))
+            _console().print(f"with the alone drift check only: median |error| {a['median_abs_rel_error']:.1%}; "
+                             f"{p50}")
     for k, sc in enumerate(out["step_check"]):
         if sc.get("steps"):
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "

@@ -122,6 +122,14 @@ class ContentionCost:
     def with_base(self, base: Any) -> "ContentionCost":
         return ContentionCost(base, self.table, self.group, self.name)
 
+    def with_busy_scale(self, s: float) -> "ContentionCost":
+        """Every busy neighbour class's factors times `s` (idle stays 1): the co-located drift correction
+        (sim.calibrate.drift_corrected)."""
+        if not (math.isfinite(float(s)) and float(s) > 0):
+            raise ValueError(f"busy scale={s!r} is out of range; allowed: finite, > 0")
+        table = {c: {k: (v if c == "idle" else v * float(s)) for k, v in row.items()} for c, row in self.table.items()}
+        return ContentionCost(self.base, table, self.group, self.name)
+
     def with_overhead(self, step_overhead_s: float) -> "ContentionCost":
         return self.with_base(self.base.with_overhead(step_overhead_s))
 
@@ -220,6 +228,13 @@ def neighbour_groups(points: Sequence[Any]) -> dict[str, list[int]]:
 
 
 CONDITIONS = ("idle", "decode_small", "decode", "prefill", "grid")
+
+
+def condition_key(c: str) -> str:
+    """The profile grid column with a shape's median beside a neighbour running condition c's shapes."""
+    if c not in CONDITIONS or c in ("idle", "grid"):
+        raise ValueError(f"no per-shape column for condition {c!r}; valid: decode_small, decode, prefill")
+    return f"median_beside_{c}_s"
 
 
 def measure_interleaved(measure_once: Callable[[Sequence[Any], int], list[float]], points: Sequence[Any],

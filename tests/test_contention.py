@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -179,3 +180,12 @@ def test_profile_concurrent_measures_every_condition_on_the_tiny_model(tmp_path,
     assert isinstance(m, ContentionCost) and m.base.coefficients() == prof.cost.coefficients()
     f = StepFeatures(100, 4, 5050.0, 400, 5)
     assert all(m.for_replica(0, [None, SimpleNamespace(current=g)]).step_time(f) > 0 for g in (None, DEC1, DEC4, PRE))
+    # the co-located drift check re-times the reference shapes beside the same kind of neighbour, against
+    # the busy medians this profile stored
+    from sim.calibrate_cli import colocated_drift, drift_probe_runner
+
+    assert all(g["median_beside_decode_s"] > 0 and g["median_beside_prefill_s"] > 0 for g in prof.grid)
+    d = colocated_drift(prof, drift_probe_runner(prof))
+    assert d["neighbours"] == 1 and d["condition"] == "decode" and d["stored"] == "median_beside_decode_s"
+    assert math.isfinite(d["factor"]) and d["factor"] > 0 and len(d["attempts"]) >= 2
+    assert all(s["stored_s"] == prof.grid[s["row"]]["median_beside_decode_s"] for s in d["shapes"])

@@ -163,6 +163,45 @@ def test_repeats_follow_the_time_budget(clock):
     assert d["repeats"] == 5
 
 
+def busy_profile(busy_scale: float = 1.3) -> Profile:
+    """synthetic_profile measured again beside one neighbour: busy medians `busy_scale` x the alone ones,
+    and a contention section."""
+    pts = default_grid(max_context=1024, seed=SEED, max_kv_tokens=65536)
+    meas = [Measurement(p, [TRUE.step_time(p.features())]) for p in pts]
+    busy = [Measurement(p, [busy_scale * TRUE.step_time(p.features())]) for p in pts]
+    contention = {"conditions": {c: {"factor": {k: busy_scale for k in ("decode", "prefill", "mixed")}}
+                                 for c in ("decode_small", "decode", "prefill")}}
+    prof, _ = profile_from_measurements(meas, 65536, holdout=0.25, seed=SEED, name="synthetic-busy",
+                                        model={"name": "tiny"}, kv={"num_blocks": 4096, "block_size": 16},
+                                        measure={"quick": False, "threads": 1, "concurrent": 2}, busy_meas=busy,
+                                        neighbours=1, contention=contention)
+    return prof
+
+
+def test_busy_factor_is_now_over_the_busy_medians(clock):
+    prof = busy_profile(1.3)
+    refs = drift_reference_shapes(prof)
+    assert all(prof.grid[i]["busy_median_s"] == pytest.approx(1.3 * prof.grid[i]["median_s"]) for _, i, _ in refs)
+    # the machine now runs the shapes 1.56 x their alone medians with the neighbour busy: 1.2 x the busy ones
+    d = measure_drift(fake_runner(prof, clock, 1.56), prof, repeats=2, warmup=1, stored="busy_median_s")
+    assert d["stored"] == "busy_median_s" and d["factor"] == pytest.approx(1.2, rel=1e-9)
+    assert measure_drift(fake_runner(prof, clock, 1.56), prof, repeats=2, warmup=1)["factor"] == pytest.approx(1.56)
+    with pytest.raises(ValueError, match=r"busy_median_s=None.*--concurrent"):
+        measure_drift(fake_runner(synthetic_profile(), clock, 1.0), synthetic_profile(), stored="busy_median_s")
+
+
+def test_busy_check_runs_beside_decode_batches_when_the_profile_kept_their_medians():
+    from sim.calibrate_cli import busy_check_reference
+
+    prof = busy_profile(1.3)
+    assert busy_check_reference(prof) == ("grid", "busy_median_s")  # an older profile: random grid shapes
+    for g in prof.grid:
+        g["median_beside_decode_s"] = 1.2 * g["median_s"]
+    assert busy_check_reference(prof) == ("decode", "median_beside_decode_s")
+    with pytest.raises(ValueError, match="no busy-neighbour measurement"):
+        busy_check_reference(synthetic_profile())
+
+
 # ---- the correction --------------------------------------------------------------------------------------
 
 def test_drift_corrected_scales_the_forward_time_not_the_loop_gap():
@@ -191,27 +230,53 @@ def test_drift_corrected_keeps_the_contention_factors_on_top():
     assert cc.base.step_time(dec4) == pytest.approx(0.019)  # the original is untouched
 
 
+def test_busy_factor_corrects_the_contention_factors_by_busy_over_alone():
+    base = FittedCost([0.010, 0.001, 0.002, 0, 0, 0, 0], 100_000, name="alone", step_overhead_s=0.001)
+    cc = ContentionCost(base, {"prefill": {"decode": 1.5}, "decode": {"decode": 1.1, "prefill": 1.2}})
+    dec4, pre = StepFeatures(0, 4, 0.0, 400, 4), StepFeatures(100, 0, 5050.0, 0, 1)
+    got = drift_corrected(cc, 0.9, busy_factor=1.08)  # alone: 10 % faster; beside a busy neighbour 8 % slower
+    r = got.for_replica(0, [None, SimpleNamespace(current=None)])
+    assert r.step_time(dec4) == pytest.approx(0.018 * 0.9 + 0.001)  # neighbour idle: the alone correction
+    r = got.for_replica(0, [None, SimpleNamespace(current=pre)])
+    # neighbour prefilling: the profiled slowdown 1.5, the forward time at the busy drift 1.08
+    assert r.step_time(dec4) == pytest.approx((0.018 * 0.9 + 0.001) * 1.5 * (1.08 / 0.9))
+    assert got.table["idle"] == cc.table["idle"] == {"decode": 1.0, "prefill": 1.0, "mixed": 1.0}
+    assert got.table["decode"]["prefill"] == pytest.approx(1.2 * 1.2)
+    assert got.table["decode_small"]["decode"] == pytest.approx(1.2)  # unmeasured (1) scaled as well
+    assert cc.table["prefill"]["decode"] == 1.5  # the original is untouched
+    assert drift_corrected(cc, 1.1, busy_factor=1.1).table == cc.table
+    with pytest.raises(TypeError, match="co-located"):
+        drift_corrected(base, 1.0, busy_factor=1.1)
+    for bad in (0.0, -1.0, math.nan, "x"):
+        with pytest.raises(ValueError, match="co-located drift factor"):
+            drift_corrected(cc, 1.0, busy_factor=bad)
+
+
 # ---- validate brackets the real runs ---------------------------------------------------------------------
 
-def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float):
-    """run_validate with a stand-in executor (the simulator with step times `truth_factor` x the profile's)
-    and a stand-in drift check (1.1 before, 1.3 after); returns (run, events)."""
+def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, replicas: int = 1,
+                    truth: object = None, busy: tuple[float, ...] = ()):
+    """run_validate with a stand-in executor (the simulator with step times `truth_factor` x the profile's,
+    or the cost model `truth`) and a stand-in drift check (1.1 before, 1.3 after; `busy`: the co-located
+    check's factors in order); returns (run, events)."""
     pytest.importorskip("torch")
     import sim.calibrate
     import sim.calibrate_cli
     from sim.cluster import simulate
 
     events: list[str] = []
-    truth = drift_corrected(prof.cost, truth_factor)
+    truth = truth if truth is not None else drift_corrected(prof.cost, truth_factor)
 
     def run_workload(w, cfg, **kw):
         events.append("run")
         return simulate(w, cfg, cost=truth)
 
     def read_steps(path):
-        return {"duration": np.array([0.02]), "decode_context": np.array([100]), "prefill_tokens": np.array([0]),
-                "decode_seqs": np.array([1]), "attention_pairs": np.array([100]), "sampled": np.array([1]),
-                "decode_groups": np.array([1]), "decode_padded_context": np.array([112])}
+        return {"start": np.array([0.0, 0.01]), "duration": np.array([0.02, 0.02]), "replica": np.array([0, 1]),
+                "decode_context": np.array([100, 100]), "prefill_tokens": np.array([0, 0]),
+                "decode_seqs": np.array([1, 1]), "attention_pairs": np.array([100, 100]),
+                "sampled": np.array([1, 1]), "decode_groups": np.array([1, 1]),
+                "decode_padded_context": np.array([112, 112])}
 
     factors = iter([1.1, 1.1, 1.3, 1.3])  # each check settles on its second measurement (sim.calibrate.settled_drift)
 
@@ -224,16 +289,24 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float):
     monkeypatch.setitem(sys.modules, "executor.replay", fake)
     monkeypatch.setattr(sim.calibrate, "measure_drift", fake_measure)
     monkeypatch.setattr(sim.calibrate_cli, "drift_probe_runner", lambda *a, **k: events.append("build") or object())
+    busy_it = iter(busy)
+
+    def fake_colocated(p, runner, device=None):
+        events.append("busy")
+        return {"factor": next(busy_it), "shapes": [], "neighbours": p.neighbours, "attempts": []}
+
+    monkeypatch.setattr(sim.calibrate_cli, "colocated_drift", fake_colocated)
     path = save_profile_file(prof, tmp_path / "p.toml")
 
-    def run(drift_check: bool):
+    def run(drift_check: bool, busy_drift_check: bool = True):
         from policies.scheduler import SchedulerConfig
         from sim.config import SimConfig
         from traces.workload import Request, Workload
 
-        w = Workload.from_requests([Request(i, 0.3 * i, 40 + 20 * (i % 3), 12) for i in range(12)], name="w")
-        cfg = SimConfig(replicas=1, profile=str(path), scheduler=SchedulerConfig(prefix_caching=False))
-        return sim.calibrate_cli.run_validate(w, cfg, str(path), "tiny", "cpu", 1, 60.0, drift_check=drift_check)
+        w = Workload.from_requests([Request(i, 0.04 * i, 40 + 20 * (i % 3), 12) for i in range(24)], name="w")
+        cfg = SimConfig(replicas=replicas, profile=str(path), scheduler=SchedulerConfig(prefix_caching=False))
+        return sim.calibrate_cli.run_validate(w, cfg, str(path), "tiny", "cpu", 1, 60.0, drift_check=drift_check,
+                                              busy_drift_check=busy_drift_check)
 
     return run, events
 
@@ -251,6 +324,37 @@ def test_validate_scales_the_simulator_by_the_bracketing_factor(tmp_path, monkey
         assert out["comparison_uncorrected"]["metrics"][m]["rel_error"] < -0.05
     assert out["sim_uncorrected"]["e2e"]["p50"] < out["sim"]["e2e"]["p50"]
     assert any("1.10 x their profiled time before the real run(s) and 1.30 x after" in n for n in out["notes"])
+
+
+def test_validate_corrects_co_located_replicas_by_the_busy_check(tmp_path, monkeypatch):
+    """Two co-located replicas: the stand-in executor's steps run at the alone drift (1.1 .. 1.3) beside an
+    idle neighbour and at the busy drift (1.4 .. 1.6 x the busy medians) beside a busy one. The co-located
+    check's prediction has no error left; the alone check alone predicts too fast."""
+    prof = busy_profile(1.3)
+    level, blevel = math.sqrt(1.1 * 1.3), math.sqrt(1.4 * 1.6)
+    truth = drift_corrected(prof.contention_cost(), level, blevel)
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, replicas=2, truth=truth, busy=(1.4, 1.6))
+    out = run(True)
+    assert events == ["build", "probe", "probe", "busy", "run", "probe", "probe", "busy"]
+    cb = out["drift"]["colocated"]
+    assert cb["enabled"] and cb["factor"] == pytest.approx(blevel)
+    assert cb["contention_scale"] == pytest.approx(blevel / level)
+    assert len(cb["steps_real_over_corrected"]) == 1
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
+        assert out["comparison"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    for m in ("tpot.p50", "e2e.p50"):
+        assert out["comparison_alone_drift"]["metrics"][m]["rel_error"] < -0.01
+        alone = out["comparison_alone_drift"]["metrics"][m]["rel_error"]
+        assert out["comparison_uncorrected"]["metrics"][m]["rel_error"] < alone
+    # turned off: the alone check only, and the comparison is its
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, replicas=2, truth=truth, busy=(1.4, 1.6))
+    out = run(True, busy_drift_check=False)
+    assert "busy" not in events and not out["drift"]["colocated"]["enabled"]
+    assert out["comparison"] is out["comparison_alone_drift"]
+    # a profile measured alone has no busy medians: skipped, with a note saying why
+    run, events = _validate_setup(tmp_path, monkeypatch, synthetic_profile(max_context=1024), 1.0, replicas=2)
+    out = run(True)
+    assert "busy" not in events and out["drift"]["colocated"]["skipped"]
 
 
 def test_validate_without_the_drift_check(tmp_path, monkeypatch):
