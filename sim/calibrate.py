@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import nnls
 
 from executor.grouping import decode_grouping
 from sim.cost import DecodeRun, StepFeatures
@@ -184,6 +183,8 @@ def _wnnls(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     c = np.zeros(X.shape[1])
     if not live.any():
         return c
+    from scipy.optimize import nnls  # fitting only: loading a profile needs no scipy
+
     sol, _ = nnls(A[:, live] / scale[live], y * w, maxiter=50 * X.shape[1])
     c[live] = sol / scale[live]
     return c
@@ -1142,14 +1143,25 @@ def measure_drift(runner: Any, profile: Profile, repeats: int | None = None, war
             "stored": stored}
 
 
-def settled_drift(runner: Any, profile: Profile, tries: int = 3, tol: float = 0.05, **kw: Any) -> dict[str, Any]:
+def settled_drift(runner: Any, profile: Profile, tries: int = 3, tol: float = 0.05, warmup_s: float = 0.0,
+                  **kw: Any) -> dict[str, Any]:
     """`measure_drift` until two checks in a row agree within `tol` (at most `tries` checks): a burst of other
     load during one check (measured: a fresh validate's first check at 1.37 x, the next ones at 1.02-1.04 x)
     then does not set the correction. The result is the last check's, with "factor" the geometric mean of the
     agreeing pair, or the median of all `tries` checks when no two in a row agree; "attempts" lists every
-    check's factor."""
-    if tries < 1 or not tol >= 0:
-        raise ValueError(f"drift check: tries={tries} must be >= 1 and tol={tol} >= 0")
+    check's factor.
+
+    warmup_s: checks are made and thrown away ("warmup_attempts") until this long after the call, before
+    the `tries` count. Beside a neighbour that has just started, this VM's shapes ran 1.7 x their settled
+    time for about 5 s (1.71, 1.69, 1.28, then 1.04 .. 0.98), two slow checks in a row that would
+    otherwise agree."""
+    if tries < 1 or not tol >= 0 or not warmup_s >= 0:
+        raise ValueError(f"drift check: tries={tries} must be >= 1, tol={tol} >= 0 and warmup_s={warmup_s} >= 0")
+    warm: list[float] = []
+    if warmup_s > 0:
+        t_end = time.perf_counter() + warmup_s
+        while time.perf_counter() < t_end:
+            warm.append(float(measure_drift(runner, profile, **kw)["factor"]))
     attempts: list[float] = []
     d: dict[str, Any] = {}
     agreed = False
@@ -1161,6 +1173,7 @@ def settled_drift(runner: Any, profile: Profile, tries: int = 3, tol: float = 0.
             break
     out = dict(d)
     out["attempts"] = attempts
+    out["warmup_attempts"] = warm
     out["factor"] = (math.sqrt(attempts[-1] * attempts[-2]) if agreed else float(np.median(attempts)))
     out["settled"] = agreed or tries == 1
     return out
@@ -1183,10 +1196,51 @@ def _rel(sim: float, real: float, floor: float) -> float | None:
     return (sim - real) / real
 
 
-def compare(sim_summary: Mapping[str, Any], real_summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+SAMPLING_LEVEL = 0.9  # the resampling band's confidence level
+
+
+def sampling_bands(records: Mapping[str, np.ndarray], level: float = SAMPLING_LEVEL, n_resamples: int = 2000,
+                   seed: int = 0) -> dict[str, tuple[float, float]]:
+    """How much each compared latency percentile of one real run owes to which requests happened to be in
+    it: the `level` bootstrap interval of the percentile over resamples of the run's requests
+    (scipy.stats.bootstrap, percentile method, seeded). With a few dozen requests, a p50 that falls
+    between two clusters of latencies (short and long prompts) moves by tens of percent when two requests
+    swap sides; a simulator figure inside this band differs from the measurement by no more than the
+    measurement's own sampling error. Metric key ("ttft.p50") -> (low, high); metrics with fewer than
+    two finite samples are left out."""
+    from scipy.stats import bootstrap
+
+    from traces.report import request_metrics
+
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} is out of range; allowed: 0 < level < 1")
+    per = request_metrics(records)
+    out: dict[str, tuple[float, float]] = {}
+    for name, _ in COMPARED:
+        x = np.asarray(per[name], dtype=np.float64)
+        x = x[np.isfinite(x)]
+        if len(x) < 2:
+            continue
+        for q in COMPARED_QUANTILES:
+            qv = float(q[1:])
+            if np.ptp(x) == 0:
+                out[f"{name}.{q}"] = (float(x[0]), float(x[0]))
+                continue
+            res = bootstrap((x,), lambda a, axis: np.percentile(a, qv, axis=axis), confidence_level=level,
+                            n_resamples=n_resamples, method="percentile", vectorized=True,
+                            rng=np.random.default_rng(seed))
+            ci = res.confidence_interval
+            out[f"{name}.{q}"] = (float(ci.low), float(ci.high))
+    return out
+
+
+def compare(sim_summary: Mapping[str, Any], real_summaries: Sequence[Mapping[str, Any]],
+            bands: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Side by side: every compared figure of the simulator's summary against the executor's runs
     (traces.report.summarize dicts). The reference is the median over real runs; with two or more runs
     their min..max is the machine's own noise, and a simulator figure inside it is marked `in_noise`.
+    `bands` (`sampling_bands` of a real run): a simulator figure inside its metric's band is marked
+    `in_sampling_band` (the measurement's own sampling error; None where there is no band).
 
     rel_error = (sim - real) / real, signed (positive: the simulator predicts more). None where
     undefined: a figure missing on either side, or a real latency of ~0 with a simulated one that is not.
@@ -1205,10 +1259,14 @@ def compare(sim_summary: Mapping[str, Any], real_summaries: Sequence[Mapping[str
         noise = None
         if len(finite) >= 2 and math.isfinite(sim):
             noise = bool(lo - floor <= sim <= hi + floor)
+        band = (bands or {}).get(key)
         rows[key] = {"label": label, "sim": float(sim), "real": ref, "real_runs": [float(x) for x in r],
                      "real_min": lo, "real_max": hi,
                      "real_spread_rel": (hi - lo) / ref if len(finite) >= 2 and abs(ref) >= floor else None,
-                     "rel_error": rel, "abs_error": float(sim) - ref, "in_noise": noise}
+                     "rel_error": rel, "abs_error": float(sim) - ref, "in_noise": noise,
+                     "sampling_band": list(band) if band else None,
+                     "in_sampling_band": (bool(band[0] - floor <= sim <= band[1] + floor)
+                                          if band and math.isfinite(sim) else None)}
 
     for m, label in COMPARED:
         for q in COMPARED_QUANTILES:
@@ -1227,6 +1285,8 @@ def compare(sim_summary: Mapping[str, Any], real_summaries: Sequence[Mapping[str
         "median_abs_rel_error": float(np.median(list(lat.values()))) if lat else math.nan,
         "worst": {"metric": worst, "abs_rel_error": errs[worst]} if worst else None,
         "in_noise": sum(1 for v in rows.values() if v["in_noise"]),
+        "in_sampling_band": sum(1 for v in rows.values() if v["in_sampling_band"]),
+        "sampling_level": SAMPLING_LEVEL if bands else None,
         "counts": counts,
     }
 
@@ -1242,6 +1302,9 @@ def render_comparison(cmp: Mapping[str, Any], title: str = "twinfer validate: si
     t.add_column("real" if n == 1 else f"real (median of {n})", justify="right")
     if n > 1:
         t.add_column("real min..max", justify="right")
+    banded = any(r.get("sampling_band") for r in cmp["metrics"].values())
+    if banded:
+        t.add_column(f"real {cmp.get('sampling_level') or SAMPLING_LEVEL:.0%} resampling band", justify="right")
     t.add_column("error", justify="right")
     t.add_column("")
     for key, r in cmp["metrics"].items():
@@ -1252,7 +1315,11 @@ def render_comparison(cmp: Mapping[str, Any], title: str = "twinfer validate: si
         cells = [r["label"], fmt(r["sim"]), fmt(r["real"])]
         if n > 1:
             cells.append(f"{fmt(r['real_min'])}..{fmt(r['real_max'])}")
-        note = "within noise" if r["in_noise"] else ""
+        if banded:
+            b = r.get("sampling_band")
+            cells.append(f"{fmt(b[0])}..{fmt(b[1])}" if b else "")
+        note = ", ".join(n for n, on in (("within noise", r["in_noise"]),
+                                         ("inside sampling band", r.get("in_sampling_band"))) if on)
         t.add_row(*cells, err, note)
     return t
 

@@ -381,6 +381,44 @@ def test_compare_undefined_errors_are_none():
         compare(sim, [])
 
 
+def _records(ttft: np.ndarray, out_tokens: int = 11, tpot: float = 0.05) -> dict[str, np.ndarray]:
+    n = len(ttft)
+    arrival = np.arange(n, dtype=np.float64)
+    return {"arrival": arrival, "admitted": arrival, "first_token": arrival + ttft,
+            "finish": arrival + ttft + (out_tokens - 1) * tpot,
+            "generated_tokens": np.full(n, out_tokens), "status": np.array(["ok"] * n, dtype=object)}
+
+
+def test_sampling_bands_show_how_fragile_a_percentile_of_few_requests_is():
+    from sim.calibrate import sampling_bands
+
+    # 25 short prompts (~0.15 s TTFT) and 23 long ones (~0.40 s): the p50 sits on the gap between them
+    rng = np.random.default_rng(1)
+    ttft = np.concatenate([0.15 + 0.005 * rng.random(25), 0.40 + 0.01 * rng.random(23)])
+    b = sampling_bands(_records(ttft))
+    lo, hi = b["ttft.p50"]
+    assert lo < 0.16 and hi > 0.39  # resampling a few requests moves the p50 across the whole gap
+    assert b == sampling_bands(_records(ttft))  # seeded
+    # one cluster: a narrow band around the p50
+    lo, hi = sampling_bands(_records(0.15 + 0.005 * rng.random(48)))["ttft.p50"]
+    assert 0.15 <= lo < hi <= 0.155
+    # every request's TPOT equal: a zero-width band, not an error
+    assert sampling_bands(_records(ttft))["tpot.p99"] == (pytest.approx(0.05), pytest.approx(0.05))
+    assert set(b) == {f"{a}.{q}" for a in ("ttft", "tpot", "e2e", "queueing") for q in ("p50", "p90", "p99")}
+    with pytest.raises(ValueError, match="level"):
+        sampling_bands(_records(ttft), level=1.0)
+
+
+def test_compare_marks_figures_inside_the_sampling_band():
+    bands = {"ttft.p50": (0.15, 0.25), "e2e.p50": (2.9, 3.1)}
+    m = compare(summary(1.1), [summary(1.0)], bands)["metrics"]
+    assert m["ttft.p50"]["in_sampling_band"] is True and m["ttft.p50"]["sampling_band"] == [0.15, 0.25]
+    assert m["e2e.p50"]["in_sampling_band"] is False  # sim 3.3 s
+    assert m["tpot.p50"]["in_sampling_band"] is None and m["tpot.p50"]["sampling_band"] is None
+    c = compare(summary(1.1), [summary(1.0)])
+    assert c["in_sampling_band"] == 0 and c["metrics"]["ttft.p50"]["in_sampling_band"] is None
+
+
 def test_render_comparison_runs():
     from rich.console import Console
 
@@ -390,6 +428,10 @@ def test_render_comparison_runs():
     con.print(render_comparison(compare(summary(1.1), [summary(1.0), summary(1.2), summary(1.0)])))
     text = con.export_text()
     assert "TTFT p99" in text and "+10.0%" in text and "within noise" in text
+    con = Console(record=True, width=160)
+    con.print(render_comparison(compare(summary(1.1), [summary(1.0)], {"ttft.p50": (0.15, 0.25)})))
+    text = con.export_text()
+    assert "90% resampling band" in text and "150.0 ms..250.0 ms" in text and "inside sampling band" in text
 
 
 # ---- the commands ---------------------------------------------------------------------------------

@@ -418,3 +418,26 @@ def test_a_burst_of_load_during_one_check_does_not_set_the_correction(monkeypatc
     assert d["factor"] == pytest.approx(1.2) and not d["settled"]
     with pytest.raises(ValueError, match="tries"):
         sim.calibrate.settled_drift(object(), None, tries=0)
+
+
+def test_a_warm_up_throws_away_the_slow_start_beside_a_new_neighbour(monkeypatch):
+    """warmup_s: the slow checks right after a neighbour starts (which agree with each other) are made and
+    dropped; the checks after them set the factor."""
+    import sim.calibrate
+
+    clock = FakeClock()
+    monkeypatch.setattr(sim.calibrate, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    it = iter([1.71, 1.69, 1.28, 1.04, 1.02, 1.015, 0.9])
+
+    def fake_measure(runner, prof, **kw):
+        clock.t += 1.5  # one check
+        return {"factor": next(it), "shapes": [], "seconds": 1.5}
+
+    monkeypatch.setattr(sim.calibrate, "measure_drift", fake_measure)
+    d = sim.calibrate.settled_drift(object(), None, warmup_s=5.0)
+    assert d["warmup_attempts"] == [1.71, 1.69, 1.28, 1.04] and d["attempts"] == [1.02, 1.015]
+    assert d["factor"] == pytest.approx(math.sqrt(1.02 * 1.015)) and d["settled"]
+    it = iter([1.71, 1.69, 1.28])
+    assert sim.calibrate.settled_drift(object(), None)["factor"] == pytest.approx(math.sqrt(1.71 * 1.69))  # fooled
+    with pytest.raises(ValueError, match="warmup_s"):
+        sim.calibrate.settled_drift(object(), None, warmup_s=-1.0)
