@@ -11,9 +11,10 @@
    in this process, and scales the simulator's step times by the geometric mean of now / profiled: the
    machine's speed at the time of the cell (this CPU's drifts by 10 % and more between cells), measured
    without looking at the cell's own steps. The uncorrected prediction is kept next to it.
-   With the co-located drift check (default with the drift check; `--no-busy-drift-check` turns it off),
-   the same shapes are timed again beside a neighbour process running the profile's grid shapes, against
-   the profile's busy medians, and the contention factors are scaled by busy / alone: on a VM, how much
+   With the co-located drift check (`--busy-drift-check`, off by default),
+   the same shapes are timed again beside a neighbour process running the profile's decode batches (after
+   a 6 s warm-up), against the profile's medians beside the same, and the contention factors are scaled
+   by busy / alone: on a VM, how much
    two busy cores slow each other moves by itself (measured: the same plans 20-35 % slower on one day
    while the alone check read 0.87-1.12). The alone-only correction is kept next to it.
 3. Print the error table (the drift-corrected prediction when the check is on) with the median and worst
@@ -203,10 +204,11 @@ def main() -> int:
                     help="per cell, time the profile's reference shapes right before and after the replay and "
                          "scale the simulator's step times by the machine's current speed (default: on; the "
                          "uncorrected errors are reported too)")
-    ap.add_argument("--busy-drift-check", action=argparse.BooleanOptionalAction, default=True,
-                    help="with the drift check: also re-time the reference shapes beside a busy neighbour, against "
-                         "the profile's busy medians, and correct the contention factors by busy / alone "
-                         "(default: on; the alone-only correction is reported too)")
+    ap.add_argument("--busy-drift-check", action=argparse.BooleanOptionalAction, default=False,
+                    help="with the drift check: also re-time the reference shapes beside a neighbour running decode "
+                         "batches, against the profile's medians beside the same, and correct the contention "
+                         "factors by busy / alone (default: off; with it, the alone-only correction is reported "
+                         "too)")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
