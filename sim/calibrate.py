@@ -1207,7 +1207,8 @@ def sampling_bands(records: Mapping[str, np.ndarray], level: float = SAMPLING_LE
     between two clusters of latencies (short and long prompts) moves by tens of percent when two requests
     swap sides; a simulator figure inside this band differs from the measurement by no more than the
     measurement's own sampling error. Metric key ("ttft.p50") -> (low, high); metrics with fewer than
-    two finite samples are left out."""
+    two finite samples are left out. A p99 of a few dozen requests is about their largest, and no resample
+    exceeds that, so its band reaches up to the real figure only: read the bands of p50 and p90 first."""
     from scipy.stats import bootstrap
 
     from traces.report import request_metrics
