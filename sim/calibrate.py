@@ -1115,9 +1115,10 @@ def measure_drift(runner: Any, profile: Profile, repeats: int | None = None, war
     mean, so one shape caught by a burst of other load does not move the factor. `repeats` None: as many
     rounds as fit `budget_s` by the stored medians (2 to 5). Never looks at any workload's steps.
 
-    stored: the grid column the times compare with: "median_s" (measured alone; run the check alone) or
-    "busy_median_s" (measured beside co-located neighbours running random grid shapes, `twinfer profile
-    --concurrent N`; run the check beside the same, `colocated_drift`)."""
+    stored: the grid column the times compare with: "median_s" (measured alone; run the check alone) or a
+    median measured beside co-located neighbours (`twinfer profile --concurrent N`: "busy_median_s" beside
+    random grid shapes, "median_beside_decode_s" beside decode batches, ...; run the check beside the same
+    neighbours, sim.calibrate_cli.colocated_drift)."""
     refs = drift_reference_shapes(profile)
     ref_s: list[float] = []
     for _, i, p in refs:
@@ -1125,7 +1126,7 @@ def measure_drift(runner: Any, profile: Profile, repeats: int | None = None, war
         if not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise ValueError(f"drift check: grid row {i} ({p.label()}) has {stored}={v!r}; need a positive number"
                              + (" (busy medians are measured by `twinfer profile --concurrent N`, N >= 2)"
-                                if stored == "busy_median_s" else ""))
+                                if stored != "median_s" else ""))
         ref_s.append(float(v))
     if repeats is None:
         repeats = int(max(2, min(5, budget_s // max(sum(ref_s), 1e-9) - warmup)))
@@ -1222,9 +1223,10 @@ def sampling_bands(records: Mapping[str, np.ndarray], level: float = SAMPLING_LE
         x = x[np.isfinite(x)]
         if len(x) < 2:
             continue
+        flat = np.ptp(x) == 0  # every request the same: a zero-width band (the bootstrap has no spread to find)
         for q in COMPARED_QUANTILES:
             qv = float(q[1:])
-            if np.ptp(x) == 0:
+            if flat:
                 out[f"{name}.{q}"] = (float(x[0]), float(x[0]))
                 continue
             res = bootstrap((x,), lambda a, axis: np.percentile(a, qv, axis=axis), confidence_level=level,
@@ -1395,7 +1397,7 @@ def drift_corrected(cost: Any, factor: float, busy_factor: float | None = None) 
     scaled and the contention factors apply on top.
 
     busy_factor (co-located models only): the co-located drift check's factor (the reference shapes beside
-    busy neighbours, now over the profile's busy medians; `measure_drift(stored="busy_median_s")`). Every
+    busy neighbours, now over the profile's medians beside the same; sim.calibrate_cli.colocated_drift). Every
     busy neighbour's contention factor is then multiplied by busy_factor / factor, so a step beside a busy
     neighbour is base x F x busy_factor, a step beside idle ones base x factor: a machine whose replicas
     slow each other more (or less) than when profiled, as a VM's shared cores can, is corrected where it

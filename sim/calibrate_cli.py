@@ -289,11 +289,8 @@ def colocated_drift(prof, probe, device: str | None = None) -> dict[str, Any]:
     from sim.calibrate import BusyNeighbours, grid_blocks_needed, grid_row_points, settled_drift
     from sim.contention import neighbour_groups
 
-    n = int(prof.neighbours or 0)
-    if n < 1:
-        raise ValueError("co-located drift check: the profile has no busy-neighbour measurement (profile with "
-                         "`twinfer profile --concurrent N`, N >= 2)")
-    cond, key = busy_check_reference(prof)
+    cond, key = busy_check_reference(prof)  # raises for a profile without a busy-neighbour measurement
+    n = int(prof.neighbours)
     points = [p for _, p in sorted(grid_row_points(prof).items())]
     group = neighbour_groups(points)[cond]
     if not group:
