@@ -180,6 +180,204 @@ def fmt_err(e: float | None) -> str:
     return "n/a" if e is None or not math.isfinite(e) else f"{e:+.1%}"
 
 
+def fmt_num(v: float, spec: str) -> str:
+    """A diagnostic figure, or "-" where there is none (a rescored run without its step logs)."""
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def aggregate(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
+    """Median and worst |error| per metric over the cells (`key`: errors, errors_uncorrected, ...)."""
+    out = {}
+    for m, _ in METRICS:
+        e = np.array([abs(r[key][m]) for r in rows if r[key][m] is not None])
+        out[m] = {"median": float(np.median(e)) if len(e) else math.nan,
+                  "worst": float(e.max()) if len(e) else math.nan}
+    return out
+
+
+def settings_of(args: argparse.Namespace, n_req: int) -> dict:
+    """What rebuilds the cells' workloads (--rescore reads it back)."""
+    return {"requests": n_req, "offset": args.offset, "length_scale": args.length_scale, "replicas": args.replicas,
+            "num_blocks": args.num_blocks, "model": args.model}
+
+
+def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: list[dict], **extra) -> None:
+    (out_dir / "fidelity.json").write_text(json.dumps(
+        {"profile": prof_path, "drift_check": args.drift_check, "settings": settings_of(args, args.n_req), **extra,
+         "cells": rows, "aggregate": aggregate(rows, "errors"),
+         "aggregate_uncorrected": aggregate(rows, "errors_uncorrected"),
+         "aggregate_alone_drift": aggregate(rows, "errors_alone_drift")}, indent=2) + "\n")
+
+
+def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> None:
+    from rich.table import Table
+
+    drift_on = any(r["drift"] for r in rows)
+    t = Table(title=f"sim vs executor: relative error (sim - real) / real, {len(rows)} cells, {replicas} "
+                    f"replicas, {n_req} requests per cell"
+                    + ("; sim drift-corrected (drift: the reference shapes' now / profiled, before/after the replay)"
+                       if drift_on else ""), title_justify="left")
+    for col in ("trace", "scheduler", "router", "load", "req/s"):
+        t.add_column(col)
+    for _, lab in METRICS:
+        t.add_column(lab, justify="right")
+    if drift_on:
+        t.add_column("drift", justify="right")
+    t.add_column("steps real/pred", justify="right")
+    t.add_column("|err| at real pace", justify="right")
+    t.add_column("niced load", justify="right")
+
+    def drift_cell(r) -> list[str]:
+        if not drift_on:
+            return []
+        return [f"{r['drift']['before']:.2f}/{r['drift']['after']:.2f}" if r["drift"] else "-"]
+
+    for r in rows:
+        t.add_row(r["trace"], r["scheduler"], r["router"], r["load"], f"{r['rate']:.2f}",
+                  *(fmt_err(r["errors"][m]) for m, _ in METRICS), *drift_cell(r), fmt_num(r['step_busy_ratio'], ".2f"),
+                  fmt_num(r['corrected_median_abs_rel_error'], ".1%"), f"{r['niced_load_during']:.0%}")
+
+    agg, agg_raw, agg_alone = (aggregate(rows, "errors"), aggregate(rows, "errors_uncorrected"),
+                               aggregate(rows, "errors_alone_drift"))
+    busy_on = any(r["drift"] and r["drift"]["colocated"] for r in rows)
+    factors = [r["drift"]["factor"] for r in rows if r["drift"]]
+    t.add_section()
+    t.add_row("median |error|", "", "", "", "", *(f"{agg[m]['median']:.1%}" for m, _ in METRICS),
+              *([f"x{np.median(factors):.2f}"] if drift_on else []),
+              fmt_num(np.median([r['step_busy_ratio'] for r in rows]), ".2f"),
+              fmt_num(np.median([r['corrected_median_abs_rel_error'] for r in rows]), ".1%"),
+              f"{np.median([r['niced_load_during'] for r in rows]):.0%}")
+    t.add_row("worst |error|", "", "", "", "", *(f"{agg[m]['worst']:.1%}" for m, _ in METRICS),
+              *([f"{min(factors):.2f}..{max(factors):.2f}"] if drift_on else []),
+              fmt_num(max(r['step_busy_ratio'] for r in rows), ".2f"),
+              fmt_num(max(r['corrected_median_abs_rel_error'] for r in rows), ".1%"),
+              f"{max(r['niced_load_during'] for r in rows):.0%}")
+    if busy_on:
+        t.add_row("median |error|, alone drift only", "", "", "", "",
+                  *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "")
+        t.add_row("worst |error|, alone drift only", "", "", "", "",
+                  *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "")
+    if drift_on:
+        t.add_row("median |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['median']:.1%}" for m, _ in METRICS),
+                  "", "", "", "")
+        t.add_row("worst |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['worst']:.1%}" for m, _ in METRICS),
+                  "", "", "", "")
+    con.print(t)
+
+    def targets(a: dict[str, dict[str, float]]) -> str:
+        p50_ok = all(a[m]["median"] <= 0.05 for m in ("ttft.p50", "tpot.p50", "e2e.p50"))
+        p99_ok = all(a[m]["median"] <= 0.10 for m in ("ttft.p99", "tpot.p99", "e2e.p99"))
+        return (f"median p50 error <= 5%: {'met' if p50_ok else 'MISSED'}; "
+                f"median p99 error <= 10%: {'met' if p99_ok else 'MISSED'}")
+
+    con.print(f"inside the real run's {SAMPLING_LEVEL:.0%} resampling band (the measurement's own sampling error "
+              "over its requests; marked * per cell above): "
+              + ", ".join(f"{lab} {sum(1 for r in rows if r['in_sampling_band'][m])}/{len(rows)}"
+                          for m, lab in METRICS if m != "throughput_rps"))
+    if drift_on:
+        con.print("drift correction, median |error| over cells (uncorrected -> corrected): "
+                  + ", ".join(f"{lab} {agg_raw[m]['median']:.1%} -> {agg[m]['median']:.1%}" for m, lab in METRICS))
+        if busy_on:
+            scales = [r["drift"]["colocated"]["contention_scale"] for r in rows if r["drift"] and r["drift"]["colocated"]]
+            con.print("co-located drift check: contention factors scaled by "
+                      f"{min(scales):.2f}..{max(scales):.2f} (median {np.median(scales):.2f}); median |error| "
+                      "alone drift only -> with it: "
+                      + ", ".join(f"{lab} {agg_alone[m]['median']:.1%} -> {agg[m]['median']:.1%}"
+                                  for m, lab in METRICS))
+            con.print(f"targets, alone drift only: {targets(agg_alone)}")
+        con.print(f"targets, drift-corrected: {targets(agg)}")
+        con.print(f"targets, uncorrected:     {targets(agg_raw)}")
+    else:
+        con.print(f"targets: {targets(agg)}")
+    con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def rescore(args: argparse.Namespace) -> int:
+    """The simulator side of a finished run again, with another profile, against the same real measurements:
+    each cell's workload is rebuilt from the run's settings (checked against its recorded request count and
+    rate), simulated with --profile's co-location model times the cell's recorded drift factor(s), and
+    compared with the cell's recorded real figures. Nothing runs on the executor, so a change to the cost
+    model is judged without the run-to-run noise of a new real run. The steps diagnostics are recomputed
+    from the run's kept step logs (steps/cellNN.0.csv) when there."""
+    from executor.model import preset
+    from executor.replay import read_steps
+    from rich.console import Console
+    from sim.calibrate import ZERO_S, _rel, drift_corrected, scaled, step_check
+    from sim.calibrate_cli import fit_to_model
+    from traces.report import summarize
+
+    src = Path(args.rescore)
+    path = src / "fidelity.json" if src.is_dir() else src
+    run = json.loads(path.read_text())
+    st = {**settings_of(args, args.requests or 48), **run.get("settings", {})}
+    prof = read_profile_file(args.profile)
+    mcfg = preset(st["model"])
+    if prof.model.get("name") != st["model"]:
+        raise ValueError(f"{args.profile}: profiled on model {prof.model.get('name')!r}; the run used {st['model']!r}")
+    ccost = prof.contention_cost() if st["replicas"] > 1 else None
+    base = ccost or prof.cost_at(1.0)
+    con = Console(width=140)
+    print(f"rescoring {len(run['cells'])} cells of {path} with {args.profile} (recorded: {run.get('profile')})",
+          flush=True)
+    slices: dict[str, Workload] = {}
+    rows = []
+    for k, cell in enumerate(run["cells"]):
+        tr = cell["trace"]
+        if tr not in slices:
+            slices[tr] = trace_slice(tr, st["requests"], st["offset"], mcfg.max_position, st["length_scale"])
+        w = at_rate(slices[tr], LOADS[cell["load"]] * cell["saturation_rate"])
+        cfg = cell_config(cell["scheduler"], cell["router"], st["replicas"], args.profile, st["num_blocks"])
+        w, _ = fit_to_model(w, mcfg.max_position)
+        if len(w) != cell["requests"] or not math.isclose((len(w) - 1) / w.span, cell["rate"], rel_tol=1e-9):
+            raise ValueError(f"{path}: cell {k + 1}: the rebuilt workload ({len(w)} requests at "
+                             f"{(len(w) - 1) / w.span:.4f} req/s) is not the one that ran ({cell['requests']} at "
+                             f"{cell['rate']:.4f}): different trace files or settings")
+        dr = cell.get("drift")
+
+        def errors_of(cost) -> tuple[dict, dict]:
+            sm = summarize(simulate(w, cfg, cost=cost), cfg.slo)
+            sim = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
+            floor = {m: (1e-12 if m == "throughput_rps" else ZERO_S) for m, _ in METRICS}
+            return sim, {m: _rel(sim[m], cell["real"][m], floor[m]) for m, _ in METRICS}
+
+        sim_u, err_u = errors_of(base)
+        sim_a, err_a = errors_of(drift_corrected(base, dr["factor"])) if dr else (sim_u, err_u)
+        sim, err = sim_a, err_a
+        if dr and dr.get("colocated"):
+            sim, err = errors_of(drift_corrected(base, dr["factor"], dr["colocated"]["factor"]))
+        band = {m: ([cell["real"][m] * (1 + b) for b in cell["sampling_band_rel"][m]]
+                    if cell.get("sampling_band_rel", {}).get(m) else None) for m, _ in METRICS}
+        in_band = {m: (bool(band[m][0] - 1e-6 <= sim[m] <= band[m][1] + 1e-6) if band[m] else None)
+                   for m, _ in METRICS}
+        busy_ratio = pace_err = math.nan
+        log = src / "steps" / f"cell{k + 1:02d}.0.csv" if src.is_dir() else None
+        if log is not None and log.is_file():
+            fwd = base.with_overhead(0.0)
+            chk = step_check(fwd, read_steps(log), contention=fwd if ccost is not None else None)
+            busy_ratio = chk["busy_ratio"]
+            paced = (fwd.with_base(scaled(fwd.base, busy_ratio).with_overhead(base.step_overhead_s)) if ccost is not None
+                     else scaled(fwd, busy_ratio).with_overhead(base.step_overhead_s))
+            _, ep = errors_of(paced)
+            pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
+        row = {**cell, "errors": err, "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
+               "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio,
+               "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path)}
+        rows.append(row)
+        print(f"[{k + 1}/{len(run['cells'])}] {tr} {cell['scheduler']} {cell['router']} {cell['load']}: "
+              + ", ".join(f"{lab} {fmt_err(err[m])}" + ("*" if in_band[m] else "") for m, lab in METRICS)
+              + f" (recorded: " + ", ".join(f"{lab} {fmt_err(cell['errors'][m])}" for m, lab in METRICS[:3]) + ")",
+              flush=True)
+    report(rows, con, st["replicas"], st["requests"], time.perf_counter())
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args.drift_check = run.get("drift_check", True)
+        args.n_req = st["requests"]
+        write_json(out_dir, args.profile, args, rows, rescored_from=str(path))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 cells (chunked-512, least_outstanding), quick profile")
@@ -212,8 +410,16 @@ def main() -> int:
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
+    ap.add_argument("--rescore", metavar="RUN",
+                    help="measure nothing: simulate the cells of a finished run (its --out directory or fidelity.json) "
+                         "again with --profile and compare with its recorded real figures (a cost-model change "
+                         "judged on the same measurements)")
     args = ap.parse_args()
-    n_req = args.requests or (20 if args.quick else 48)
+    if args.rescore:
+        if not args.profile:
+            ap.error("--rescore needs --profile (the profile to simulate with)")
+        return rescore(args)
+    n_req = args.n_req = args.requests or (20 if args.quick else 48)
     scheds = (args.schedulers or ("chunked-512" if args.quick else ",".join(SCHEDULERS))).split(",")
     routers = (args.routers or ("least_outstanding" if args.quick else ",".join(ROUTERS))).split(",")
     traces, loads = args.traces.split(","), args.loads.split(",")
@@ -324,101 +530,11 @@ def main() -> int:
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",
               flush=True)
         if out_dir:
-            (out_dir / "fidelity.json").write_text(json.dumps({"profile": prof_path, "cells": rows}, indent=2) + "\n")
+            write_json(out_dir, prof_path, args, rows)
 
-    from rich.table import Table
-
-    drift_on = any(r["drift"] for r in rows)
-    t = Table(title=f"sim vs executor: relative error (sim - real) / real, {len(rows)} cells, {args.replicas} "
-                    f"replicas, {n_req} requests per cell"
-                    + ("; sim drift-corrected (drift: the reference shapes' now / profiled, before/after the replay)"
-                       if drift_on else ""), title_justify="left")
-    for col in ("trace", "scheduler", "router", "load", "req/s"):
-        t.add_column(col)
-    for _, lab in METRICS:
-        t.add_column(lab, justify="right")
-    if drift_on:
-        t.add_column("drift", justify="right")
-    t.add_column("steps real/pred", justify="right")
-    t.add_column("|err| at real pace", justify="right")
-    t.add_column("niced load", justify="right")
-
-    def drift_cell(r) -> list[str]:
-        if not drift_on:
-            return []
-        return [f"{r['drift']['before']:.2f}/{r['drift']['after']:.2f}" if r["drift"] else "-"]
-
-    for r in rows:
-        t.add_row(r["trace"], r["scheduler"], r["router"], r["load"], f"{r['rate']:.2f}",
-                  *(fmt_err(r["errors"][m]) for m, _ in METRICS), *drift_cell(r), f"{r['step_busy_ratio']:.2f}",
-                  f"{r['corrected_median_abs_rel_error']:.1%}", f"{r['niced_load_during']:.0%}")
-
-    def aggregate(key: str) -> dict[str, dict[str, float]]:
-        out = {}
-        for m, _ in METRICS:
-            e = np.array([abs(r[key][m]) for r in rows if r[key][m] is not None])
-            out[m] = {"median": float(np.median(e)) if len(e) else math.nan,
-                      "worst": float(e.max()) if len(e) else math.nan}
-        return out
-
-    agg, agg_raw, agg_alone = aggregate("errors"), aggregate("errors_uncorrected"), aggregate("errors_alone_drift")
-    busy_on = any(r["drift"] and r["drift"]["colocated"] for r in rows)
-    factors = [r["drift"]["factor"] for r in rows if r["drift"]]
-    t.add_section()
-    t.add_row("median |error|", "", "", "", "", *(f"{agg[m]['median']:.1%}" for m, _ in METRICS),
-              *([f"x{np.median(factors):.2f}"] if drift_on else []),
-              f"{np.median([r['step_busy_ratio'] for r in rows]):.2f}",
-              f"{np.median([r['corrected_median_abs_rel_error'] for r in rows]):.1%}",
-              f"{np.median([r['niced_load_during'] for r in rows]):.0%}")
-    t.add_row("worst |error|", "", "", "", "", *(f"{agg[m]['worst']:.1%}" for m, _ in METRICS),
-              *([f"{min(factors):.2f}..{max(factors):.2f}"] if drift_on else []),
-              f"{max(r['step_busy_ratio'] for r in rows):.2f}",
-              f"{max(r['corrected_median_abs_rel_error'] for r in rows):.1%}",
-              f"{max(r['niced_load_during'] for r in rows):.0%}")
-    if busy_on:
-        t.add_row("median |error|, alone drift only", "", "", "", "",
-                  *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "")
-        t.add_row("worst |error|, alone drift only", "", "", "", "",
-                  *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "")
-    if drift_on:
-        t.add_row("median |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['median']:.1%}" for m, _ in METRICS),
-                  "", "", "", "")
-        t.add_row("worst |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['worst']:.1%}" for m, _ in METRICS),
-                  "", "", "", "")
-    con.print(t)
-
-    def targets(a: dict[str, dict[str, float]]) -> str:
-        p50_ok = all(a[m]["median"] <= 0.05 for m in ("ttft.p50", "tpot.p50", "e2e.p50"))
-        p99_ok = all(a[m]["median"] <= 0.10 for m in ("ttft.p99", "tpot.p99", "e2e.p99"))
-        return (f"median p50 error <= 5%: {'met' if p50_ok else 'MISSED'}; "
-                f"median p99 error <= 10%: {'met' if p99_ok else 'MISSED'}")
-
-    con.print(f"inside the real run's {SAMPLING_LEVEL:.0%} resampling band (the measurement's own sampling error "
-              "over its requests; marked * per cell above): "
-              + ", ".join(f"{lab} {sum(1 for r in rows if r['in_sampling_band'][m])}/{len(rows)}"
-                          for m, lab in METRICS if m != "throughput_rps"))
-    if drift_on:
-        con.print("drift correction, median |error| over cells (uncorrected -> corrected): "
-                  + ", ".join(f"{lab} {agg_raw[m]['median']:.1%} -> {agg[m]['median']:.1%}" for m, lab in METRICS))
-        if busy_on:
-            scales = [r["drift"]["colocated"]["contention_scale"] for r in rows if r["drift"] and r["drift"]["colocated"]]
-            con.print("co-located drift check: contention factors scaled by "
-                      f"{min(scales):.2f}..{max(scales):.2f} (median {np.median(scales):.2f}); median |error| "
-                      "alone drift only -> with it: "
-                      + ", ".join(f"{lab} {agg_alone[m]['median']:.1%} -> {agg[m]['median']:.1%}"
-                                  for m, lab in METRICS))
-            con.print(f"targets, alone drift only: {targets(agg_alone)}")
-        con.print(f"targets, drift-corrected: {targets(agg)}")
-        con.print(f"targets, uncorrected:     {targets(agg_raw)}")
-    else:
-        con.print(f"targets: {targets(agg)}")
-    con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    report(rows, con, args.replicas, n_req, t_start)
     if out_dir:
-        (out_dir / "fidelity.json").write_text(json.dumps({"profile": prof_path, "drift_check": args.drift_check,
-                                                           "cells": rows, "aggregate": agg,
-                                                           "aggregate_uncorrected": agg_raw,
-                                                           "aggregate_alone_drift": agg_alone}, indent=2) + "\n")
+        write_json(out_dir, prof_path, args, rows)
     return 0
 
 

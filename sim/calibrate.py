@@ -46,6 +46,7 @@ torch is imported only by the measuring functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -60,11 +61,19 @@ import numpy as np
 from executor.grouping import decode_grouping
 from sim.cost import DecodeRun, StepFeatures
 
-FEATURES = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "batched",
-            "decode_groups", "decode_padded")
-GROUPING = ("decode_groups", "decode_padded")  # read only by models whose coefficients for them are not all 0
+MEASURED = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "batched",
+            "decode_groups", "decode_padded")  # the columns of a feature_matrix: what a step's shape says
+# A cost model's terms: the measured features, then max(0, decode_padded - knee) for a model with a knee
+# (FittedCost.padded_knee; see the module doc), 0 for one without.
+FEATURES = MEASURED + ("decode_padded_over",)
+GROUPING = ("decode_groups", "decode_padded", "decode_padded_over")  # read only by models that price them
 PROFILE_FORMAT = "twinfer-profile"
-PROFILE_VERSION = 2  # 2: decode_groups / decode_padded coefficients (absent in a version 1 file: 0)
+PROFILE_VERSION = 3  # 2: decode_groups / decode_padded; 3: decode_padded_over and its knee (absent: 0, none)
+# Knees `fit_cost` tries for the padded-token hinge (tokens of padded decode context in one step); one is
+# kept only where cross-validation on the training shapes says it predicts clearly better than none.
+KNEE_CANDIDATES = (2048, 4096, 8192, 16384)
+KNEE_GAIN = 0.05  # a knee must cut the cross-validated RMS relative error by this share or more
+KNEE_SIDE_ROWS = 4  # ... and have this many training decode shapes on each side of it
 
 
 # ---- the cost model ---------------------------------------------------------------------------
@@ -75,9 +84,32 @@ def feature_row(f: StepFeatures) -> np.ndarray:
 
 
 def feature_matrix(fs: Iterable[StepFeatures]) -> np.ndarray:
-    """[n, len(FEATURES)]: a leading column of ones, then the features in FEATURES order."""
+    """[n, len(MEASURED)]: a leading column of ones, then the measured features in MEASURED order."""
     rows = [feature_row(f) for f in fs]
-    return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES))
+    return np.array(rows, dtype=np.float64).reshape(-1, len(MEASURED))
+
+
+def design(X: np.ndarray, knee: int | None) -> np.ndarray:
+    """A feature_matrix ([n, len(MEASURED)]) with the model terms it implies: [n, len(FEATURES)], the last
+    column max(0, decode_padded - knee) (all 0 without a knee)."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(MEASURED):
+        raise ValueError(f"expected a feature matrix [n, {len(MEASURED)}] ({', '.join(MEASURED)}), got {X.shape}")
+    pad = X[:, MEASURED.index("decode_padded")]
+    over = np.maximum(0.0, pad - knee) if knee is not None else np.zeros(len(X))
+    return np.column_stack([X, over])
+
+
+def _knee(knee: Any) -> int | None:
+    if knee is None:
+        return None
+    try:
+        k = int(knee)
+    except (TypeError, ValueError):
+        raise ValueError(f"decode_padded_knee={knee!r} must be a whole number of tokens >= 1") from None
+    if k != knee or k < 1:
+        raise ValueError(f"decode_padded_knee={knee!r} must be a whole number of tokens >= 1")
+    return k
 
 
 def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.ndarray:
@@ -89,8 +121,9 @@ def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.n
             raise ValueError(f"unknown coefficient(s) {sorted(unknown)}; valid: {', '.join(FEATURES)}")
         v = [float(v.get(k, 0.0)) for k in FEATURES]
     a = np.asarray(v, dtype=np.float64)
-    if a.shape == (len(FEATURES) - len(GROUPING),):  # without the grouping terms (as before version 2): 0
-        a = np.concatenate([a, np.zeros(len(GROUPING))])
+    if a.ndim == 1 and len(a) in (len(FEATURES) - len(GROUPING), len(MEASURED)):
+        # as written before version 2 (no grouping terms) or 3 (no knee term): the missing terms are 0
+        a = np.concatenate([a, np.zeros(len(FEATURES) - len(a))])
     if a.shape != (len(FEATURES),):
         raise ValueError(f"expected {len(FEATURES)} coefficients ({', '.join(FEATURES)}), got shape {a.shape}")
     if not np.all(np.isfinite(a)) or np.any(a < 0):
@@ -109,13 +142,17 @@ class FittedCost:
     """
 
     def __init__(self, shared: Any, kv_capacity_tokens: int, line_a: Any = None, line_b: Any = None,
-                 name: str = "fitted", step_overhead_s: float = 0.0):
+                 name: str = "fitted", step_overhead_s: float = 0.0, padded_knee: int | None = None):
         if not (math.isfinite(step_overhead_s) and step_overhead_s >= 0):
             raise ValueError(f"step_overhead_s={step_overhead_s} is out of range; allowed: >= 0")
         self.step_overhead_s = float(step_overhead_s)
         self.shared = _coefs(shared)
         self.line_a = _coefs(line_a)
         self.line_b = _coefs(line_b)
+        self.padded_knee = _knee(padded_knee)
+        over = FEATURES.index("decode_padded_over")
+        if self.padded_knee is None and any(v[over] for v in (self.shared, self.line_a, self.line_b)):
+            raise ValueError("a decode_padded_over coefficient needs its knee (decode_padded_knee)")
         if kv_capacity_tokens < 1:
             raise ValueError(f"kv_capacity_tokens={kv_capacity_tokens} is out of range; allowed: >= 1")
         self.kv_capacity_tokens = int(kv_capacity_tokens)
@@ -134,8 +171,10 @@ class FittedCost:
         return "max" if self._max else "linear"
 
     def step_time(self, f: StepFeatures) -> float:
+        k = self.padded_knee
         x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
-             1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded)
+             1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded,
+             f.decode_padded - k if k is not None and f.decode_padded > k else 0.0)
         c, a, b = self._c, self._a, self._b
         base = sum(ci * xi for ci, xi in zip(c, x)) + self.step_overhead_s
         if not self._max:
@@ -144,24 +183,27 @@ class FittedCost:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """step_time for every row of a feature_matrix."""
-        X = np.asarray(X, dtype=np.float64)
+        X = design(X, self.padded_knee)
         return np.maximum(X @ self.line_a, X @ self.line_b) + X @ self.shared + self.step_overhead_s
 
     def decode_run(self, f: StepFeatures) -> DecodeRun:
         # Step i of the run has decode_ctx + i * decode_seqs, nothing else moves (the grouping features
         # stay put: the simulator cuts runs where they would change); max(p, q) + s = max(p + s, q + s)
-        # folds the shared term (which also grows with decode_ctx) into both lines.
-        x = feature_row(f)
+        # folds the shared term (which also grows with decode_ctx) into both lines. decode_padded_over is a
+        # function of decode_padded, so it stays put as well.
+        x = design(feature_row(f)[None, :], self.padded_knee)[0]
         k = FEATURES.index("decode_ctx")
         b = f.decode_seqs
         a, bb = self.line_a + self.shared, self.line_b + self.shared
         return DecodeRun(float(x @ a), float(a[k] * b), float(x @ bb), float(bb[k] * b), self.step_overhead_s)
 
     def with_overhead(self, step_overhead_s: float) -> "FittedCost":
-        return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name, step_overhead_s)
+        return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name, step_overhead_s,
+                          self.padded_knee)
 
     def coefficients(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step_overhead_s": self.step_overhead_s,
+                               **({"decode_padded_knee": self.padded_knee} if self.padded_knee is not None else {}),
                                "shared": dict(zip(FEATURES, self.shared.tolist()))}
         if self.form == "max":
             out["line_a"] = dict(zip(FEATURES, self.line_a.tolist()))
@@ -169,7 +211,8 @@ class FittedCost:
         return out
 
     def __repr__(self) -> str:
-        return f"FittedCost(name={self.name!r}, form={self.form}, kv_capacity_tokens={self.kv_capacity_tokens})"
+        knee = f", padded_knee={self.padded_knee}" if self.padded_knee is not None else ""
+        return f"FittedCost(name={self.name!r}, form={self.form}, kv_capacity_tokens={self.kv_capacity_tokens}{knee})"
 
 
 # ---- fitting ----------------------------------------------------------------------------------
@@ -202,22 +245,25 @@ def error_stats(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "max_rel_error": float(e.max())}
 
 
-def fit_linear(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, name: str = "fitted") -> FittedCost:
-    """Non-negative least squares on relative error: duration = C . x."""
-    return FittedCost(_wnnls(X, y, 1.0 / y), kv_capacity_tokens, name=name)
+def fit_linear(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, name: str = "fitted",
+               padded_knee: int | None = None) -> FittedCost:
+    """Non-negative least squares on relative error: duration = C . x (x: `design(X, padded_knee)`)."""
+    return FittedCost(_wnnls(design(X, padded_knee), y, 1.0 / y), kv_capacity_tokens, name=name,
+                      padded_knee=padded_knee)
 
 
 def fit_max(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, name: str = "fitted", seed: int = 0,
-            iters: int = 50) -> FittedCost | None:
+            iters: int = 50, padded_knee: int | None = None) -> FittedCost | None:
     """duration = max(A . x, B . x), A, B >= 0, by alternating partitions (max-affine regression,
     Magnani & Boyd 2009): fit each line on the points where it is the larger, reassign, repeat; several
     starting splits, the best relative-error objective wins. None when no split leaves both lines
     enough points to be determined."""
-    n, p = X.shape
+    n, p = np.shape(X)
     w = 1.0 / y
     minpts = p + 1
     if n < 2 * minpts:
         return None
+    X = design(X, padded_knee)
     rng = np.random.default_rng(seed)
     tokens = X[:, 1] + X[:, 2]
     starts = [tokens > np.quantile(tokens, q) for q in (0.25, 0.5, 0.75)]
@@ -243,7 +289,7 @@ def fit_max(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, name: str = "
             best = (obj, a, b)
     if best is None:
         return None
-    return FittedCost(np.zeros(p), kv_capacity_tokens, line_a=best[1], line_b=best[2], name=name)
+    return FittedCost(None, kv_capacity_tokens, line_a=best[1], line_b=best[2], name=name, padded_knee=padded_knee)
 
 
 @dataclass
@@ -254,6 +300,7 @@ class FitResult:
     errors: dict[str, dict[str, float]]  # "train" / "heldout" -> error_stats
     candidates: dict[str, dict[str, float]] = field(default_factory=dict)  # form -> held-out error_stats
     chosen_because: str = ""
+    knee: dict[str, Any] = field(default_factory=dict)  # choose_knee's record (chosen, cv_rms_rel_error, why)
 
 
 def holdout_split(kinds: Sequence[str], share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -279,17 +326,66 @@ def holdout_split(kinds: Sequence[str], share: float, seed: int = 0) -> tuple[np
     return train_a, test_a
 
 
+def cv_rms(X: np.ndarray, y: np.ndarray, knee: int | None, folds: int = 5, repeats: int = 4, seed: int = 0) -> float:
+    """Root-mean-square relative error of the linear fit (with this knee) on rows it was not fitted on:
+    `repeats` seeded shuffles, each split into `folds` folds."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    errs = []
+    for _ in range(repeats):
+        idx = rng.permutation(n)
+        for f in range(folds):
+            te = idx[f::folds]
+            tr = np.setdiff1d(idx, te)
+            m = fit_linear(X[tr], y[tr], 1, padded_knee=knee)
+            errs.append(rel_errors(m.predict(X[te]), y[te]))
+    e = np.concatenate(errs)
+    return float(np.sqrt(np.mean(e ** 2)))
+
+
+def choose_knee(X: np.ndarray, y: np.ndarray, candidates: Sequence[int] = KNEE_CANDIDATES,
+                seed: int = 0) -> dict[str, Any]:
+    """Which knee (if any) the padded-token hinge gets, from the training rows alone: each candidate with at
+    least KNEE_SIDE_ROWS decode shapes on each side of it is cross-validated (`cv_rms`) against no knee; the
+    best is kept only if it cuts that error by KNEE_GAIN or more. Returns {"chosen", "cv_rms_rel_error"
+    (candidate -> error; "none" for no knee), "why"}."""
+    pad = X[:, MEASURED.index("decode_padded")]
+    dec = pad > 0
+    out: dict[str, Any] = {"chosen": None, "cv_rms_rel_error": {}, "why": ""}
+    ok = [k for k in candidates if (dec & (pad <= k)).sum() >= KNEE_SIDE_ROWS and (pad > k).sum() >= KNEE_SIDE_ROWS]
+    if len(y) < 10 or not ok:
+        out["why"] = (f"no knee: too few shapes ({len(y)}) to cross-validate one" if len(y) < 10 else
+                      f"no knee: no candidate ({', '.join(map(str, candidates))} padded tokens) has "
+                      f"{KNEE_SIDE_ROWS} decode shapes on each side")
+        return out
+    base = cv_rms(X, y, None, seed=seed)
+    cv = {"none": base} | {str(k): cv_rms(X, y, k, seed=seed) for k in ok}
+    out["cv_rms_rel_error"] = cv
+    best = min(ok, key=lambda k: cv[str(k)])
+    if cv[str(best)] <= (1 - KNEE_GAIN) * base:
+        out["chosen"] = int(best)
+        out["why"] = (f"knee at {best} padded tokens: cross-validated RMS relative error {cv[str(best)]:.1%} vs "
+                      f"{base:.1%} without")
+    else:
+        out["why"] = (f"no knee: the best ({best} padded tokens, {cv[str(best)]:.1%}) does not clearly beat none "
+                      f"({base:.1%}) in cross-validation")
+    return out
+
+
 def fit_cost(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, *, kinds: Sequence[str] | None = None,
-             holdout: float = 0.25, form: str = "auto", seed: int = 0, name: str = "fitted") -> FitResult:
+             holdout: float = 0.25, form: str = "auto", seed: int = 0, name: str = "fitted",
+             padded_knee: int | None | str = "auto") -> FitResult:
     """Fit on the training share, report errors on the held-back share; the stored model is the one
     whose held-out error is reported (it is not refitted on every point afterwards).
 
     form: "linear", "max", or "auto" (the max of two lines only if it cuts the held-out median relative
-    error by a fifth or more without a worse maximum: a second line must earn its six parameters)."""
+    error by a fifth or more without a worse maximum: a second line must earn its six parameters).
+    padded_knee: the knee of the padded-token hinge, None for none, or "auto" (`choose_knee` on the
+    training rows; the held-back rows play no part in it)."""
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if X.ndim != 2 or X.shape[1] != len(FEATURES) or len(X) != len(y):
-        raise ValueError(f"X must be [n, {len(FEATURES)}] and y [n]; got {X.shape} and {y.shape}")
+    if X.ndim != 2 or X.shape[1] != len(MEASURED) or len(X) != len(y):
+        raise ValueError(f"X must be [n, {len(MEASURED)}] and y [n]; got {X.shape} and {y.shape}")
     if not len(y) or np.any(~np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("durations must be finite and > 0")
     if form not in ("auto", "linear", "max"):
@@ -297,8 +393,13 @@ def fit_cost(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, *, kinds: Se
     kinds = list(kinds) if kinds is not None else ["all"] * len(y)
     train, test = holdout_split(kinds, holdout, seed)
     Xt, yt = X[train], y[train]
-    lin = fit_linear(Xt, yt, kv_capacity_tokens, name)
-    mx = fit_max(Xt, yt, kv_capacity_tokens, name, seed) if form in ("auto", "max") else None
+    if padded_knee == "auto":
+        knee_d = choose_knee(Xt, yt, seed=seed)
+    else:
+        knee_d = {"chosen": _knee(padded_knee), "why": "knee given" if padded_knee is not None else "no knee: none given"}
+    knee = knee_d["chosen"]
+    lin = fit_linear(Xt, yt, kv_capacity_tokens, name, padded_knee=knee)
+    mx = fit_max(Xt, yt, kv_capacity_tokens, name, seed, padded_knee=knee) if form in ("auto", "max") else None
     eval_idx = test if len(test) else train  # with nothing held back, compare on the training points
 
     def stats(m: FittedCost, idx: np.ndarray) -> dict[str, float]:
@@ -325,7 +426,7 @@ def fit_cost(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, *, kinds: Se
                    f"{mm['median_rel_error']:.1%} vs {lm['median_rel_error']:.1%}, max "
                    f"{mm['max_rel_error']:.1%} vs {lm['max_rel_error']:.1%})")
     errors = {"train": stats(model, train), "heldout": stats(model, test)}
-    return FitResult(model, train, test, errors, cands, why)
+    return FitResult(model, train, test, errors, cands, why, knee_d)
 
 
 # ---- profile files ----------------------------------------------------------------------------
@@ -395,14 +496,16 @@ class Profile:
             co = d["coefficients"]
             kv = dict(d["kv"])
             cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
-                              name=str(d.get("name", "fitted")), step_overhead_s=float(co.get("step_overhead_s", 0.0)))
+                              name=str(d.get("name", "fitted")), step_overhead_s=float(co.get("step_overhead_s", 0.0)),
+                              padded_knee=co.get("decode_padded_knee"))
             nb = d.get("neighbours")
             busy = None
             if nb is not None:
                 bc = nb["coefficients"]
                 busy = FittedCost(bc["shared"], cost.kv_capacity_tokens, bc.get("line_a"), bc.get("line_b"),
                                   name=f"{cost.name} (neighbours busy)",
-                                  step_overhead_s=float(bc.get("step_overhead_s", 0.0)))
+                                  step_overhead_s=float(bc.get("step_overhead_s", 0.0)),
+                                  padded_knee=bc.get("decode_padded_knee"))
         except KeyError as e:
             raise ValueError(f"{where}: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -435,11 +538,14 @@ def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
     lines (max(uA, uB) = u max(A, B)); for two max forms, a monotone approximation that is exact at u = 0, 1."""
     if not 0 <= u <= 1:
         raise ValueError(f"u={u} is out of range; allowed: [0, 1]")
+    if alone.padded_knee != busy.padded_knee:
+        raise ValueError(f"cannot blend models with different knees ({alone.padded_knee} and {busy.padded_knee} "
+                         f"padded tokens)")
     w = 1.0 - u
     return FittedCost(w * alone.shared + u * busy.shared, alone.kv_capacity_tokens,
                       w * alone.line_a + u * busy.line_a, w * alone.line_b + u * busy.line_b,
                       name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})",
-                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s)
+                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s, padded_knee=alone.padded_knee)
 
 
 def utc_now() -> str:
@@ -927,8 +1033,8 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
                               device: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
                               kv: Mapping[str, Any] | None = None, measure: Mapping[str, Any] | None = None,
                               busy_meas: Sequence[Measurement] | None = None,
-                              neighbours: int = 0, contention: Mapping[str, Any] | None = None
-                              ) -> tuple[Profile, FitResult]:
+                              neighbours: int = 0, contention: Mapping[str, Any] | None = None,
+                              knee: Any = "auto") -> tuple[Profile, FitResult]:
     """Fit the measurements (and, if given, the same grid measured with busy neighbours: same hold-out
     split) into a Profile."""
     bs = int((kv or {}).get("block_size", 16))
@@ -936,22 +1042,24 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
     X = feature_matrix(feats)
     kinds = [m.point.kind for m in meas]
 
-    def fit_of(ms: Sequence[Measurement], label: str) -> tuple[FitResult, dict[str, Any]]:
+    def fit_of(ms: Sequence[Measurement], label: str, knee: Any = "auto") -> tuple[FitResult, dict[str, Any]]:
         y = np.array([m.median for m in ms])
-        fit = fit_cost(X, y, kv_capacity_tokens, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label)
+        fit = fit_cost(X, y, kv_capacity_tokens, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label,
+                       padded_knee=knee)
         spreads = [m.stats()["iqr_rel"] for m in ms]
-        d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
+        d = {"form": fit.model.form, "why": fit.chosen_because, "knee": fit.knee, "holdout_share": holdout, "seed": seed,
              "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
              "median_iqr_rel": float(np.median(spreads)) if spreads else math.nan,
              "max_iqr_rel": float(np.max(spreads)) if spreads else math.nan}
         return fit, d
 
-    fit, fit_d = fit_of(meas, name)
+    fit, fit_d = fit_of(meas, name, knee)
     busy_fit = busy_d = None
     if busy_meas is not None:
         if [m.point for m in busy_meas] != [m.point for m in meas]:
             raise ValueError("busy measurements must cover the same grid, in the same order")
-        busy_fit, busy_d = fit_of(busy_meas, f"{name} (neighbours busy)")
+        # the alone fit's knee: the two are blended term by term (`blend`)
+        busy_fit, busy_d = fit_of(busy_meas, f"{name} (neighbours busy)", fit.model.padded_knee)
     held = set(fit.test.tolist())
     pred = fit.model.predict(X)
     bpred = busy_fit.model.predict(X) if busy_fit else None
@@ -970,6 +1078,68 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
                    busy=busy_fit.model if busy_fit else None, busy_fit=busy_d or {},
                    neighbours=neighbours if busy_fit else 0, contention=dict(contention or {}))
     return prof, fit
+
+
+def grid_matrix(grid: Sequence[Mapping[str, Any]], where: str = "profile") -> np.ndarray:
+    """The feature_matrix of a profile's stored grid rows."""
+    keys = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "decode_groups", "decode_padded")
+    rows = []
+    for i, r in enumerate(grid):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{where}: grid row {i + 1} ({r.get('label', '?')}) has no {', '.join(missing)}: it was "
+                             f"written before those were recorded; measure a new profile")
+        rows.append(feature_row(StepFeatures(int(r["prefill_tokens"]), int(r["decode_seqs"]), float(r["prefill_attn"]),
+                                             int(r["decode_ctx"]), int(r["logits"]), int(r["decode_groups"]),
+                                             int(r["decode_padded"]))))
+    return np.array(rows, dtype=np.float64).reshape(-1, len(MEASURED))
+
+
+def refit_profile(prof: Profile, *, form: str = "auto", padded_knee: int | None | str = "auto",
+                  holdout: float | None = None, seed: int | None = None, where: str = "profile") -> Profile:
+    """The profile with its cost model fitted again, by this twinfer's fit, on its own stored grid medians
+    (and the busy-neighbour fit on the busy medians): nothing is measured again. Everything else (device,
+    measurements, contention factors, the drift check's reference medians, the engine loop's overhead) is
+    kept. The hold-out share and seed default to the profile's own, so the held-back shapes are the same
+    and the errors compare."""
+    if not prof.grid:
+        raise ValueError(f"{where}: the profile has no grid measurements to fit again (one fitted on an engine "
+                         f"step log: fit that log again with --from-steps)")
+    holdout = float(prof.fit.get("holdout_share", 0.25)) if holdout is None else holdout
+    seed = int(prof.fit.get("seed", 0)) if seed is None else seed
+    X = grid_matrix(prof.grid, where)
+    kinds = [str(r["kind"]) for r in prof.grid]
+    cap = prof.cost.kv_capacity_tokens
+
+    def fit_of(key: str, label: str, knee: Any, overhead: float) -> tuple[FitResult, dict[str, Any]]:
+        y = np.array([float(r[key]) for r in prof.grid])
+        fit = fit_cost(X, y, cap, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label, padded_knee=knee)
+        fit.model = fit.model.with_overhead(overhead)
+        return fit, {"form": fit.model.form, "why": fit.chosen_because, "knee": fit.knee, "holdout_share": holdout,
+                     "seed": seed, "heldout": fit.errors["heldout"], "train": fit.errors["train"],
+                     "candidates": fit.candidates,
+                     **{k: prof.fit[k] for k in ("median_iqr_rel", "max_iqr_rel") if k in prof.fit},
+                     "refit": {"at": utc_now(), "was": {"form": prof.cost.form, "decode_padded_knee": prof.cost.padded_knee,
+                                                        "heldout": prof.fit.get("heldout", {})}}}
+
+    fit, fit_d = fit_of("median_s", prof.cost.name, padded_knee, prof.cost.step_overhead_s)
+    busy = busy_d = None
+    if prof.busy is not None:
+        if not all("busy_median_s" in r for r in prof.grid):
+            raise ValueError(f"{where}: the profile has a busy-neighbour fit but its grid rows lack busy_median_s")
+        bfit, busy_d = fit_of("busy_median_s", prof.busy.name, fit.model.padded_knee, prof.busy.step_overhead_s)
+        busy = bfit.model
+    held = set(fit.test.tolist())
+    pred = fit.model.with_overhead(0.0).predict(X)
+    bpred = busy.with_overhead(0.0).predict(X) if busy is not None else None
+    grid = []
+    for i, r in enumerate(prof.grid):
+        row = {**r, "predicted_s": float(pred[i]), "heldout": i in held}
+        if bpred is not None:
+            row["busy_predicted_s"] = float(bpred[i])
+        grid.append(row)
+    return dataclasses.replace(prof, cost=fit.model, fit=fit_d, grid=grid, busy=busy,
+                               busy_fit=busy_d if busy_d is not None else prof.busy_fit, versions=library_versions())
 
 
 # ---- drift: the machine's speed now against when it was profiled ----------------------------------
@@ -1376,7 +1546,8 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
     if not factor > 0:
         raise ValueError(f"factor={factor} must be > 0")
     return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
-                      name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor)
+                      name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor,
+                      padded_knee=cost.padded_knee)
 
 
 def _drift_factor(factor: Any, what: str = "drift factor") -> float:

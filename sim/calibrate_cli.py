@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per shape (default 7; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape first (default 2)")
     p.add_argument("--quick", action="store_true", help="a small grid (under a minute on a 2-core CPU)")
-    p.add_argument("--holdout", type=float, default=0.25, help="share of shapes held back to measure the fit's "
-                                                               "error (default 0.25)")
+    p.add_argument("--holdout", type=float, default=None, help="share of shapes held back to measure the fit's "
+                                                               "error (default 0.25; with --refit, the profile's)")
     p.add_argument("--form", default="auto", choices=("auto", "linear", "max"),
                    help="cost formula: linear, max of two lines, or auto (the max only if clearly better)")
     p.add_argument("--threads", type=int, default=None,
@@ -50,13 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "prefills) or random grid shapes, interleaved round by round (default 1: alone only). "
                         "For replicas that share a machine: validate then times each simulated step by what "
                         "the other replicas have in progress (sim/contention.py)")
-    p.add_argument("--seed", type=int, default=0, help="model weights, hold-out choice and run order (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="model weights, hold-out choice and run order (default 0; with --refit, the profile's)")
     p.add_argument("--no-loop-overhead", dest="loop_overhead", action="store_false", default=True,
                    help="do not replay a short burst on the executor to measure its engine loop's time between "
                         "steps (added to every predicted step)")
     p.add_argument("--from-steps", metavar="STEPS_CSV",
                    help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
                         "--model-config and --num-blocks still describe the executor it came from")
+    p.add_argument("--refit", metavar="PROFILE",
+                   help="measure nothing: fit a profile's stored grid medians again with this twinfer's fit (and "
+                        "--form / --knee) and write the result to --out; the hold-out share and seed stay the "
+                        "profile's unless given, so the held-out errors compare")
+    p.add_argument("--knee", default="auto", type=_knee_arg,
+                   help="padded decode tokens past which the fit may add a steeper slope (a step whose attention "
+                        "outgrows a cache): auto (cross-validated on the training shapes; kept only if clearly "
+                        "better), none, or a number of tokens (default auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.set_defaults(func=cmd_profile)
@@ -105,9 +114,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ---- profile --------------------------------------------------------------------------------
 
+def _knee_arg(v: str) -> int | None | str:
+    if v in ("auto", "none"):
+        return None if v == "none" else v
+    try:
+        k = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r}: auto, none or a whole number of tokens >= 1") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: auto, none or a whole number of tokens >= 1")
+    return k
+
+
 def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick: bool, holdout: float,
                 form: str, threads: int | None, num_blocks: int, block_size: int, max_tokens: int, seed: int,
-                progress: bool = False, concurrent: int = 1, loop_overhead: bool = True):
+                progress: bool = False, concurrent: int = 1, loop_overhead: bool = True, knee: Any = "auto"):
     """Measure and fit; returns (Profile, FitResult)."""
     from executor.device import describe_device, select_device
     from executor.model import LlamaForCausalLM, preset
@@ -195,7 +216,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     load = _loadavg()
     name = f"{cfg.name}@{info.get('name', dev.type)}"
     prof, fit = profile_from_measurements(
-        meas, num_blocks * block_size, holdout=holdout, form=form, seed=seed, name=name, device=info,
+        meas, num_blocks * block_size, holdout=holdout, form=form, seed=seed, name=name, device=info, knee=knee,
         model={**dataclasses.asdict(cfg), "params": cfg.num_params},
         kv={"num_blocks": num_blocks, "block_size": block_size},
         measure={"repeats": repeats, "warmup": warmup, "threads": threads, "quick": quick,
@@ -319,7 +340,7 @@ def _busy_medians_missing(prof) -> str | None:
 
 
 def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
-                       seed: int):
+                       seed: int, knee: Any = "auto"):
     """A profile fitted on the steps an engine actually ran (a random share of steps held back)."""
     from executor.model import preset
     from executor.replay import read_steps
@@ -333,10 +354,11 @@ def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size
     if len(y) < 10:
         raise ValueError(f"{path}: {len(y)} steps; too few to fit a cost model")
     name = f"{cfg.name}@steps"
-    fit = fit_cost(X, y, num_blocks * block_size, kinds=kinds, holdout=holdout, form=form, seed=seed, name=name)
+    fit = fit_cost(X, y, num_blocks * block_size, kinds=kinds, holdout=holdout, form=form, seed=seed, name=name,
+                   padded_knee=knee)
     loop = gap_stats(loop_gaps(steps))
     counts = {k: kinds.count(k) for k in sorted(set(kinds))}
-    fit_d = {"form": fit.model.form, "why": fit.chosen_because, "holdout_share": holdout, "seed": seed,
+    fit_d = {"form": fit.model.form, "why": fit.chosen_because, "knee": fit.knee, "holdout_share": holdout, "seed": seed,
              "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
              "median_iqr_rel": math.nan, "max_iqr_rel": math.nan}
     return Profile(cost=fit.model.with_overhead(loop["mean_s"]), device={"source": "engine step log"},
@@ -362,14 +384,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    if args.from_steps:
+    holdout = 0.25 if args.holdout is None else args.holdout
+    seed = 0 if args.seed is None else args.seed
+    if args.refit and args.from_steps:
+        raise ValueError("--refit and --from-steps: give one")
+    if args.refit:
+        from sim.calibrate import read_profile_file, refit_profile
+
+        prof = refit_profile(read_profile_file(args.refit), form=args.form, padded_knee=args.knee,
+                             holdout=args.holdout, seed=args.seed, where=args.refit)
+    elif args.from_steps:
         prof = profile_from_steps(args.from_steps, args.model_config, args.num_blocks, args.block_size,
-                                  args.holdout, args.form, args.seed)
+                                  holdout, args.form, seed, knee=args.knee)
     else:
-        prof, _ = run_profile(args.model_config, args.device, repeats, args.warmup, args.quick, args.holdout,
-                              args.form, args.threads, args.num_blocks, args.block_size, args.max_tokens, args.seed,
+        prof, _ = run_profile(args.model_config, args.device, repeats, args.warmup, args.quick, holdout,
+                              args.form, args.threads, args.num_blocks, args.block_size, args.max_tokens, seed,
                               progress=show and not args.json, concurrent=args.concurrent,
-                              loop_overhead=args.loop_overhead)
+                              loop_overhead=args.loop_overhead, knee=args.knee)
     path = save_profile_file(prof, args.out)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=2, default=str))
@@ -400,6 +431,8 @@ def render_profile(prof) -> Any:
     f = prof.fit
     h, tr = f["heldout"], f["train"]
     s.add_row("form", f"{f['form']} ({f['why']})")
+    if f.get("knee", {}).get("why"):
+        s.add_row("padded-token knee", f["knee"]["why"])
     s.add_row("held-out error", f"median {h['median_rel_error']:.1%}, max {h['max_rel_error']:.1%} over {h['n']} shapes")
     s.add_row("training error", f"median {tr['median_rel_error']:.1%}, max {tr['max_rel_error']:.1%} over {tr['n']} shapes")
     if prof.grid:

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.calibrate import (
-    FEATURES, FittedCost, GridPoint, Profile, _build_plan, blend, compare, default_grid, feature_matrix, fit_cost,
-    holdout_split, load_profile_file, neighbour_share, read_profile_file, save_profile_file, scaled, to_toml,
+    FEATURES, MEASURED, FittedCost, GridPoint, Profile, _build_plan, blend, compare, default_grid, feature_matrix, fit_cost,
+    choose_knee, design, holdout_split, load_profile_file, neighbour_share, read_profile_file, save_profile_file, scaled, to_toml,
 )
 from sim.cost import StepFeatures, grouping_features, load_cost_model, plan_features
 
@@ -33,6 +33,11 @@ def kinds() -> list[str]:
 
 def max_cost(kv: int = 10_000) -> FittedCost:
     return FittedCost([0.0005, 0, 0, 0, 0, 0, 0], kv, line_a=LINE_A, line_b=LINE_B, name="max-test")
+
+
+def knee_cost(kv: int = 10_000) -> FittedCost:
+    """LINEAR plus 3 us per padded decode token past 4096 (a step whose attention outgrows a cache)."""
+    return FittedCost(LINEAR + [3e-6], kv, name="knee-test", padded_knee=4096)
 
 
 def sample_profile(cost: FittedCost) -> Profile:
@@ -70,7 +75,7 @@ def test_max_form_takes_the_larger_line_plus_shared():
 def test_coefficients_must_be_non_negative_and_complete():
     with pytest.raises(ValueError, match=">= 0"):
         FittedCost([0.01, -1e-4, 0, 0, 0, 0, 0], 100)
-    with pytest.raises(ValueError, match="9 coefficients"):
+    with pytest.raises(ValueError, match="10 coefficients"):
         FittedCost([0.01, 1e-4], 100)
     with pytest.raises(ValueError, match="unknown coefficient"):
         FittedCost({"intercept": 0.01, "flops": 1.0}, 100)
@@ -78,15 +83,16 @@ def test_coefficients_must_be_non_negative_and_complete():
         FittedCost(LINEAR, 0)
 
 
-@pytest.mark.parametrize("cost", [FittedCost(LINEAR, 10_000), max_cost()], ids=["linear", "max"])
+@pytest.mark.parametrize("cost", [FittedCost(LINEAR, 10_000), max_cost(), knee_cost()], ids=["linear", "max", "knee"])
 def test_decode_run_agrees_with_step_time(cost):
-    f = StepFeatures(0, 7, 0.0, 7 * 300, 7)
+    # 7 rows padded to 7 x 1024 tokens: past the knee, and (as in the simulator) constant over the run
+    f = StepFeatures(0, 7, 0.0, 7 * 300, 7, decode_groups=1, decode_padded=7 * 1024)
     run = cost.decode_run(f)
     assert run.duration(0) == pytest.approx(cost.step_time(f), rel=1e-12)
     assert run.elapsed(1) == pytest.approx(cost.step_time(f), rel=1e-12)
     total = 0.0
     for i in range(200):  # decode_ctx grows by decode_seqs per step
-        fi = StepFeatures(0, 7, 0.0, 7 * 300 + 7 * i, 7)
+        fi = StepFeatures(0, 7, 0.0, 7 * 300 + 7 * i, 7, decode_groups=1, decode_padded=7 * 1024)
         assert run.duration(i) == pytest.approx(cost.step_time(fi), rel=1e-12)
         total += cost.step_time(fi)
         if i in (0, 9, 57, 199):
@@ -106,7 +112,7 @@ def test_decode_run_sums_step_times_for_any_max_model(b, ctx, k, a, bb):
 @settings(max_examples=60, deadline=None)
 @given(x=st.lists(st.integers(0, 10_000), min_size=5, max_size=5), j=st.integers(0, 4), d=st.integers(1, 10_000))
 def test_predictions_never_decrease_when_a_feature_grows(x, j, d):
-    for cost in (FittedCost(LINEAR, 1), max_cost()):
+    for cost in (FittedCost(LINEAR, 1), max_cost(), knee_cost()):
         f = StepFeatures(*x)
         y = list(x)
         y[j] += d
@@ -134,7 +140,8 @@ def test_fit_exact_data_is_exact():
     X = grid_X()
     y = X @ np.array(LINEAR)
     r = fit_cost(X, y, 1, kinds=kinds(), form="linear")
-    assert r.model.shared == pytest.approx(LINEAR, rel=1e-6)
+    assert r.model.shared[:len(MEASURED)] == pytest.approx(LINEAR, rel=1e-6)
+    assert r.model.padded_knee is None and r.model.shared[-1] == 0, r.knee
     assert r.errors["heldout"]["max_rel_error"] < 1e-8
 
 
@@ -156,7 +163,58 @@ def test_fit_recovers_a_max_of_two_lines_and_auto_prefers_it():
 def test_auto_keeps_linear_on_linear_data():
     X = grid_X()
     y = (X @ np.array(LINEAR)) * np.random.default_rng(3).normal(1.0, 0.02, len(X))
-    assert fit_cost(X, y, 1, kinds=kinds()).model.form == "linear"
+    r = fit_cost(X, y, 1, kinds=kinds())
+    assert r.model.form == "linear"
+    # and no knee: none of the candidates clearly beats a straight line in cross-validation
+    assert r.model.padded_knee is None and r.knee["chosen"] is None, r.knee["why"]
+    assert set(r.knee["cv_rms_rel_error"]) >= {"none", "4096"}
+
+
+def test_fit_finds_a_padded_token_knee_and_its_slope():
+    X = grid_X()
+    truth = knee_cost()
+    y = truth.predict(X) * np.random.default_rng(4).normal(1.0, 0.01, len(X))
+    r = fit_cost(X, y, 1, kinds=kinds())
+    assert r.model.padded_knee == 4096, r.knee["why"]
+    assert r.knee["cv_rms_rel_error"]["4096"] < 0.95 * r.knee["cv_rms_rel_error"]["none"]
+    assert r.model.shared[FEATURES.index("decode_padded_over")] == pytest.approx(3e-6, rel=0.15)
+    assert r.errors["heldout"]["median_rel_error"] < 0.015
+    plain = fit_cost(X, y, 1, kinds=kinds(), padded_knee=None)
+    assert plain.model.padded_knee is None
+    assert r.errors["heldout"]["median_rel_error"] < plain.errors["heldout"]["median_rel_error"]
+    # beyond the grid it goes on as a straight line: 1024 rows x 2048 tokens, within a few percent
+    big = StepFeatures(0, 1024, 0.0, 1024 * 2048, 1024, decode_groups=1, decode_padded=1024 * 2048)
+    assert r.model.step_time(big) == pytest.approx(truth.step_time(big), rel=0.05)
+
+
+def test_knee_needs_shapes_on_both_sides():
+    X = grid_X()
+    pad = X[:, MEASURED.index("decode_padded")]
+    small = X[pad <= 2048]  # no decode shape past any candidate but the first
+    y = small @ np.array(LINEAR)
+    d = choose_knee(small, y, candidates=(4096, 8192))
+    assert d["chosen"] is None and "no candidate" in d["why"]
+    assert choose_knee(X[:5], (X @ np.array(LINEAR))[:5])["why"].startswith("no knee: too few shapes")
+
+
+def test_design_and_knee_checks():
+    X = feature_matrix([StepFeatures(0, 4, 0.0, 4000, 4, decode_groups=1, decode_padded=5000),
+                        StepFeatures(128, 0, 8256.0, 0, 1)])
+    assert design(X, 4096)[:, -1].tolist() == [904.0, 0.0]
+    assert design(X, None)[:, -1].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="feature matrix"):
+        design(X[:, :5], 4096)
+    with pytest.raises(ValueError, match="needs its knee"):
+        FittedCost(LINEAR + [1e-6], 1)
+    with pytest.raises(ValueError, match="decode_padded_knee"):
+        FittedCost(LINEAR, 1, padded_knee=0)
+    with pytest.raises(ValueError, match="different knees"):
+        blend(knee_cost(), FittedCost(LINEAR, 10_000), 0.5)
+    c = knee_cost()
+    assert c.predict(X).tolist() == pytest.approx([c.step_time(StepFeatures(0, 4, 0.0, 4000, 4, decode_groups=1,
+                                                                             decode_padded=5000)),
+                                                   c.step_time(StepFeatures(128, 0, 8256.0, 0, 1))], rel=1e-12)
+    assert scaled(c, 2.0).padded_knee == 4096 and blend(c, scaled(c, 2.0), 0.5).padded_knee == 4096
 
 
 def test_fit_rejects_bad_input():
@@ -180,7 +238,8 @@ def test_holdout_split_is_stratified_and_seeded():
 # ---- profile files -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ext", ["toml", "json"])
-@pytest.mark.parametrize("cost", [FittedCost(LINEAR, 10_000, name="lin"), max_cost()], ids=["linear", "max"])
+@pytest.mark.parametrize("cost", [FittedCost(LINEAR, 10_000, name="lin"), max_cost(), knee_cost()],
+                         ids=["linear", "max", "knee"])
 def test_profile_round_trip(tmp_path, ext, cost):
     prof = sample_profile(cost)
     path = save_profile_file(prof, tmp_path / f"p.{ext}")
@@ -194,7 +253,8 @@ def test_profile_round_trip(tmp_path, ext, cost):
         assert back.device["cuda"] is None
     else:  # TOML has no null: None values are left out
         assert "cuda" not in back.device
-    f = StepFeatures(300, 9, 45150.0, 9 * 700, 10)
+    assert back.cost.padded_knee == cost.padded_knee
+    f = StepFeatures(300, 9, 45150.0, 9 * 700, 10, decode_groups=2, decode_padded=9 * 800)
     assert load_profile_file(path).step_time(f) == cost.step_time(f)
     assert save_profile_file(back, tmp_path / f"again.{ext}").read_text() == path.read_text()
 
@@ -482,7 +542,7 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
     prof = read_profile_file(out)
     assert prof.measure["steps"] == 300 and prof.grid == []
     assert prof.fit["heldout"]["max_rel_error"] < 1e-6
-    assert prof.cost.shared == pytest.approx(LINEAR, rel=1e-4)
+    assert prof.cost.shared[:len(MEASURED)] == pytest.approx(LINEAR, rel=1e-4)
     assert prof.cost.step_overhead_s == 0.0 and prof.measure["loop_overhead"]["gaps"] == 0  # 1 s apart: idle
 
 

@@ -3,6 +3,7 @@ the correction it makes (drift_corrected) and how `twinfer validate` brackets th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import types
@@ -441,3 +442,55 @@ def test_a_warm_up_throws_away_the_slow_start_beside_a_new_neighbour(monkeypatch
     assert sim.calibrate.settled_drift(object(), None)["factor"] == pytest.approx(math.sqrt(1.71 * 1.69))  # fooled
     with pytest.raises(ValueError, match="warmup_s"):
         sim.calibrate.settled_drift(object(), None, warmup_s=-1.0)
+
+
+# ---- refitting a profile's stored grid --------------------------------------------------------------
+
+def test_refit_finds_a_knee_in_the_stored_medians_and_keeps_the_rest(tmp_path):
+    from sim.calibrate import FEATURES, read_profile_file, refit_profile
+    from sim.cli import main
+
+    prof = busy_profile(1.3)
+    assert prof.cost.padded_knee is None  # TRUE is a straight line: no knee fitted
+    # the stored medians as a machine whose decode attention outgrows a cache past 4096 padded tokens
+    grid = []
+    for r in prof.grid:
+        extra = 4e-6 * max(0, r["decode_padded"] - 4096)
+        grid.append({**r, "median_s": r["median_s"] + extra, "busy_median_s": r["busy_median_s"] + 1.3 * extra})
+    prof = dataclasses.replace(prof, grid=grid, cost=prof.cost.with_overhead(0.0007))
+    path = save_profile_file(prof, tmp_path / "old.toml")
+    new = refit_profile(read_profile_file(path), form="linear")  # (noiseless: a max of two lines fits as well)
+    assert new.cost.padded_knee == 4096, new.fit["knee"]["why"]
+    assert new.cost.shared[FEATURES.index("decode_padded_over")] == pytest.approx(4e-6, rel=0.05)
+    assert new.busy.padded_knee == 4096  # the busy fit takes the alone fit's knee (they are blended)
+    # the old straight line misses the knee's shapes by up to a third; the refit has them
+    assert max(abs(r["predicted_s"] / r["median_s"] - 1) for r in prof.grid) > 0.3
+    assert new.fit["heldout"]["median_rel_error"] < 1e-6
+    # the same held-back shapes, the same split settings; the loop overhead and the measurements kept
+    assert [r["heldout"] for r in new.grid] == [r["heldout"] for r in prof.grid]
+    assert new.fit["holdout_share"] == prof.fit["holdout_share"] and new.fit["seed"] == prof.fit["seed"]
+    assert new.cost.step_overhead_s == 0.0007
+    assert [r["median_s"] for r in new.grid] == [r["median_s"] for r in prof.grid]
+    assert new.contention == prof.contention and new.fit["refit"]["was"]["decode_padded_knee"] is None
+    assert drift_reference_shapes(new) == drift_reference_shapes(prof)
+    for r in new.grid:
+        assert r["predicted_s"] == pytest.approx(r["median_s"], rel=1e-6)
+    # the command writes it
+    out = tmp_path / "new.toml"
+    assert main(["profile", "--refit", str(path), "--form", "linear", "--out", str(out), "--json"]) == 0
+    back = read_profile_file(out)
+    assert back.cost.padded_knee == 4096 and back.cost.coefficients() == new.cost.coefficients()
+    # a fixed knee, or none
+    assert refit_profile(prof, padded_knee=None).cost.padded_knee is None
+    assert refit_profile(prof, padded_knee=8192).cost.padded_knee == 8192
+
+
+def test_refit_needs_a_grid_with_the_padded_features():
+    from sim.calibrate import refit_profile
+
+    prof = busy_profile(1.3)
+    with pytest.raises(ValueError, match="no grid measurements"):
+        refit_profile(dataclasses.replace(prof, grid=[]))
+    old = [{k: v for k, v in r.items() if k != "decode_padded"} for r in prof.grid]
+    with pytest.raises(ValueError, match="grid row 1 .* has no decode_padded"):
+        refit_profile(dataclasses.replace(prof, grid=old), where="p.toml")

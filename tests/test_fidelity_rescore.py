@@ -1,0 +1,94 @@
+"""experiments/fidelity.py --rescore: a finished run's cells simulated again with another profile, against the
+run's recorded real figures (nothing runs on the executor)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.calibrate import drift_corrected, save_profile_file, scaled
+from sim.calibrate_cli import fit_to_model
+from sim.cluster import simulate
+from traces.report import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_drift import busy_profile  # noqa: E402
+
+
+def fidelity_module():
+    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "experiments" / "fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SETTINGS = {"requests": 16, "offset": 1000, "length_scale": 1.0, "replicas": 2, "num_blocks": 4096, "model": "tiny"}
+
+
+def recorded_run(fid, prof_path: str, prof, drift: float) -> dict:
+    """A run whose "real" figures are what the profile's co-location model predicts on a machine `drift` x
+    slower than profiled, with that drift recorded, one cell per trace."""
+    cells = []
+    cost = prof.contention_cost()
+    for tr in ("azure-conv", "azure-code"):
+        w0 = fid.trace_slice(tr, SETTINGS["requests"], SETTINGS["offset"], 1024, 1.0)
+        cfg = fid.cell_config("chunked-512", "round_robin", 2, prof_path, SETTINGS["num_blocks"])
+        sat = fid.saturation_rate(w0, cfg, cost)
+        w, _ = fit_to_model(fid.at_rate(w0, fid.LOADS["70%"] * sat), 1024)
+        sm = summarize(simulate(w, cfg, cost=drift_corrected(cost, drift)), cfg.slo)
+        real = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in fid.METRICS}
+        cells.append({"trace": tr, "scheduler": "chunked-512", "router": "round_robin", "load": "70%",
+                      "saturation_rate": sat, "rate": (len(w) - 1) / w.span, "requests": len(w),
+                      "drift": {"before": drift, "after": drift, "factor": drift, "colocated": None},
+                      "real": real, "errors": {m: 0.0 for m, _ in fid.METRICS},
+                      "sampling_band_rel": {m: [-0.05, 0.05] for m, _ in fid.METRICS},
+                      "niced_load_during": 0.0})
+    return {"profile": prof_path, "drift_check": True, "settings": SETTINGS, "cells": cells}
+
+
+def test_rescore_reproduces_the_recorded_errors_and_judges_another_profile(tmp_path, monkeypatch, capsys):
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(recorded_run(fid, path, prof, 1.25)))
+
+    def rescore(profile, out) -> dict:
+        monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", profile,
+                                          "--out", str(out)])
+        assert fid.main() == 0
+        return json.loads((out / "fidelity.json").read_text())
+
+    same = rescore(path, tmp_path / "same")
+    assert same["rescored_from"].endswith("fidelity.json") and len(same["cells"]) == 2
+    for c in same["cells"]:
+        # the same model and the recorded drift: the recorded "real" figures exactly, inside their bands
+        assert all(abs(e) < 1e-9 for e in c["errors"].values()), c["errors"]
+        assert all(c["in_sampling_band"].values())
+        # without the drift correction the simulator runs 1.25 x too fast (and queues less)
+        assert c["errors_uncorrected"]["tpot.p50"] < -0.15 and c["errors_uncorrected"]["e2e.p50"] < -0.15
+    assert "median p50 error <= 5%: met" in capsys.readouterr().out
+
+    # a profile 10 % slower on every step: the latencies over, by that and what it adds to queueing
+    slow = str(save_profile_file(type(prof)(**{**prof.__dict__, "cost": scaled(prof.cost, 1.1)}), tmp_path / "s.toml"))
+    other = rescore(slow, tmp_path / "slow")
+    for c in other["cells"]:
+        assert 0.05 < c["errors"]["tpot.p50"] < 0.3 and 0.05 < c["errors"]["e2e.p50"] < 0.3
+        assert not c["in_sampling_band"]["tpot.p50"]
+
+
+def test_rescore_refuses_a_different_workload(tmp_path, monkeypatch):
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    run = recorded_run(fid, path, prof, 1.0)
+    run["cells"][0]["requests"] += 1  # not the run these settings rebuild
+    (tmp_path / "fidelity.json").write_text(json.dumps(run))
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "fidelity.json"), "--profile", path])
+    with pytest.raises(ValueError, match="cell 1: the rebuilt workload .* is not the one that ran"):
+        fid.main()
