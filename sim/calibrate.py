@@ -9,7 +9,8 @@
 The fitted form is
 
     duration = max(A . x, B . x) + C . x + overhead,
-    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched, decode_groups, decode_padded)
+    x = (1, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched, decode_groups, decode_padded,
+         decode_padded_over)
 
 where batched = 1 when the step computes two or more tokens. It is there because the data say so:
 on the CPU a one-token step (one decode) runs its matrix products as matrix-vector products, and a
@@ -22,7 +23,14 @@ so a batch with spread contexts costs more than one with the same total context 
 (measured on the grid: up to a fifth more at 16 to 128 rows). decode_padded is collinear with
 decode_ctx for even batches; the fit shares the cost out.
 
-with every coefficient >= 0, so a prediction never decreases when any feature grows and
+decode_padded_over = max(0, decode_padded - knee) is a second, steeper slope per padded key token past a
+knee (the step's gathered keys and values outgrow a cache): the straight line over-predicted one- and
+two-sequence decodes at 1-3k tokens of context by 5-8 % and under-predicted the largest batches by up to
+13 %. The knee is one of KNEE_CANDIDATES, chosen by cross-validation on the training shapes
+(`choose_knee`), or none; it is constant over a decode run (a function of decode_padded), so runs stay
+exact.
+
+Every coefficient is >= 0, so a prediction never decreases when any feature grows and
 extrapolates beyond the grid as straight lines. The plain linear model is A = B = 0; `fit_cost`
 also tries a max of two lines (a "roofline": a flat, weight-bound line for small batches and a
 steeper, compute-bound one for large) and keeps it only when it cuts the held-out error clearly
