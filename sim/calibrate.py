@@ -310,6 +310,12 @@ class FitResult:
     chosen_because: str = ""
     knee: dict[str, Any] = field(default_factory=dict)  # choose_knee's record (chosen, cv_rms_rel_error, why)
 
+    def record(self, holdout: float, seed: int, **extra: Any) -> dict[str, Any]:
+        """The profile's "fit" section for this fit."""
+        return {"form": self.model.form, "why": self.chosen_because, "knee": self.knee, "holdout_share": holdout,
+                "seed": seed, "heldout": self.errors["heldout"], "train": self.errors["train"],
+                "candidates": self.candidates, **extra}
+
 
 def holdout_split(kinds: Sequence[str], share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Hold back about `share` of the points of each kind (at least one of any kind with >= 3 points),
@@ -404,7 +410,8 @@ def fit_cost(X: np.ndarray, y: np.ndarray, kv_capacity_tokens: int, *, kinds: Se
     if padded_knee == "auto":
         knee_d = choose_knee(Xt, yt, seed=seed)
     else:
-        knee_d = {"chosen": _knee(padded_knee), "why": "knee given" if padded_knee is not None else "no knee: none given"}
+        k = _knee(padded_knee)
+        knee_d = {"chosen": k, "why": f"knee at {k} padded tokens (given)" if k is not None else "no knee (given)"}
     knee = knee_d["chosen"]
     lin = fit_linear(Xt, yt, kv_capacity_tokens, name, padded_knee=knee)
     mx = fit_max(Xt, yt, kv_capacity_tokens, name, seed, padded_knee=knee) if form in ("auto", "max") else None
@@ -1055,11 +1062,8 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
         fit = fit_cost(X, y, kv_capacity_tokens, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label,
                        padded_knee=knee)
         spreads = [m.stats()["iqr_rel"] for m in ms]
-        d = {"form": fit.model.form, "why": fit.chosen_because, "knee": fit.knee, "holdout_share": holdout, "seed": seed,
-             "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
-             "median_iqr_rel": float(np.median(spreads)) if spreads else math.nan,
-             "max_iqr_rel": float(np.max(spreads)) if spreads else math.nan}
-        return fit, d
+        return fit, fit.record(holdout, seed, median_iqr_rel=float(np.median(spreads)) if spreads else math.nan,
+                               max_iqr_rel=float(np.max(spreads)) if spreads else math.nan)
 
     fit, fit_d = fit_of(meas, name, knee)
     busy_fit = busy_d = None
@@ -1123,12 +1127,9 @@ def refit_profile(prof: Profile, *, form: str = "auto", padded_knee: int | None 
         y = np.array([float(r[key]) for r in prof.grid])
         fit = fit_cost(X, y, cap, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label, padded_knee=knee)
         fit.model = fit.model.with_overhead(overhead)
-        return fit, {"form": fit.model.form, "why": fit.chosen_because, "knee": fit.knee, "holdout_share": holdout,
-                     "seed": seed, "heldout": fit.errors["heldout"], "train": fit.errors["train"],
-                     "candidates": fit.candidates,
-                     **{k: prof.fit[k] for k in ("median_iqr_rel", "max_iqr_rel") if k in prof.fit},
-                     "refit": {"at": utc_now(), "was": {"form": prof.cost.form, "decode_padded_knee": prof.cost.padded_knee,
-                                                        "heldout": prof.fit.get("heldout", {})}}}
+        return fit, fit.record(holdout, seed, **{k: prof.fit[k] for k in ("median_iqr_rel", "max_iqr_rel") if k in prof.fit},
+                               refit={"at": utc_now(), "was": {"form": prof.cost.form, "heldout": prof.fit.get("heldout", {}),
+                                                               "decode_padded_knee": prof.cost.padded_knee}})
 
     fit, fit_d = fit_of("median_s", prof.cost.name, padded_knee, prof.cost.step_overhead_s)
     busy = busy_d = None

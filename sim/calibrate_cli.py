@@ -358,9 +358,7 @@ def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size
                    padded_knee=knee)
     loop = gap_stats(loop_gaps(steps))
     counts = {k: kinds.count(k) for k in sorted(set(kinds))}
-    fit_d = {"form": fit.model.form, "why": fit.chosen_because, "knee": fit.knee, "holdout_share": holdout, "seed": seed,
-             "heldout": fit.errors["heldout"], "train": fit.errors["train"], "candidates": fit.candidates,
-             "median_iqr_rel": math.nan, "max_iqr_rel": math.nan}
+    fit_d = fit.record(holdout, seed, median_iqr_rel=math.nan, max_iqr_rel=math.nan)
     return Profile(cost=fit.model.with_overhead(loop["mean_s"]), device={"source": "engine step log"},
                    model={**dataclasses.asdict(cfg), "params": cfg.num_params}, versions=library_versions(),
                    kv={"num_blocks": num_blocks, "block_size": block_size}, fit=fit_d,
