@@ -86,6 +86,7 @@ SCHEDULERS = {
                       "max_num_seqs": 32},
 }
 ROUTERS = ("least_outstanding", "round_robin")
+REPORT_WIDTH = 200  # the table's 16 columns: narrower, rich cuts the trace, scheduler and summary labels
 METRICS = (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50"), ("ttft.p99", "TTFT p99"),
            ("tpot.p99", "TPOT p99"), ("e2e.p99", "E2E p99"), ("throughput_rps", "tput"))
 
@@ -317,7 +318,7 @@ def rescore(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.profile}: profiled on model {prof.model.get('name')!r}; the run used {st['model']!r}")
     ccost = prof.contention_cost() if st["replicas"] > 1 else None
     base = ccost or prof.cost_at(1.0)
-    con = Console(width=140)
+    con = Console(width=REPORT_WIDTH)
     print(f"rescoring {len(run['cells'])} cells of {path} with {args.profile} (recorded: {run.get('profile')})",
           flush=True)
     slices: dict[str, Workload] = {}
@@ -446,7 +447,7 @@ def main() -> int:
         save_profile_file(prof, prof_path)
     from rich.console import Console
 
-    con = Console(width=140)
+    con = Console(width=REPORT_WIDTH)
     con.print(render_profile(prof))
     mcfg = preset(args.model)
     # the saturation rate: the co-location model (or, without one, every replica's neighbours busy)
