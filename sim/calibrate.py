@@ -178,11 +178,15 @@ class FittedCost:
     def form(self) -> str:
         return "max" if self._max else "linear"
 
-    def step_time(self, f: StepFeatures) -> float:
+    def _terms(self, f: StepFeatures) -> tuple[float, ...]:
+        """x of one step, in FEATURES order (a plain tuple: step_time is the simulator's hot path)."""
         k = self.padded_knee
-        x = (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
-             1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded,
-             f.decode_padded - k if k is not None and f.decode_padded > k else 0.0)
+        return (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
+                1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded,
+                f.decode_padded - k if k is not None and f.decode_padded > k else 0.0)
+
+    def step_time(self, f: StepFeatures) -> float:
+        x = self._terms(f)
         c, a, b = self._c, self._a, self._b
         base = sum(ci * xi for ci, xi in zip(c, x)) + self.step_overhead_s
         if not self._max:
@@ -199,11 +203,11 @@ class FittedCost:
         # stay put: the simulator cuts runs where they would change); max(p, q) + s = max(p + s, q + s)
         # folds the shared term (which also grows with decode_ctx) into both lines. decode_padded_over is a
         # function of decode_padded, so it stays put as well.
-        x = design(feature_row(f)[None, :], self.padded_knee)[0]
-        k = FEATURES.index("decode_ctx")
+        x = np.array(self._terms(f))
+        j = FEATURES.index("decode_ctx")
         b = f.decode_seqs
         a, bb = self.line_a + self.shared, self.line_b + self.shared
-        return DecodeRun(float(x @ a), float(a[k] * b), float(x @ bb), float(bb[k] * b), self.step_overhead_s)
+        return DecodeRun(float(x @ a), float(a[j] * b), float(x @ bb), float(bb[j] * b), self.step_overhead_s)
 
     def with_overhead(self, step_overhead_s: float) -> "FittedCost":
         return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name, step_overhead_s,
