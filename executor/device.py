@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from executor import hostmem
+
 if TYPE_CHECKING:
     import torch
 
@@ -108,6 +110,7 @@ def describe_device(dev: torch.device | str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
+        "host_memory": hostmem.describe(),  # this process's C allocator setting (executor.hostmem)
     }
     if dev.type == "cuda":
         i = dev.index if dev.index is not None else torch.cuda.current_device()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from executor import hostmem
 from executor.model import LlamaForCausalLM, ModelConfig
 from executor.paged import PagedAttention, PagedKVCache
 from policies.plan import StepPlan
@@ -72,12 +73,15 @@ class ModelRunner:
     """A model, its paged KV cache, and a sampler.
 
     On the CPU it sets torch's intra-op thread count (a process-wide setting) to `num_threads`,
-    by default every core in this process's affinity mask.
+    by default every core in this process's affinity mask. `host_memory` ("retain", the default, or
+    "system") sets this process's C allocator (executor.hostmem, also process-wide): "retain" keeps
+    freed activation memory for the next step instead of faulting it in again.
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  device: torch.device | str | None = None, sampling: SamplingParams = SamplingParams(),
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, host_memory: str = "retain"):
+        self.host_memory = hostmem.configure(host_memory)  # before the cache and the first step allocate
         self.device = torch.device(device) if device is not None else model.device
         if model.device != self.device:
             model = model.to(self.device)
