@@ -13,6 +13,11 @@ data the simulator's fitted cost model is calibrated on.
 from __future__ import annotations
 
 import time
+
+try:
+    import resource
+except ImportError:  # not Unix: steps log no faults
+    resource = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 
@@ -26,6 +31,14 @@ from policies.plan import StepPlan
 from policies.scheduler import ContinuousBatchingScheduler
 from policies.sequence import SeqStatus, Sequence
 from traces.workload import Request
+
+
+def _rusage() -> tuple[int, float]:
+    """(minor page faults, kernel CPU seconds) of this process so far; (0, 0.0) without getrusage."""
+    if resource is None:
+        return 0, 0.0
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_stime
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +63,11 @@ class StepRecord:
     # with each row padded to its group's longest. 0 without decodes.
     decode_groups: int = 0
     decode_padded_context: int = 0
+    # This process's minor page faults and kernel CPU seconds during the step (getrusage; 0 where the
+    # platform has no getrusage). Faults in a step that allocates nothing new mean the C allocator gave
+    # memory back to the kernel in between (executor.hostmem).
+    minor_faults: int = 0
+    kernel_s: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -121,6 +139,7 @@ class Engine:
     def step(self, now_fn: Callable[[], float] | None = None) -> StepOutcome:
         """Schedule, execute and apply one step. `now_fn` gives the run's clock (default: the engine's)."""
         sched = self.scheduler
+        r0 = _rusage()
         start = self._read(now_fn)
         t = time.perf_counter()
         plan = sched.schedule(start)
@@ -130,10 +149,12 @@ class Engine:
         record = None if plan.empty else self._shape(plan, start, schedule_s, len(completing))
         self.runner.run(plan)
         end = self._read(now_fn)
+        r1 = _rusage()
         tokens = [(s, s.tokens[-1]) for s in completing]
         sched.update(plan, start, end)
         if record is not None:
-            self.step_log.append(replace(record, duration=end - start))
+            self.step_log.append(replace(record, duration=end - start, minor_faults=r1[0] - r0[0],
+                                         kernel_s=r1[1] - r0[1]))
         finished = sched.done
         sched.done = []
         return StepOutcome(plan, start, end, tokens, finished)

@@ -569,6 +569,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(tmp) / "steps.csv", dst)
         real_threads = res.meta.get("threads_per_replica")
+        real_host = (res.meta.get("device_info") or {}).get("host_memory", "")
         reals.append(summarize(res, cfg.slo))
         run_bands.append(sampling_bands(res.records))
     # each real figure's resampling band (the median band over the runs)
@@ -627,6 +628,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     if real_threads != prof_threads:
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
+    prof_host = str(prof.device.get("host_memory") or "system: not recorded (profiled before twinfer set it)")
+    if real_host and prof_host.split(":")[0] != real_host.split(":")[0]:
+        notes.append(f"the profile was measured with host memory '{prof_host}', the executor ran with '{real_host}': "
+                     f"long prefills differ by about 10 % for that reason alone (executor.hostmem); profile again")
     if drift["enabled"] and drift["colocated"]["enabled"]:
         cb = drift["colocated"]
         fb, fa = cb["before"]["factor"], cb["after"]["factor"]

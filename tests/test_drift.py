@@ -367,6 +367,35 @@ def test_validate_without_the_drift_check(tmp_path, monkeypatch):
     assert out["comparison"]["metrics"]["e2e.p50"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_validate_notes_a_profile_measured_with_another_host_allocator(tmp_path, monkeypatch):
+    """A profile from before executor.hostmem (no host_memory in its device record) measured glibc's
+    defaults; an executor that keeps freed memory runs long prefills faster, and validate says so."""
+    def with_host(run_setup, prof):
+        run, _ = run_setup(prof)
+        fake = sys.modules["executor.replay"]
+        inner = fake.run_workload
+
+        def run_workload(w, cfg, **kw):
+            res = inner(w, cfg, **kw)
+            res.meta["device_info"] = {"host_memory": "retain: glibc malloc keeps freed memory"}
+            return res
+
+        monkeypatch.setattr(fake, "run_workload", run_workload)
+        return run(False)["notes"]
+
+    def setup(prof):
+        return _validate_setup(tmp_path, monkeypatch, prof, 1.0)
+
+    notes = with_host(setup, synthetic_profile(max_context=1024))
+    assert [n for n in notes if "host memory" in n] == [
+        "the profile was measured with host memory 'system: not recorded (profiled before twinfer set it)', the "
+        "executor ran with 'retain: glibc malloc keeps freed memory': long prefills differ by about 10 % for that "
+        "reason alone (executor.hostmem); profile again"]
+    prof = synthetic_profile(max_context=1024)
+    prof.device["host_memory"] = "retain: glibc 2.36 malloc keeps freed memory"
+    assert not any("host memory" in n for n in with_host(setup, prof))
+
+
 def test_validate_refuses_a_drift_check_it_cannot_make_before_running(tmp_path, monkeypatch):
     prof = synthetic_profile(max_context=1024)
     prof.grid = []

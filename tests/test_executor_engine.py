@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import cache
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,6 +177,36 @@ def test_engine_generates_exactly_the_requested_output_tokens():
     assert int(t["sampled"].sum()) == sum(r.output_tokens for r in reqs)
     assert (t["duration"] > 0).all() and (t["duration"] >= t["schedule_s"]).all()
     assert (t["start"][1:] > t["start"][:-1]).all()
+    # This process's page faults and kernel time per step (getrusage), for telling allocator churn apart
+    assert t["minor_faults"].dtype == np.int64 and (t["minor_faults"] >= 0).all()
+    assert t["kernel_s"].dtype == np.float64 and (t["kernel_s"] >= 0).all()
+    assert t["kernel_s"].sum() <= t["duration"].sum() * torch.get_num_threads() + 0.05  # 10 ms clock ticks
+
+
+def test_step_log_counts_the_page_faults_of_a_step_that_touches_new_memory(monkeypatch):
+    """A step whose forward pass writes 32 MiB of never-touched memory faults it in, and the step log says
+    so; the same step on memory the process already holds does not."""
+    e = _engine()
+    fresh: list[torch.Tensor] = []
+    run = e.runner.run
+
+    def run_and_touch(plan):
+        run(plan)
+        if fresh:
+            fresh.pop().fill_(1.0)  # first touch of an untouched mmap'd block: one fault per page
+
+    monkeypatch.setattr(e.runner, "run", run_and_touch)
+    import mmap
+
+    n = (32 << 20) // 4
+    buf = mmap.mmap(-1, n * 4)  # anonymous, untouched: no allocator can hand back pages it already holds
+    fresh.append(torch.frombuffer(buf, dtype=torch.float32, count=n))
+    e.add(Sequence(REQS[0]), 0.0)
+    e.step()
+    e.step()  # nothing new touched
+    t = e.step_table()
+    assert t["minor_faults"][0] >= 32 << 20 >> 21  # at least one per 2 MiB (huge pages), 8192 with 4 KiB pages
+    assert t["minor_faults"][1] < t["minor_faults"][0] / 4
 
 
 def test_seeded_sampling_does_not_depend_on_batching():
