@@ -98,6 +98,11 @@ class Replica:
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
+        # A co-located cost model read continuously (sim.contention, continuous=True): the step in progress
+        # is [time of the last re-timing, work left in alone-seconds, factor since then], and every change of
+        # this replica's `current` re-times its neighbours' steps (_notify, _retime).
+        self._cont = bool(getattr(cost, "continuous", False)) and hasattr(cost, "colocated")
+        self._prog: list[float] | None = None
         # The step in progress as _step planned it: (plan, features, start, DecodeRun or None, steps, end);
         # t_next: when this replica next acts by itself (that step's end, a queue deadline, inf: never).
         self._pend: tuple | None = None
@@ -221,6 +226,7 @@ class Replica:
                 st.tokens += m * f.decode_seqs
             st.busy_time += now - start
             self._run_state = None
+            self._prog = None
             self.clock = now
             if self.reclaimer is not None or self.sample_every:
                 if sched.done:
@@ -238,6 +244,8 @@ class Replica:
             self.t_next = wake if wake is not None else math.inf
             self._idle = True
             self.num_outstanding = len(sched.waiting) + len(sched.running)  # (_refresh)
+            if self._cont:
+                self._notify(now)
             return False
         self._idle = False
         f = plan_features(plan)
@@ -250,7 +258,12 @@ class Replica:
         if k == 1:
             run = None
             m = 1
-            end = now + self.cost.step_time(f)
+            if self._cont:
+                w, fac = self.cost.alone_time(f), self.cost.factor_now(f)
+                self._prog = [now, w, fac]
+                end = now + w * fac
+            else:
+                end = now + self.cost.step_time(f)
         else:
             run = self.cost.decode_run(f)
             m = k
@@ -264,7 +277,38 @@ class Replica:
         if run is not None and self.direct:  # (the SimPy driver sets it while it waits the run out)
             self._run_state = (now, run, m, f.decode_seqs)
         self.num_outstanding = len(sched.waiting) + len(sched.running)  # (_refresh)
+        if self._cont:
+            self._notify(now)
         return True
+
+    # ---- co-located replicas read continuously (sim.contention, continuous=True) ---------------------
+    def _notify(self, now: float) -> None:
+        """This replica's `current` just changed: re-time the steps its neighbours have in progress."""
+        for r in self.cost.colocated():
+            if r._prog is not None and r._pend is not None and r.up:
+                r._retime(now)
+
+    def _retime(self, now: float) -> None:
+        """A neighbour changed: the work this step has left goes on at the factor of what they run now.
+        The process's wait moves to the new end, as in _cut_run."""
+        env, proc = self.env, self.proc
+        target = proc._target
+        if target is None or target.callbacks is None or proc._resume not in target.callbacks:
+            return  # not waiting on its step (it is the one running now): nothing to move
+        t0, w, fac = self._prog
+        w = max(w - (now - t0) / fac, 0.0)
+        new = self.cost.factor_now(self.current)
+        self._prog = [now, w, new]
+        if new == fac:
+            return
+        plan, f, start, run, m, _ = self._pend
+        end = now + w * new
+        self._pend = (plan, f, start, run, m, end)
+        self.t_next = end
+        target.callbacks.remove(proc._resume)
+        t = env.timeout(max(end - env.now, 0.0))
+        t.callbacks.append(proc._resume)
+        proc._target = t
 
     # ---- the SimPy driver -------------------------------------------------------------------------
     def _loop(self):
@@ -300,6 +344,9 @@ class Replica:
                     self._lose_step(p[0], p[1], p[2], p[3], p[4])
                 self._pend = None
                 self.current = None
+                self._prog = None
+                if self._cont:
+                    self._notify(env.now)
                 yield from self._down()
 
     # ---- the direct driver (run_direct): no SimPy events at all -----------------------------------

@@ -71,13 +71,15 @@ def test_bad_tables_are_refused():
         ContentionCost(BASE, {"decode": {"decode": 0.0}})
 
 
-def test_the_cluster_hook_times_a_step_by_the_neighbours_step_in_progress():
+def test_the_cluster_hook_times_a_step_by_the_neighbours_step_at_its_start():
+    """continuous=False (the first version): a step keeps the factor of what its neighbours ran when it began."""
     from sim.cluster import simulate
     from sim.config import SimConfig
     from traces.workload import Request, Workload
 
     cfg = SimConfig(replicas=2, router="round_robin")
-    m = ContentionCost(BASE, FACTOR)
+    m = ContentionCost(BASE, FACTOR, continuous=False)
+    assert m.with_base(BASE).continuous is False and m.with_busy_scale(1.1).continuous is False
     # request 0: a 100-token prompt at t=0 (replica 0, round robin); request 1: the same at t=0.05 (replica 1),
     # whose prefill starts while replica 0's is in progress
     two = Workload.from_requests([Request(0, 0.0, 100, 1), Request(1, 0.05, 100, 1)], name="two")
@@ -98,6 +100,39 @@ def test_the_cluster_hook_times_a_step_by_the_neighbours_step_in_progress():
     extra = r.records["finish"][0] - alone.records["finish"][0]
     n_overlap = extra / (0.012 * 0.5)  # each overlapped one-sequence decode step: 12 ms, +50 %
     assert n_overlap == pytest.approx(round(n_overlap), abs=1e-6) and 5 <= round(n_overlap) <= 11
+
+
+def test_the_cluster_re_times_a_step_whenever_a_neighbour_changes():
+    """continuous=True (the default): a step is T alone-seconds of work done at rate 1 / factor, the factor
+    re-read whenever a co-located replica starts a step or goes idle."""
+    from sim.cluster import simulate
+    from sim.config import SimConfig
+    from traces.workload import Request, Workload
+
+    cfg = SimConfig(replicas=2, router="round_robin")
+    m = ContentionCost(BASE, FACTOR)
+    assert m.continuous and m.with_base(BASE).continuous and m.with_continuous(False).continuous is False
+    # request 0's prefill starts alone at 0; at 0.05 request 1's prefill starts beside it: both at 1.25 x from
+    # then on. Request 0 (one output token) ends, its replica idles, and request 1's rest runs alone.
+    two = Workload.from_requests([Request(0, 0.0, 100, 1), Request(1, 0.05, 100, 1)], name="two")
+    ft = simulate(two, cfg, cost=m).records["first_token"]
+    end0 = 0.05 + (T_PRE - 0.05) * 1.25
+    assert ft[0] == pytest.approx(end0)
+    assert ft[1] == pytest.approx(end0 + (T_PRE - (end0 - 0.05) / 1.25))
+    # sampled at the start, request 0 would have kept factor 1 and request 1 kept 1.25
+    assert end0 > T_PRE and ft[1] < 0.05 + T_PRE * 1.25
+    # apart: nothing overlaps, nothing changes
+    apart = Workload.from_requests([Request(0, 0.0, 100, 1), Request(1, 0.5, 100, 1)], name="apart")
+    assert simulate(apart, cfg, cost=m).records["first_token"][1] == pytest.approx(0.5 + T_PRE)
+    # request 1's prefill runs from 0.2 beside request 0's one-sequence decodes (1.05 x) throughout; request 0's
+    # decode work meanwhile goes at 1 / 1.5 of its pace, the step in progress at 0.2 included, so its 50 tokens
+    # finish later by exactly the prefill's length x (1 - 1 / 1.5)
+    beside = Workload.from_requests([Request(0, 0.0, 100, 50), Request(1, 0.2, 100, 1)], name="beside")
+    r = simulate(beside, cfg, cost=m)
+    pre = T_PRE * 1.05
+    assert r.records["first_token"][1] == pytest.approx(0.2 + pre)
+    alone = simulate(beside, cfg, cost=BASE)
+    assert r.records["finish"][0] - alone.records["finish"][0] == pytest.approx(pre * (1 - 1 / 1.5))
 
 
 def test_profile_round_trips_the_contention_section(tmp_path):
