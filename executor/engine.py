@@ -13,11 +13,6 @@ data the simulator's fitted cost model is calibrated on.
 from __future__ import annotations
 
 import time
-
-try:
-    import resource
-except ImportError:  # not Unix: steps log no faults
-    resource = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 
@@ -31,6 +26,11 @@ from policies.plan import StepPlan
 from policies.scheduler import ContinuousBatchingScheduler
 from policies.sequence import SeqStatus, Sequence
 from traces.workload import Request
+
+try:
+    import resource
+except ImportError:  # not Unix: steps log no faults
+    resource = None  # type: ignore[assignment]
 
 
 def _rusage() -> tuple[int, float]:
