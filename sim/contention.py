@@ -33,10 +33,10 @@ done at rate 1 / factor, and the factor changes whenever a co-located neighbour 
 idle (the simulator re-times the steps in progress then: sim.cluster, `Replica._retime`). So a prefill
 of half a second that starts beside an idle neighbour, which then starts decoding, is slowed for the
 part it overlaps. Sampled once at the start instead (`continuous=False`, the first version), such a
-prefill kept the idle factor 1 throughout: in five recorded fidelity runs, 40 % of the prefill and
+prefill kept the idle factor 1 throughout: in five recorded fidelity runs, 30-37 % of the prefill and
 mixed steps that started beside an idle neighbour overlapped its work for 10 % of their time or more,
-and those ran 1.05-1.11 x the alone prediction, against 1.02-1.05 x for the ones that overlapped
-nothing. Decode-run jumps are off (`jump_ok = False`): each step must look at its neighbours; fine at
+and prefill and mixed steps whose neighbour was busy for 10-90 % of their time ran 1.05-1.11 x the
+alone prediction, against 1.02-1.05 x for the ones that overlapped nothing. Decode-run jumps are off (`jump_ok = False`): each step must look at its neighbours; fine at
 fidelity sizes.
 """
 
