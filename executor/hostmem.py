@@ -5,8 +5,9 @@ its mmap threshold (128 KiB, raised on the fly to at most 32 MiB) with fresh mma
 free memory at the top of its heap to the kernel once it exceeds the trim threshold. A prefill of
 2048 tokens through the default model builds 8 MiB MLP activations in every layer; with glibc's
 defaults those pages go back to the kernel when freed and are faulted in again, zero-filled, by the
-next layer or step. Measured on this project's CPU (experiments/bench_host_memory.py): 20,000 to
-50,000 minor page faults in one 2048-token prefill, 10-15 % of its time in the kernel, and how many
+next layer or step. Measured on this project's CPU (experiments/bench_host_memory.py): 37,000
+minor page faults in one 2048-token prefill (62,000 at 3072 tokens), about 10 % of its time in the
+kernel; in a serving loop 0 to 117,000 per prefill of 1-4k tokens, and how many
 depends on what the process allocated before, so the same step shape costs a different amount in a
 serving loop than in `twinfer profile`'s grid.
 

@@ -36,8 +36,8 @@ part it overlaps. Sampled once at the start instead (`continuous=False`, the fir
 prefill kept the idle factor 1 throughout: in five recorded fidelity runs, 30-37 % of the prefill and
 mixed steps that started beside an idle neighbour overlapped its work for 10 % of their time or more,
 and prefill and mixed steps whose neighbour was busy for 10-90 % of their time ran 1.05-1.11 x the
-alone prediction, against 1.02-1.05 x for the ones that overlapped nothing. Decode-run jumps are off (`jump_ok = False`): each step must look at its neighbours; fine at
-fidelity sizes.
+alone prediction, against 1.02-1.05 x for the ones that overlapped nothing. Decode-run jumps are off
+(`jump_ok = False`): each step must look at its neighbours; fine at fidelity sizes.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class ReplicaContention:
         return self.model.factor(f, self.neighbours())
 
     def step_time(self, f: StepFeatures) -> float:
-        return self.base.step_time(f) * self.model.factor(f, self.neighbours())
+        return self.alone_time(f) * self.factor_now(f)
 
     def decode_run(self, f: StepFeatures) -> DecodeRun:
         # Only reached with jumps on (jump_ok is False): the neighbours as they are now, for the whole run.
