@@ -199,7 +199,7 @@ def aggregate(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
 def settings_of(args: argparse.Namespace, n_req: int) -> dict:
     """What rebuilds the cells' workloads (--rescore reads it back)."""
     return {"requests": n_req, "offset": args.offset, "length_scale": args.length_scale, "replicas": args.replicas,
-            "num_blocks": args.num_blocks, "model": args.model}
+            "num_blocks": args.num_blocks, "model": args.model, "device": getattr(args, "device", "cpu")}
 
 
 def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: list[dict], **extra) -> None:
@@ -301,11 +301,10 @@ def rescore(args: argparse.Namespace) -> int:
     compared with the cell's recorded real figures. Nothing runs on the executor, so a change to the cost
     model is judged without the run-to-run noise of a new real run. The steps diagnostics are recomputed
     from the run's kept step logs (steps/cellNN.0.csv) when there."""
-    from executor.model import preset
-    from executor.replay import read_steps
+    from executor.replay import read_steps, resolve_model
     from rich.console import Console
     from sim.calibrate import ZERO_S, _rel, drift_corrected, scaled, step_check
-    from sim.calibrate_cli import fit_to_model
+    from sim.calibrate_cli import fit_to_model, profile_model_ref, same_model
     from traces.report import summarize
 
     src = Path(args.rescore)
@@ -313,9 +312,9 @@ def rescore(args: argparse.Namespace) -> int:
     run = json.loads(path.read_text())
     st = {**settings_of(args, args.requests or 48), **run.get("settings", {})}
     prof = read_profile_file(args.profile)
-    mcfg = preset(st["model"])
-    if prof.model.get("name") != st["model"]:
-        raise ValueError(f"{args.profile}: profiled on model {prof.model.get('name')!r}; the run used {st['model']!r}")
+    if not same_model(prof, st["model"]):
+        raise ValueError(f"{args.profile}: profiled on model {profile_model_ref(prof)!r}; the run used {st['model']!r}")
+    mcfg = resolve_model(st["model"]).cfg
     ccost = prof.contention_cost() if st["replicas"] > 1 else None
     base = ccost or prof.cost_at(1.0)
     con = Console(width=REPORT_WIDTH)
@@ -383,7 +382,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 cells (chunked-512, least_outstanding), quick profile")
     ap.add_argument("--profile", help="reuse this profile file instead of profiling first")
-    ap.add_argument("--model", default="default", help="executor model preset (default: default)")
+    ap.add_argument("--model", default="default",
+                    help="executor model: a preset (weights from seed 0) or a local Hugging Face Llama directory "
+                         "(default: default)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the replicas (and the profile) run: cpu | cuda | cuda:N (default: cpu). On one GPU "
+                         "the replicas share it, as they share the CPU")
     ap.add_argument("--requests", type=int, default=None, help="requests per cell (default 48; 20 with --quick)")
     ap.add_argument("--offset", type=int, default=1000, help="first request of each slice in the full trace")
     ap.add_argument("--length-scale", type=float, default=1.0, help="multiply token counts (default 1: as recorded)")
@@ -428,7 +432,7 @@ def main() -> int:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    from executor.model import preset
+    from executor.replay import resolve_model
     from sim.calibrate_cli import render_profile, run_profile, run_validate
 
     t_start = time.perf_counter()
@@ -441,7 +445,8 @@ def main() -> int:
     else:
         busy, waited = wait_quiet(args.quiet, args.max_wait)
         print(f"profiling (other load {busy:.0%} of the cores after waiting {waited:.0f} s)", flush=True)
-        prof, _ = run_profile(args.model, "cpu", 3 if args.quick else 5, 2, args.quick, 0.25, "auto", 1,
+        threads = 1 if args.device == "cpu" else None  # on a GPU: torch's default, as the replicas get
+        prof, _ = run_profile(args.model, args.device, 3 if args.quick else 5, 2, args.quick, 0.25, "auto", threads,
                               args.num_blocks, 16, 2048, 0, concurrent=args.replicas)
         prof_path = str((out_dir or Path("/tmp")) / f"fidelity-profile-{os.getpid()}.toml")
         save_profile_file(prof, prof_path)
@@ -449,7 +454,7 @@ def main() -> int:
 
     con = Console(width=REPORT_WIDTH)
     con.print(render_profile(prof))
-    mcfg = preset(args.model)
+    mcfg = resolve_model(args.model).cfg
     # the saturation rate: the co-location model (or, without one, every replica's neighbours busy)
     cost = (prof.contention_cost() if args.replicas > 1 else None) or prof.cost_at(1.0)
 
@@ -472,7 +477,7 @@ def main() -> int:
         other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
         t0 = cpu_times()
-        res = run_validate(w, cfg, prof_path, args.model, "cpu", 1, 300.0,
+        res = run_validate(w, cfg, prof_path, args.model, args.device, 1, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check)
         niced = niced_share(t0, cpu_times())

@@ -944,17 +944,19 @@ def measure_grid(runner: Any, points: Sequence[GridPoint], repeats: int = 7, war
     return [Measurement(p, s) for p, s in zip(points, samples)]
 
 
-def _companion_main(model_cfg: Any, seed: int, device: str, threads: int, block_size: int, num_blocks: int,
+def _companion_main(model: Any, seed: int, device: str, threads: int, block_size: int, num_blocks: int,
                     points: list[GridPoint], ready: Any, stop: Any, groups: list[list[int]] | None = None,
                     mode: Any = None, ack: Any = None) -> None:
     """A busy neighbour: its own model and runner, running grid shapes in random order until told to stop.
-    With `groups` and a shared `mode`: runs shapes of groups[mode] only, or sleeps while mode < 0, and
-    writes the mode it is now in (set after the step in progress ends) to `ack`."""
-    from executor.model import LlamaForCausalLM
+    `model`: an executor.replay.ModelSpec (a preset's config or a weights directory), or a ModelConfig
+    (weights from `seed`). With `groups` and a shared `mode`: runs shapes of groups[mode] only, or sleeps
+    while mode < 0, and writes the mode it is now in (set after the step in progress ends) to `ack`."""
+    from executor.replay import ModelSpec
     from executor.runner import ModelRunner
 
-    runner = ModelRunner(LlamaForCausalLM.from_seed(model_cfg, seed, device=device), num_blocks, block_size,
-                         device=device, num_threads=threads)
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model, None, seed)
+    model_cfg = spec.cfg
+    runner = ModelRunner(spec.build(device), num_blocks, block_size, device=device, num_threads=threads)
     plans = [_build_plan(p, model_cfg.vocab, block_size, num_blocks, 1000 * i) for i, p in enumerate(points)]
     rng = np.random.default_rng(seed + 1)
     ready.set()
@@ -985,10 +987,10 @@ class BusyNeighbours:
     run only groups[m]'s shapes (m < 0: idle again); it returns once every neighbour has finished the step
     it had in progress, so what is measured next is measured under the new condition."""
 
-    def __init__(self, n: int, model_cfg: Any, points: Sequence[GridPoint], block_size: int, num_blocks: int,
+    def __init__(self, n: int, model: Any, points: Sequence[GridPoint], block_size: int, num_blocks: int,
                  threads: int, device: str = "cpu", seed: int = 0, timeout_s: float = 300.0,
                  groups: Sequence[Sequence[int]] | None = None):
-        self.n, self.args = n, (model_cfg, seed, device, threads, block_size, num_blocks, list(points))
+        self.n, self.args = n, (model, seed, device, threads, block_size, num_blocks, list(points))
         self.timeout_s = timeout_s
         self.groups = [list(g) for g in groups] if groups is not None else None
         self.procs: list[Any] = []

@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "runs per shape after a warm-up, fit a non-negative cost model on most shapes, report its "
                     "error on the held-back rest, measure the engine loop's time between steps on a short real "
                     "replay, and write a profile file for `--profile FILE`.")
-    p.add_argument("--model-config", default="default", help="executor model preset (default: default)")
+    p.add_argument("--model-config", default="default",
+                   help="executor model: a preset (weights from --seed) or a local Hugging Face Llama directory "
+                        "(config.json + safetensors) (default: default)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("--out", required=True, help="profile file to write (.toml or .json)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per shape (default 7; 3 with --quick)")
@@ -80,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trace_flags(v)
     add_sim_flags(v)
     g = v.add_argument_group("executor")
-    g.add_argument("--model-config", default=None, help="executor model preset (default: the profile's model)")
+    g.add_argument("--model-config", default=None,
+                   help="executor model: a preset or a local Hugging Face Llama directory (default: the profile's)")
     g.add_argument("--device", default=None, help="executor device (default: the profile's, else cpu)")
     g.add_argument("--repeat", type=int, default=1, help="real runs (default 1); >= 2 reports their spread")
     g.add_argument("--time-limit", type=float, default=600.0,
@@ -131,7 +134,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
                 progress: bool = False, concurrent: int = 1, loop_overhead: bool = True, knee: Any = "auto"):
     """Measure and fit; returns (Profile, FitResult)."""
     from executor.device import describe_device, select_device
-    from executor.model import LlamaForCausalLM, preset
+    from executor.replay import resolve_model
     from executor.runner import ModelRunner
     from sim.calibrate import (
         BusyNeighbours, default_grid, grid_blocks_needed, measure_grid, measure_loop_overhead,
@@ -143,7 +146,8 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
                           ("--block-size", block_size, 1), ("--max-tokens", max_tokens, 1)):
         if val < lo:
             raise ValueError(f"{name}={val} is out of range; allowed: >= {lo}")
-    cfg = preset(model_config)
+    spec = resolve_model(model_config, seed)
+    cfg = spec.cfg
     dev = select_device(device)
     if threads is None:
         threads = 1 if dev.type == "cpu" else None
@@ -152,7 +156,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     points = default_grid(quick=quick, max_tokens=max_tokens, max_context=cfg.max_position, seed=seed,
                           max_kv_tokens=num_blocks * block_size)
     need = grid_blocks_needed(points, block_size)
-    model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
+    model = spec.build(str(dev))
     runner = ModelRunner(model, max(num_blocks, need), block_size, device=dev, num_threads=threads)
     threads = runner.num_threads
     def measure(label: str, pts=None):
@@ -181,7 +185,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         groups = neighbour_groups(points)
         busy_conds = [c for c in CONDITIONS if c != "idle"]
         conds = ["idle"] + [c for c in busy_conds if groups[c]]
-        with BusyNeighbours(concurrent - 1, cfg, points, block_size, need, threads, str(dev), seed,
+        with BusyNeighbours(concurrent - 1, spec, points, block_size, need, threads, str(dev), seed,
                             groups=[groups[c] for c in busy_conds]) as nb:
             def once(pts, sd):
                 return [m.samples[0] for m in measure_grid(runner, pts, 1, 0, sd)]
@@ -217,7 +221,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     name = f"{cfg.name}@{info.get('name', dev.type)}"
     prof, fit = profile_from_measurements(
         meas, num_blocks * block_size, holdout=holdout, form=form, seed=seed, name=name, device=info, knee=knee,
-        model={**dataclasses.asdict(cfg), "params": cfg.num_params},
+        model=model_record(spec),
         kv={"num_blocks": num_blocks, "block_size": block_size},
         measure={"repeats": repeats, "warmup": warmup, "threads": threads, "quick": quick,
                  "concurrent": concurrent,
@@ -244,21 +248,56 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     return prof, fit
 
 
+def model_record(spec) -> dict[str, Any]:
+    """What a profile records of its model (executor.replay.ModelSpec): the config, its parameter count
+    and, for weights loaded from a local directory, that directory (so the drift check can load them again)."""
+    cfg = spec.cfg
+    rec = {**dataclasses.asdict(cfg), "params": cfg.num_params}
+    if spec.path is not None:
+        rec["path"] = str(Path(spec.path).resolve())
+    return rec
+
+
+def profile_model_ref(prof) -> str | None:
+    """The model a profile was measured on, as --model takes it: its weights' directory, else its preset name."""
+    return prof.model.get("path") or prof.model.get("name")
+
+
+def replicas_share_device(replicas: int, device: str) -> bool:
+    """Whether some of `replicas` replicas run on the same device (the CPU, or fewer GPUs than replicas),
+    as executor.replay.run_workload places them: then they slow each other down."""
+    from executor.device import assign_devices, select_devices
+
+    devs = assign_devices(replicas, select_devices(device))
+    return len(set(map(str, devs))) < len(devs)
+
+
+def same_model(prof, model_config: str) -> bool:
+    """Whether `model_config` (a preset name or a directory) is the model the profile was measured on."""
+    ref = profile_model_ref(prof)
+    if ref is None:
+        return False
+    if prof.model.get("path"):
+        return Path(model_config).is_dir() and Path(model_config).resolve() == Path(ref).resolve()
+    return model_config == ref
+
+
 def drift_probe_runner(prof, device: str | None = None):
     """The executor's model runner the drift check times (sim.calibrate.measure_drift), built as
-    `run_profile` built the one it measured the grid on: the profile's model preset, weights from its
-    seed, its torch thread count, on `device` (default: the profile's); KV blocks for the reference shapes
+    `run_profile` built the one it measured the grid on: the profile's model (preset with weights from its
+    seed, or its weights' directory), its torch thread count, on `device` (default: the profile's); KV blocks for the reference shapes
     only (they reuse the same block ids, as the grid's shapes did)."""
     from executor.device import select_device
-    from executor.model import LlamaForCausalLM, preset
+    from executor.replay import resolve_model
     from executor.runner import ModelRunner
     from sim.calibrate import drift_reference_shapes, grid_blocks_needed
 
-    name = prof.model.get("name")
-    if not name:
+    ref = profile_model_ref(prof)
+    if not ref:
         raise ValueError("drift check: the profile names no model (model.name), so there is no model to re-time "
                          "its grid on")
-    cfg = preset(name)
+    seed = int(prof.fit.get("seed", 0) or 0)
+    spec = resolve_model(ref, seed)
     dev = select_device(device or prof.device.get("device") or "cpu")
     threads = prof.measure.get("threads")
     if threads is None and dev.type == "cpu":
@@ -266,8 +305,7 @@ def drift_probe_runner(prof, device: str | None = None):
     threads = int(threads) if threads is not None else None
     block_size = int(prof.kv.get("block_size") or 16)
     need = grid_blocks_needed([p for *_, p in drift_reference_shapes(prof)], block_size)
-    seed = int(prof.fit.get("seed", 0) or 0)
-    model = LlamaForCausalLM.from_seed(cfg, seed, device=dev)
+    model = spec.build(str(dev))
     return ModelRunner(model, max(need, 1), block_size, device=dev, num_threads=threads)
 
 
@@ -306,7 +344,7 @@ def colocated_drift(prof, probe, device: str | None = None) -> dict[str, Any]:
     (sim.calibrate.settled_drift with `stored` that column). Start and stop of the neighbours are outside
     the timed part."""
     from executor.device import select_device
-    from executor.model import preset
+    from executor.replay import resolve_model
     from sim.calibrate import BusyNeighbours, grid_blocks_needed, grid_row_points, settled_drift
     from sim.contention import neighbour_groups
 
@@ -319,8 +357,9 @@ def colocated_drift(prof, probe, device: str | None = None) -> dict[str, Any]:
     block_size = int(prof.kv.get("block_size") or 16)
     dev = select_device(device or prof.device.get("device") or "cpu")
     t0 = time.perf_counter()
-    with BusyNeighbours(n, preset(prof.model["name"]), points, block_size, grid_blocks_needed(points, block_size),
-                        int(prof.measure.get("threads") or 1), str(dev), int(prof.fit.get("seed", 0) or 0),
+    seed = int(prof.fit.get("seed", 0) or 0)
+    with BusyNeighbours(n, resolve_model(profile_model_ref(prof), seed), points, block_size,
+                        grid_blocks_needed(points, block_size), int(prof.measure.get("threads") or 1), str(dev), seed,
                         groups=[group]) as nb:
         nb.switch(0)
         d = settled_drift(probe, prof, tries=4, warmup_s=BUSY_WARMUP_S, stored=key)
@@ -342,11 +381,11 @@ def _busy_medians_missing(prof) -> str | None:
 def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size: int, holdout: float, form: str,
                        seed: int, knee: Any = "auto"):
     """A profile fitted on the steps an engine actually ran (a random share of steps held back)."""
-    from executor.model import preset
-    from executor.replay import read_steps
+    from executor.replay import read_steps, resolve_model
     from sim.calibrate import Profile, fit_cost, gap_stats, library_versions, loop_gaps, steps_features, utc_now
 
-    cfg = preset(model_config)
+    spec = resolve_model(model_config, seed)
+    cfg = spec.cfg
     steps = read_steps(path)
     X, y, kinds = steps_features(steps)
     keep = y > 0
@@ -360,7 +399,7 @@ def profile_from_steps(path: str, model_config: str, num_blocks: int, block_size
     counts = {k: kinds.count(k) for k in sorted(set(kinds))}
     fit_d = fit.record(holdout, seed, median_iqr_rel=math.nan, max_iqr_rel=math.nan)
     return Profile(cost=fit.model.with_overhead(loop["mean_s"]), device={"source": "engine step log"},
-                   model={**dataclasses.asdict(cfg), "params": cfg.num_params}, versions=library_versions(),
+                   model=model_record(spec), versions=library_versions(),
                    kv={"num_blocks": num_blocks, "block_size": block_size}, fit=fit_d,
                    measure={"source": str(path), "steps": int(len(y)), "kinds": counts, "timed": "Engine.step",
                             "loop_overhead": loop},
@@ -497,8 +536,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     busy_factor). "comparison" is then that prediction's, "comparison_alone_drift" the alone check's."""
     import numpy as np
 
-    from executor.model import preset
-    from executor.replay import read_steps, run_workload
+    from executor.replay import read_steps, resolve_model, run_workload
     from sim.calibrate import (
         compare, drift_corrected, drift_reference_shapes, neighbour_share, read_profile_file, sampling_bands, scaled,
         settled_drift, step_check,
@@ -511,10 +549,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         raise ValueError(f"--repeat={repeat} is out of range; allowed: >= 1")
     prof = read_profile_file(profile_path)
     cost = prof.cost
-    mname = model_config or prof.model.get("name")
+    mname = model_config or profile_model_ref(prof)
     if not mname:
         raise ValueError(f"{profile_path}: the profile names no model; give --model-config")
-    mcfg = preset(mname)
+    mcfg = resolve_model(mname).cfg
     device = device or prof.device.get("device") or "cpu"
     prof_threads = int(prof.measure.get("threads") or 1)
     block_size = cfg.scheduler.block_size
@@ -525,12 +563,13 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         raise ValueError(f"no request of the workload fits the model's max_position={mcfg.max_position}")
     if drift_check:
         drift_reference_shapes(prof)  # no grid to re-time: fail before anything runs
-        if prof.model.get("name") != mname:
-            raise ValueError(f"drift check: the profile's grid was measured on model {prof.model.get('name')!r}, "
+        if not same_model(prof, mname):
+            raise ValueError(f"drift check: the profile's grid was measured on model {profile_model_ref(prof)!r}, "
                              f"the executor runs {mname!r}; their step times do not compare (--no-drift-check)")
     # Co-located replicas: the step-by-step model when the profile measured what each kind of neighbour step
     # does (sim.contention); else the busy-neighbour fit blended by the neighbours' average busy share.
-    ccost = prof.contention_cost() if cfg.replicas > 1 and device == "cpu" else None
+    shared = replicas_share_device(cfg.replicas, device)
+    ccost = prof.contention_cost() if shared else None
     if ccost is not None:
         u, cost = None, ccost
         forward = ccost.with_overhead(0.0)
@@ -542,7 +581,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     busy_skip = None
     if drift_check and busy_drift_check:
         busy_skip = ("one replica" if cfg.replicas < 2 else
-                     "the replicas do not share a CPU" if device != "cpu" else
+                     "the replicas do not share a device" if not shared else
                      "the profile has no co-location measurement (`twinfer profile --concurrent N`)"
                      if ccost is None else _busy_medians_missing(prof))
     colocated = drift_check and busy_drift_check and busy_skip is None
@@ -608,8 +647,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}
     notes = []
-    if prof.busy is None and cfg.replicas > 1 and device == "cpu":
-        notes.append(f"{cfg.replicas} replicas share this CPU but the profile measured one alone: profile with "
+    if prof.busy is None and shared:
+        notes.append(f"{cfg.replicas} replicas share a device but the profile measured one alone: profile with "
                      f"--concurrent {cfg.replicas} to model how they slow each other down")
     elif prof.busy is not None and prof.neighbours != cfg.replicas - 1:
         notes.append(f"the profile's busy measurement had {prof.neighbours} neighbour(s); this run has "
@@ -625,7 +664,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
             notes.append(f"the drift check's reference shapes ran {fb:.2f} x their profiled time before the real "
                          f"run(s) and {fa:.2f} x after: the machine's speed changed during the run (other load?), so "
                          f"the correction by their geometric mean {drift['factor']:.2f} is uncertain")
-    if real_threads != prof_threads:
+    if real_threads != prof_threads and str(device).startswith("cpu"):
         notes.append(f"the profile was measured with {prof_threads} torch thread(s) per replica; the executor ran "
                      f"{real_threads} (cores // replicas): step times differ for that reason alone")
     prof_host = str(prof.device.get("host_memory") or "system: not recorded (profiled before twinfer set it)")

@@ -285,8 +285,10 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
         events.append("probe")
         return {"factor": next(factors), "shapes": [], "repeats": 0, "warmup": 0, "seconds": 0.0}
 
+    from executor.replay import resolve_model
+
     fake = types.ModuleType("executor.replay")
-    fake.run_workload, fake.read_steps = run_workload, read_steps
+    fake.run_workload, fake.read_steps, fake.resolve_model = run_workload, read_steps, resolve_model
     monkeypatch.setitem(sys.modules, "executor.replay", fake)
     monkeypatch.setattr(sim.calibrate, "measure_drift", fake_measure)
     monkeypatch.setattr(sim.calibrate_cli, "drift_probe_runner", lambda *a, **k: events.append("build") or object())
