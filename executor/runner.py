@@ -93,6 +93,13 @@ class ModelRunner:
         self.num_threads = num_threads or default_num_threads()
         if self.device.type == "cpu":
             torch.set_num_threads(self.num_threads)
+        if self.device.type == "cuda":
+            # Process-wide, like the thread count: scaled_dot_product_attention's cuDNN backend builds an
+            # execution plan for every new (query length, key length) pair, about 6 ms of CPU per call on an
+            # H100 (torch.profiler: aten::_cudnn_attention_forward). A serving loop's prefill chunks and
+            # contexts differ every step, so its prefills ran 4 x the same shapes repeated in a profile grid
+            # (experiments/diag_prefill_serving.py). Flash / memory-efficient / math take any shape as is.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         with torch.inference_mode():
             self.cache = PagedKVCache(self.cfg.layers, num_blocks, block_size, self.cfg.kv_heads,
                                       self.cfg.head_dim, self.cfg.torch_dtype, self.device)
