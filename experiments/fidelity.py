@@ -48,6 +48,7 @@ out of both sides. Loads are shares of a saturation rate the fitted simulator gi
     python experiments/fidelity.py --quick      # 1 scheduler x 1 router: 6 cells, a few minutes
     python experiments/fidelity.py              # all 24 cells (about half an hour on 2 cores)
     python experiments/fidelity.py --profile p.toml --out results/   # reuse a profile; write JSON
+    python experiments/fidelity.py --device cuda --model /models/llama --out fid-gpu/   # 2 replicas on one GPU
     # one cell (the four filters pick the cells):
     python experiments/fidelity.py --profile p.toml --traces azure-conv --loads light --schedulers chunked-512 --routers least_outstanding
 """

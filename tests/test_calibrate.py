@@ -621,3 +621,52 @@ def test_validate_needs_a_profile_file(capsys):
 
     assert main(["validate", "--profile", "llama3-8b@h100-80gb", "--limit", "3"]) == 2
     assert "validate needs --profile FILE" in capsys.readouterr().err
+
+
+def test_a_profile_records_a_weights_directory_and_matches_it_back(tmp_path):
+    """A model given as a local weights directory: the profile keeps the directory, the drift check's
+    model reference is that directory, and only that directory (not the preset it came from) matches."""
+    from executor.model import LlamaForCausalLM, preset
+    from executor.replay import resolve_model
+    from sim.calibrate_cli import model_record, profile_model_ref, replicas_share_device, same_model
+
+    d = tmp_path / "tiny-weights"
+    LlamaForCausalLM.from_seed(preset("tiny"), 3).save_pretrained(d)
+    rec = model_record(resolve_model(str(d)))
+    assert rec["path"] == str(d.resolve())
+    assert rec["hidden"] == preset("tiny").hidden and rec["params"] == preset("tiny").num_params
+    from_dir = Profile(cost=None, model=rec)
+    assert profile_model_ref(from_dir) == str(d.resolve())
+    assert same_model(from_dir, str(d)) and not same_model(from_dir, "tiny")
+    other = tmp_path / "other"
+    other.mkdir()
+    assert not same_model(from_dir, str(other))
+    from_preset = Profile(cost=None, model=model_record(resolve_model("tiny")))
+    assert "path" not in from_preset.model and profile_model_ref(from_preset) == "tiny"
+    assert same_model(from_preset, "tiny") and not same_model(from_preset, str(d))
+    # replicas on the one CPU share it; a single replica shares nothing
+    assert replicas_share_device(2, "cpu") and not replicas_share_device(1, "cpu")
+
+
+def test_profile_and_validate_on_a_weights_directory(tmp_path, capsys):
+    """`twinfer profile --model-config DIR` and `validate` with its default model: the profile names the
+    directory, and validate's executor and drift check load the same weights from it."""
+    pytest.importorskip("torch")
+    from executor.model import LlamaForCausalLM, preset
+    from sim.calibrate_cli import run_profile
+    from sim.cli import main
+
+    d = tmp_path / "w"
+    LlamaForCausalLM.from_seed(preset("tiny"), 0).save_pretrained(d)
+    prof, _ = run_profile(str(d), "cpu", 1, 0, True, 0.25, "linear", 1, 512, 16, 2048, 0, loop_overhead=False)
+    assert prof.model["path"] == str(d.resolve())
+    path = save_profile_file(prof, tmp_path / "w.toml")
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (1, 20, 8))))
+    out = tmp_path / "v.json"
+    assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    d_out = json.loads(out.read_text())
+    assert d_out["drift"]["enabled"] and d_out["model"] == str(d.resolve())
+    assert d_out["requests"] == 2
