@@ -103,7 +103,6 @@ def main() -> int:
 
 def ops(args) -> int:
     """torch.profiler's operator table for serving-loop prefill steps and for the same-size grid step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from executor import runner as runner_mod
@@ -151,7 +150,6 @@ def ops(args) -> int:
     print("grid: 8 runs of mixed:512@0 dec8@300")
     print(p2.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     print(p2.key_averages().table(sort_by=key, row_limit=12))
-    torch.cuda.synchronize() if args.device.startswith("cuda") else None
     return 0
 
 
