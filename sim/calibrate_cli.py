@@ -285,8 +285,8 @@ def same_model(prof, model_config: str) -> bool:
 def drift_probe_runner(prof, device: str | None = None):
     """The executor's model runner the drift check times (sim.calibrate.measure_drift), built as
     `run_profile` built the one it measured the grid on: the profile's model (preset with weights from its
-    seed, or its weights' directory), its torch thread count, on `device` (default: the profile's); KV blocks for the reference shapes
-    only (they reuse the same block ids, as the grid's shapes did)."""
+    seed, or its weights' directory), its torch thread count, on `device` (default: the profile's); KV
+    blocks for the reference shapes only (they reuse the same block ids, as the grid's shapes did)."""
     from executor.device import select_device
     from executor.replay import resolve_model
     from executor.runner import ModelRunner
