@@ -14,7 +14,11 @@ For every layer `PagedAttention`:
 1. writes the batch's new K/V into their slots (so a chunk sees itself);
 2. gathers each prefill chunk's blocks and runs one SDPA call per chunk
    (`is_causal` when the chunk starts at position 0, else a bottom-right causal
-   mask), with SDPA's own grouped-query support;
+   mask), with SDPA's own grouped-query support. On CUDA the bottom-right mask
+   is torch's `causal_lower_right` bias, never materialised: it runs the flash
+   kernel, which takes grouped-query heads. An explicit mask cannot run on flash,
+   and with grouped-query heads it falls to a kernel that builds the
+   [heads, chunk, context] score matrix (the math one, or cuDNN);
 3. gathers the decode tokens' blocks in groups of similar context length
    (padding each group to its longest member, masked) and runs one SDPA call
    per group. There the G query heads sharing a KV head are folded into the
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from executor.grouping import group_rows
 
@@ -80,7 +85,8 @@ class _Prefill:
     end: int
     context: int  # keys visible to the chunk's last token (= its start position + n)
     block_ids: Tensor  # [ceil(context / B)]
-    mask: Tensor | None  # [n, context] additive; None when the chunk starts at 0 (plain causal)
+    # [n, context] additive, or torch's lower-right causal bias (CUDA); None when the chunk starts at 0
+    mask: Tensor | CausalBias | None
 
 
 @dataclass(slots=True)
@@ -99,11 +105,16 @@ class PagedAttention:
     decodes: (block_table, context length incl. the new token) per decode token, after them.
     Decode groups are formed from consecutive rows, so sorting decodes by context length
     (longest first) makes them tighter; any order is correct.
+    `lower_right_bias`: mask chunks that start past position 0 with torch's `causal_lower_right`
+    bias instead of an explicit mask; None (the default) does so on CUDA only (module doc). The
+    CPU keeps the explicit mask its profiles were measured with.
     """
 
     def __init__(self, cache: PagedKVCache, n_heads: int, prefills: Seq[tuple[Seq[int], int, int]],
-                 decodes: Seq[tuple[Seq[int], int]]):
+                 decodes: Seq[tuple[Seq[int], int]], lower_right_bias: bool | None = None):
         self.cache = cache
+        if lower_right_bias is None:
+            lower_right_bias = cache.device.type == "cuda"
         bs, dev, dt = cache.block_size, cache.device, cache.dtype
         self.group = n_heads // cache.n_kv_heads
         self.n_heads = n_heads
@@ -120,8 +131,10 @@ class PagedAttention:
             pos = np.arange(start, ctx, dtype=np.int64)
             positions.append(pos)
             slots.append(tab[pos // bs] * bs + pos % bs)
-            mask = None
-            if start:
+            mask: Tensor | CausalBias | None = None
+            if start and lower_right_bias:
+                mask = causal_lower_right(n, ctx)
+            elif start:
                 key = torch.arange(ctx, device=dev)
                 qpos = torch.arange(start, ctx, device=dev)
                 mask = _additive(key[None, :] <= qpos[:, None], dt)

@@ -88,6 +88,8 @@ class ModelRunner:
         self.model = model.eval()
         self.cfg = model.cfg
         self.block_size = block_size
+        # PagedAttention's mask for prefill chunks past position 0: None picks per device (executor.paged).
+        self.lower_right_bias: bool | None = None
         self.num_blocks = num_blocks
         self.sampling = sampling
         self.num_threads = num_threads or default_num_threads()
@@ -137,7 +139,7 @@ class ModelRunner:
         longest = max([s + n for _, s, n in prefills] + [c for _, c in decodes])
         if longest > self.cfg.max_position:
             raise ValueError(f"a sequence reaches position {longest - 1}; model max_position={self.cfg.max_position}")
-        attn = PagedAttention(self.cache, self.cfg.heads, prefills, decodes)
+        attn = PagedAttention(self.cache, self.cfg.heads, prefills, decodes, self.lower_right_bias)
         input_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
         hidden = self.model(input_ids, attn.positions, attn)
         if out:

@@ -9,7 +9,13 @@
 If (4) with one replica is far above (1), the serving path costs something the grid does not time;
 if only (4) with two replicas is, it is co-location the profile's neighbour measurement does not capture.
 
-    python experiments/diag_prefill_serving.py --device cuda --model DIR_OR_PRESET
+`--fresh` times something else: a serving loop's prefill chunks have a new (chunk length, context) pair
+almost every step, while the profile grid repeats each shape. For chunks from position 0, chunks deep in a
+prompt and small final chunks, each shape is timed on its first use and then twice more; a first/repeat
+ratio above 1 is a per-new-shape cost (kernel plans, allocator growth) the grid's medians leave out. Deep
+chunks run with each mask kind (the explicit additive mask, torch's causal_lower_right bias).
+
+    python experiments/diag_prefill_serving.py --device cuda --model DIR_OR_PRESET [--ops | --fresh]
 """
 from __future__ import annotations
 
@@ -43,9 +49,13 @@ def main() -> int:
     ap.add_argument("--ops", action="store_true",
                     help="instead: one replica in this process, torch.profiler over its steps with 400-512 prefill "
                          "tokens and over the grid's mixed step, printing the top operators of each")
+    ap.add_argument("--fresh", action="store_true",
+                    help="instead: each new prefill shape timed on first use and repeated (per-new-shape cost)")
     args = ap.parse_args()
     if args.ops:
         return ops(args)
+    if args.fresh:
+        return fresh(args)
 
     from executor.replay import read_steps, resolve_model, run_workload
     from executor.runner import ModelRunner
@@ -98,6 +108,54 @@ def main() -> int:
         f = st.get("minor_faults")
         if f is not None and big.any():
             print(f"     minor faults per 400-512-token prefill step: median {np.median(f[big]):.0f}")
+    return 0
+
+
+def fresh(args) -> int:
+    """First use of a prefill shape against its repeats, per kind of chunk and mask."""
+    from executor.device import timer
+    from executor.replay import resolve_model
+    from executor.runner import ModelRunner
+    from sim.calibrate import GridPoint, _build_plan
+
+    spec = resolve_model(args.model)
+    blocks = 4096 // 16 + 64
+    runner = ModelRunner(spec.build(args.device), blocks, 16, device=args.device)
+    vocab, rng = runner.cfg.vocab, np.random.default_rng(0)
+    ids = iter(range(1, 1 << 30))
+
+    def once(pt: GridPoint) -> float:
+        plan = _build_plan(pt, vocab, 16, blocks, 1000 * next(ids))
+        with timer(runner.device) as t:
+            runner.run(plan)
+        return t.elapsed
+
+    for n in (64, 256, 512):  # warm-up: kernels and allocator for every kind below
+        for bias in (False, True):
+            runner.lower_right_bias = bias
+            once(GridPoint("prefill", ((0, n, True),)))
+            once(GridPoint("mixed", ((1024, n, True),), (300,) * 4))
+    decodes = tuple(300 + 7 * i for i in range(4))
+    kinds = [("chunk from 0, ~500 tokens", None, lambda d, e: ((0, 512 - d, True),)),
+             ("deep chunk, ~500 @ ~1.5k", False, lambda d, e: ((1024 + e, 512 - d, True),)),
+             ("deep chunk, ~500 @ ~1.5k", True, lambda d, e: ((1024 + e, 512 - d, True),)),
+             ("final chunk, ~20 @ ~3.5k", False, lambda d, e: ((3000 + e, 40 - d // 2, True),)),
+             ("final chunk, ~20 @ ~3.5k", True, lambda d, e: ((3000 + e, 40 - d // 2, True),))]
+    print(f"each shape new, timed on first use and then twice ({args.repeats} shapes per kind, 4 decodes beside):")
+    for label, bias, chunk in kinds:
+        runner.lower_right_bias = bias
+        first, rep = [], []
+        for _ in range(args.repeats):
+            d, e = int(rng.integers(1, 40)), int(rng.integers(1, 400))
+            pt = GridPoint("mixed", chunk(d, e), decodes)
+            a, b, c = once(pt), once(pt), once(pt)
+            first.append(a)
+            rep.append(min(b, c))
+        mask = {None: "", False: " explicit mask", True: " lower-right bias"}[bias]
+        ratio = np.asarray(first) / np.asarray(rep)
+        print(f"   {label + mask:42s} first {np.median(first) * 1e3:7.2f} ms, repeat {np.median(rep) * 1e3:7.2f} ms, "
+              f"first/repeat median {np.median(ratio):.3f} (p25..p75 {np.percentile(ratio, 25):.3f}.."
+              f"{np.percentile(ratio, 75):.3f})")
     return 0
 
 

@@ -11,9 +11,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn.attention.bias import CausalBias
 
 from executor.grouping import group_rows
-from executor.model import LlamaForCausalLM, ModelConfig, RopeScaling, preset, rope_inv_freq
+from executor.model import (
+    LlamaForCausalLM,
+    ModelConfig,
+    RopeScaling,
+    preset,
+    rope_inv_freq,
+)
 from executor.paged import PagedAttention, PagedKVCache
 
 
@@ -31,7 +38,11 @@ def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4, 1])
-def test_paged_attention_matches_dense_reference_on_a_mixed_batch(kv_heads):
+@pytest.mark.parametrize("lower_right_bias", [False, True], ids=["explicit-mask", "causal-lower-right"])
+def test_paged_attention_matches_dense_reference_on_a_mixed_batch(kv_heads, lower_right_bias):
+    # lower_right_bias is what CUDA runs for chunks past position 0 (torch's causal_lower_right bias, the
+    # flash kernel there); on the CPU torch materialises it, which checks that it masks what the explicit
+    # mask does.
     cfg = preset("tiny", kv_heads=kv_heads)
     model = LlamaForCausalLM.from_seed(cfg, seed=1)
     bs, num_blocks = 8, 128
@@ -58,7 +69,11 @@ def test_paged_attention_matches_dense_reference_on_a_mixed_batch(kv_heads):
     def step(prefills: list[tuple[str, int, int]], decodes: list[str]) -> torch.Tensor:
         ids = [t for k, s, n in prefills for t in toks[k][s:s + n]] + [toks[k][seqs[k][0] - 1] for k in decodes]
         attn = PagedAttention(cache, cfg.heads, [(tables[k], s, n) for k, s, n in prefills],
-                              [(tables[k], seqs[k][0]) for k in decodes])
+                              [(tables[k], seqs[k][0]) for k in decodes], lower_right_bias=lower_right_bias)
+        for c in attn.prefills:
+            at_zero = c.context == c.end - c.start
+            assert (c.mask is None) == at_zero
+            assert at_zero or isinstance(c.mask, CausalBias) == lower_right_bias
         with torch.inference_mode():
             return model.logits(model(torch.tensor(ids), attn.positions, attn))
 
