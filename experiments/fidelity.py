@@ -178,8 +178,20 @@ def wait_quiet(threshold: float, max_wait: float) -> tuple[float, float]:
     return busy, time.perf_counter() - t0
 
 
+def kind_ratios(chk: dict) -> dict[str, float]:
+    """A step check's real/predicted busy time for decode-only steps and for steps with prefill tokens."""
+    return {"decode": chk.get("decode_only", {}).get("busy_ratio", math.nan),
+            "with_prefill": chk.get("with_prefill", {}).get("busy_ratio", math.nan)}
+
+
 def fmt_err(e: float | None) -> str:
     return "n/a" if e is None or not math.isfinite(e) else f"{e:+.1%}"
+
+
+def finite_stat(f, xs: list[float]) -> float:
+    """f over the finite values of xs; NaN when there are none."""
+    v = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(f(v)) if v else math.nan
 
 
 def fmt_num(v: float, spec: str) -> str:
@@ -226,8 +238,12 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     if drift_on:
         t.add_column("drift", justify="right")
     t.add_column("steps real/pred", justify="right")
+    t.add_column("with prefill", justify="right")
     t.add_column("|err| at real pace", justify="right")
     t.add_column("niced load", justify="right")
+
+    def pf_ratio(r) -> float:  # runs recorded before the split have no step_kind_ratio
+        return r.get("step_kind_ratio", {}).get("with_prefill", math.nan)
 
     def drift_cell(r) -> list[str]:
         if not drift_on:
@@ -237,7 +253,7 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     for r in rows:
         t.add_row(r["trace"], r["scheduler"], r["router"], r["load"], f"{r['rate']:.2f}",
                   *(fmt_err(r["errors"][m]) for m, _ in METRICS), *drift_cell(r), fmt_num(r['step_busy_ratio'], ".2f"),
-                  fmt_num(r['corrected_median_abs_rel_error'], ".1%"), f"{r['niced_load_during']:.0%}")
+                  fmt_num(pf_ratio(r), ".2f"), fmt_num(r['corrected_median_abs_rel_error'], ".1%"), f"{r['niced_load_during']:.0%}")
 
     agg, agg_raw, agg_alone = (aggregate(rows, "errors"), aggregate(rows, "errors_uncorrected"),
                                aggregate(rows, "errors_alone_drift"))
@@ -247,23 +263,25 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     t.add_row("median |error|", "", "", "", "", *(f"{agg[m]['median']:.1%}" for m, _ in METRICS),
               *([f"x{np.median(factors):.2f}"] if drift_on else []),
               fmt_num(np.median([r['step_busy_ratio'] for r in rows]), ".2f"),
+              fmt_num(finite_stat(np.median, [pf_ratio(r) for r in rows]), ".2f"),
               fmt_num(np.median([r['corrected_median_abs_rel_error'] for r in rows]), ".1%"),
               f"{np.median([r['niced_load_during'] for r in rows]):.0%}")
     t.add_row("worst |error|", "", "", "", "", *(f"{agg[m]['worst']:.1%}" for m, _ in METRICS),
               *([f"{min(factors):.2f}..{max(factors):.2f}"] if drift_on else []),
               fmt_num(max(r['step_busy_ratio'] for r in rows), ".2f"),
+              fmt_num(finite_stat(max, [pf_ratio(r) for r in rows]), ".2f"),
               fmt_num(max(r['corrected_median_abs_rel_error'] for r in rows), ".1%"),
               f"{max(r['niced_load_during'] for r in rows):.0%}")
     if busy_on:
         t.add_row("median |error|, alone drift only", "", "", "", "",
-                  *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "")
+                  *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "", "")
         t.add_row("worst |error|, alone drift only", "", "", "", "",
-                  *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "")
+                  *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "", "")
     if drift_on:
         t.add_row("median |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['median']:.1%}" for m, _ in METRICS),
-                  "", "", "", "")
+                  "", "", "", "", "")
         t.add_row("worst |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['worst']:.1%}" for m, _ in METRICS),
-                  "", "", "", "")
+                  "", "", "", "", "")
     con.print(t)
 
     def targets(a: dict[str, dict[str, float]]) -> str:
@@ -352,17 +370,18 @@ def rescore(args: argparse.Namespace) -> int:
         in_band = {m: (bool(band[m][0] - 1e-6 <= sim[m] <= band[m][1] + 1e-6) if band[m] else None)
                    for m, _ in METRICS}
         busy_ratio = pace_err = math.nan
+        kinds = {"decode": math.nan, "with_prefill": math.nan}
         log = src / "steps" / f"cell{k + 1:02d}.0.csv" if src.is_dir() else None
         if log is not None and log.is_file():
             fwd = base.with_overhead(0.0)
             chk = step_check(fwd, read_steps(log), contention=fwd if ccost is not None else None)
-            busy_ratio = chk["busy_ratio"]
+            busy_ratio, kinds = chk["busy_ratio"], kind_ratios(chk)
             paced = (fwd.with_base(scaled(fwd.base, busy_ratio).with_overhead(base.step_overhead_s)) if ccost is not None
                      else scaled(fwd, busy_ratio).with_overhead(base.step_overhead_s))
             _, ep = errors_of(paced)
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         row = {**cell, "errors": err, "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
-               "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio,
+               "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio, "step_kind_ratio": kinds,
                "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path)}
         rows.append(row)
         print(f"[{k + 1}/{len(run['cells'])}] {tr} {cell['scheduler']} {cell['router']} {cell['load']}: "
@@ -513,6 +532,9 @@ def main() -> int:
                "sim": {m: c[m]["sim"] for m, _ in METRICS}, "real": {m: c[m]["real"] for m, _ in METRICS},
                "sim_uncorrected": {m: cu[m]["sim"] for m, _ in METRICS},
                "step_busy_ratio": chk.get("busy_ratio"), "step_median_ratio": chk.get("median_ratio"),
+               "step_kind_ratio": kind_ratios(chk),
+               "queueing": {q: {"sim": c[f"queueing.{q}"]["sim"], "real": c[f"queueing.{q}"]["real"],
+                                "rel_error": c[f"queueing.{q}"]["rel_error"]} for q in ("p50", "p99")},
                "neighbours_busy_share": res["neighbours_busy_share"],
                "corrected_median_abs_rel_error": res["step_time_corrected"]["median_abs_rel_error"],
                "real_status": res["real"][0]["ok"], "notes": res["notes"]}
@@ -533,7 +555,10 @@ def main() -> int:
               + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" + ("*" if row["in_sampling_band"][m] else "")
                           for m, lab in METRICS)
               + drift_txt
-              + f"; steps x{row['step_busy_ratio']:.2f}; at real pace {row['corrected_median_abs_rel_error']:.1%}"
+              + f"; steps x{row['step_busy_ratio']:.2f} (decode x{row['step_kind_ratio']['decode']:.2f}, with prefill"
+              f" x{row['step_kind_ratio']['with_prefill']:.2f}); queueing p50 sim {row['queueing']['p50']['sim'] * 1e3:.0f}"
+              f" / real {row['queueing']['p50']['real'] * 1e3:.0f} ms"
+              + f"; at real pace {row['corrected_median_abs_rel_error']:.1%}"
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",
               flush=True)
         if out_dir:

@@ -1549,7 +1549,11 @@ def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: An
     out: dict[str, Any] = {"steps": int(len(d)), "busy_s": float(d.sum()), "predicted_busy_s": float(pred.sum()),
                            "busy_ratio": float(d.sum() / pred.sum()), "median_ratio": float(np.median(ratio)),
                            "p10_ratio": float(np.percentile(ratio, 10)), "p90_ratio": float(np.percentile(ratio, 90))}
-    for name, m in (("decode_only", dec), ("with_prefill", ~dec)):
+    kind = np.asarray(kinds)
+    # decode_only / with_prefill: TPOT rides on the first, TTFT on the second (a prefill's own step and the
+    # steps it waits behind); a ratio near 1 over all steps can hide them moving apart.
+    for name, m in (("decode_only", dec), ("with_prefill", ~dec), ("prefill_only", kind == "prefill"),
+                    ("mixed", kind == "mixed")):
         out[name] = {"steps": int(m.sum()), "median_ratio": float(np.median(ratio[m])) if m.any() else math.nan,
                      "busy_ratio": float(d[m].sum() / pred[m].sum()) if m.any() else math.nan}
     return out

@@ -744,7 +744,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
                              f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})"
                              + (f"; {sc['busy_ratio'] / dr['factor']:.2f} x the drift-corrected one"
-                                if dr["enabled"] else ""))
+                                if dr["enabled"] else "")
+                             + "; by kind: " + ", ".join(
+                                 f"{lab} {sc[key]['busy_ratio']:.2f} x ({sc[key]['steps']:,})"
+                                 for key, lab in (("decode_only", "decode"), ("prefill_only", "prefill"),
+                                                  ("mixed", "mixed")) if sc.get(key, {}).get("steps")))
     if out["cost_model"].startswith("co-located"):
         _console().print("co-located replicas: each simulated step is slowed by what the other replicas have in "
                          "progress when it starts (the profile's contention measurement)")

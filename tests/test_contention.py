@@ -197,6 +197,10 @@ def test_a_real_step_log_gets_the_factor_of_what_the_neighbour_ran():
     assert step_predictions(m, steps).tolist() == pytest.approx(pred)
     chk = step_check(BASE, steps, contention=m)
     assert chk["busy_ratio"] == pytest.approx(0.3 / sum(pred))
+    # by kind: the two decodes against their predictions, the prefill against its own; no mixed step
+    assert chk["decode_only"]["steps"] == 2 and chk["prefill_only"]["steps"] == 1 and chk["mixed"]["steps"] == 0
+    assert chk["decode_only"]["busy_ratio"] == pytest.approx(0.2 / (pred[0] + pred[2]))
+    assert chk["prefill_only"]["busy_ratio"] == chk["with_prefill"]["busy_ratio"] == pytest.approx(0.1 / pred[1])
 
 
 def test_profile_concurrent_measures_every_condition_on_the_tiny_model(tmp_path, capsys):
