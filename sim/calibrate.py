@@ -120,6 +120,19 @@ def _knee(knee: Any) -> int | None:
     return k
 
 
+def _wake(w: Any) -> tuple[float, float] | None:
+    """(after_s, factor) checked, or None."""
+    if w is None:
+        return None
+    try:
+        after, factor = (float(x) for x in w)
+    except (TypeError, ValueError):
+        raise ValueError(f"wake={w!r} must be (idle seconds, factor)") from None
+    if not (math.isfinite(after) and after > 0 and math.isfinite(factor) and factor > 0):
+        raise ValueError(f"wake={w!r} is out of range; allowed: idle seconds > 0, factor > 0")
+    return after, factor
+
+
 def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.ndarray:
     if v is None:
         return np.zeros(len(FEATURES))
@@ -147,13 +160,19 @@ class FittedCost:
     engine loop's own time between one step's end and the next one's start (applying the step to the
     scheduler, reporting it), measured on a real replay: a token is stamped at the end of its forward
     pass, but the next step cannot start earlier than this after it.
+
+    `wake` = (after_s, factor): a replica's first step after it has been idle for after_s or longer takes
+    `factor` times its forward time (the overhead unchanged), measured on a real replay (`measure_wake`);
+    the simulator applies it (sim.cluster.Replica), `step_time` itself does not. None: no such term.
     """
 
     def __init__(self, shared: Any, kv_capacity_tokens: int, line_a: Any = None, line_b: Any = None,
-                 name: str = "fitted", step_overhead_s: float = 0.0, padded_knee: int | None = None):
+                 name: str = "fitted", step_overhead_s: float = 0.0, padded_knee: int | None = None,
+                 wake: tuple[float, float] | None = None):
         if not (math.isfinite(step_overhead_s) and step_overhead_s >= 0):
             raise ValueError(f"step_overhead_s={step_overhead_s} is out of range; allowed: >= 0")
         self.step_overhead_s = float(step_overhead_s)
+        self.wake = _wake(wake)
         self.shared = _coefs(shared)
         self.line_a = _coefs(line_a)
         self.line_b = _coefs(line_b)
@@ -211,11 +230,16 @@ class FittedCost:
 
     def with_overhead(self, step_overhead_s: float) -> "FittedCost":
         return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name, step_overhead_s,
-                          self.padded_knee)
+                          self.padded_knee, self.wake)
+
+    def with_wake(self, wake: tuple[float, float] | None) -> "FittedCost":
+        return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name,
+                          self.step_overhead_s, self.padded_knee, wake)
 
     def coefficients(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step_overhead_s": self.step_overhead_s,
                                **({"decode_padded_knee": self.padded_knee} if self.padded_knee is not None else {}),
+                               **({"wake_after_s": self.wake[0], "wake_factor": self.wake[1]} if self.wake else {}),
                                "shared": dict(zip(FEATURES, self.shared.tolist()))}
         if self.form == "max":
             out["line_a"] = dict(zip(FEATURES, self.line_a.tolist()))
@@ -514,9 +538,10 @@ class Profile:
         try:
             co = d["coefficients"]
             kv = dict(d["kv"])
+            wake = (co["wake_after_s"], co["wake_factor"]) if "wake_factor" in co else None
             cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
                               name=str(d.get("name", "fitted")), step_overhead_s=float(co.get("step_overhead_s", 0.0)),
-                              padded_knee=co.get("decode_padded_knee"))
+                              padded_knee=co.get("decode_padded_knee"), wake=wake)
             nb = d.get("neighbours")
             busy = None
             if nb is not None:
@@ -524,7 +549,7 @@ class Profile:
                 busy = FittedCost(bc["shared"], cost.kv_capacity_tokens, bc.get("line_a"), bc.get("line_b"),
                                   name=f"{cost.name} (neighbours busy)",
                                   step_overhead_s=float(bc.get("step_overhead_s", 0.0)),
-                                  padded_knee=bc.get("decode_padded_knee"))
+                                  padded_knee=bc.get("decode_padded_knee"), wake=wake)
         except KeyError as e:
             raise ValueError(f"{where}: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -564,7 +589,8 @@ def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
     return FittedCost(w * alone.shared + u * busy.shared, alone.kv_capacity_tokens,
                       w * alone.line_a + u * busy.line_a, w * alone.line_b + u * busy.line_b,
                       name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})",
-                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s, padded_knee=alone.padded_knee)
+                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s, padded_knee=alone.padded_knee,
+                      wake=alone.wake)
 
 
 def utc_now() -> str:
@@ -1117,8 +1143,8 @@ def refit_profile(prof: Profile, *, form: str = "auto", padded_knee: int | None 
                   holdout: float | None = None, seed: int | None = None, where: str = "profile") -> Profile:
     """The profile with its cost model fitted again, by this twinfer's fit, on its own stored grid medians
     (and the busy-neighbour fit on the busy medians): nothing is measured again. Everything else (device,
-    measurements, contention factors, the drift check's reference medians, the engine loop's overhead) is
-    kept. The hold-out share and seed default to the profile's own, so the held-back shapes are the same
+    measurements, contention factors, the drift check's reference medians, the engine loop's overhead and
+    wake factor) is kept. The hold-out share and seed default to the profile's own, so the held-back shapes are the same
     and the errors compare."""
     if not prof.grid:
         raise ValueError(f"{where}: the profile has no grid measurements to fit again (one fitted on an engine "
@@ -1132,7 +1158,7 @@ def refit_profile(prof: Profile, *, form: str = "auto", padded_knee: int | None 
     def fit_of(key: str, label: str, knee: Any, overhead: float) -> tuple[FitResult, dict[str, Any]]:
         y = np.array([float(r[key]) for r in prof.grid])
         fit = fit_cost(X, y, cap, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label, padded_knee=knee)
-        fit.model = fit.model.with_overhead(overhead)
+        fit.model = fit.model.with_overhead(overhead).with_wake(prof.cost.wake)
         return fit, fit.record(holdout, seed, **{k: prof.fit[k] for k in ("median_iqr_rel", "max_iqr_rel") if k in prof.fit},
                                refit={"at": utc_now(), "was": {"form": prof.cost.form, "heldout": prof.fit.get("heldout", {}),
                                                                "decode_padded_knee": prof.cost.padded_knee}})
@@ -1566,7 +1592,7 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
         raise ValueError(f"factor={factor} must be > 0")
     return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
                       name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor,
-                      padded_knee=cost.padded_knee)
+                      padded_knee=cost.padded_knee, wake=cost.wake)
 
 
 def _drift_factor(factor: Any, what: str = "drift factor") -> float:
@@ -1687,4 +1713,77 @@ def measure_loop_overhead(model_config: str, replicas: int, num_blocks: int, blo
     out = gap_stats(loop_gaps(steps))
     out.update(replicas=replicas, requests=n, steps=int(len(steps["start"])),
                threads_per_replica=res.meta.get("threads_per_replica"), workers=res.meta.get("workers"))
+    return out
+
+
+# ---- waking from idle: the first step after a pause ---------------------------------------------
+
+WAKE_AFTER_S = 0.2  # a replica idle this long or longer before a step has "woken" (sim.cluster.Replica)
+
+
+def wake_replay(model_config: Any, replicas: int, num_blocks: int, block_size: int = 16, device: str = "cpu",
+                seed: int = 0, per_replica: int = 12, spacing_s: float = 0.7) -> dict[str, np.ndarray]:
+    """Replay requests spaced `spacing_s` apart (round robin, so each replica idles about replicas x
+    spacing_s minus its work between two of them) on the executor's real-time replay, and return its step
+    log. Every request is a 512-token prompt prefilled in two 256-token chunks (a token budget of 256): the
+    first chunk runs right after the pause, the second back to back after it, so `wake_from_steps` can set
+    one against the other within the same second, whatever the machine's speed that minute. Two warm-up
+    requests per replica come first (a replica's first steps also set things up)."""
+    import tempfile
+
+    from executor.replay import read_steps, run_workload
+    from policies.scheduler import SchedulerConfig
+    from sim.config import SimConfig
+    from traces.workload import Request, Workload
+
+    n = (per_replica + 2) * replicas
+    reqs = [Request(i, i * spacing_s, 512, 4) for i in range(n)]
+    w = Workload.from_requests(reqs, name="wake-spaced")
+    cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
+                    scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False,
+                                              max_num_batched_tokens=256))
+    with tempfile.TemporaryDirectory(prefix="twinfer-wake-") as tmp:
+        run_workload(w, cfg, model_config=model_config, device=device, out=tmp)
+        return read_steps(Path(tmp) / "steps.csv")
+
+
+def wake_from_steps(steps: Mapping[str, np.ndarray], predicted: np.ndarray, after_s: float = WAKE_AFTER_S,
+                    skip: int = 2) -> dict[str, Any]:
+    """What waking costs, from an engine step log and the cost model's prediction for each of its steps
+    (`predicted`, seconds, forward time only). A pair is a step with prefill tokens that starts after its
+    replica was idle for `after_s` or longer (each replica's first `skip` such steps left out: set-up),
+    and the step right after it if that one also has prefill tokens and ran back to back. Its figure is
+    (real / predicted of the first) / (real / predicted of the second): the machine's speed that moment
+    cancels. `factor` is the median over pairs (None with fewer than 5 pairs)."""
+    start = np.asarray(steps["start"], dtype=np.float64)
+    dur = np.asarray(steps["duration"], dtype=np.float64)
+    pt = np.asarray(steps["prefill_tokens"], dtype=np.int64)
+    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
+    pred = np.asarray(predicted, dtype=np.float64)
+    if pred.shape != dur.shape:
+        raise ValueError(f"{len(pred)} predictions for {len(dur)} steps")
+    ratios, idle = [], []
+    for k in np.unique(rep).tolist():
+        idx = np.flatnonzero(rep == k)
+        idx = idx[np.argsort(start[idx], kind="stable")]
+        seen = 0
+        prev_end = start[idx[0]] - math.inf
+        for a, b in zip(idx.tolist(), idx[1:].tolist() + [None]):
+            gap = start[a] - prev_end
+            prev_end = start[a] + dur[a]
+            if gap < after_s or pt[a] == 0:
+                continue
+            seen += 1
+            if seen <= skip or b is None or pt[b] == 0 or start[b] - prev_end >= BACK_TO_BACK_S:
+                continue
+            ratios.append((dur[a] / pred[a]) / (dur[b] / pred[b]))
+            idle.append(gap if math.isfinite(gap) else math.nan)
+    r = np.asarray(ratios)
+    out: dict[str, Any] = {"after_s": after_s, "pairs": int(len(r)), "factor": None}
+    if len(r):
+        out.update(p25=float(np.percentile(r, 25)), p75=float(np.percentile(r, 75)),
+                   median=float(np.median(r)), idle_s_median=float(np.nanmedian(idle)) if np.isfinite(idle).any()
+                   else None)
+    if len(r) >= 5:
+        out["factor"] = float(np.median(r))
     return out

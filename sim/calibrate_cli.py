@@ -55,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="model weights, hold-out choice and run order (default 0; with --refit, the profile's)")
     p.add_argument("--no-loop-overhead", dest="loop_overhead", action="store_false", default=True,
-                   help="do not replay a short burst on the executor to measure its engine loop's time between "
-                        "steps (added to every predicted step)")
+                   help="do not replay on the executor to measure its serving loop: the engine loop's time between "
+                        "steps (a short burst; added to every predicted step) and what a step costs right after "
+                        "the replica was idle (spaced requests, about 20 s)")
     p.add_argument("--from-steps", metavar="STEPS_CSV",
                    help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
                         "--model-config and --num-blocks still describe the executor it came from")
@@ -138,8 +139,9 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     from executor.runner import ModelRunner
     from sim.calibrate import (
         BusyNeighbours, default_grid, grid_blocks_needed, measure_grid, measure_loop_overhead,
-        profile_from_measurements,
+        profile_from_measurements, steps_features, wake_from_steps, wake_replay,
     )
+    from sim.contention import step_predictions
 
     for name, val, lo in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--num-blocks", num_blocks, 1),
                           ("--concurrent", concurrent, 1),
@@ -210,10 +212,11 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         busy = [Measurement(p, s) for p, s in zip(points, samples["grid"])]
     else:
         meas = measure("profiling")
-    loop = None
+    loop = wake_steps = None
     if loop_overhead:
         del runner, model  # the replay builds its own replicas
         loop = measure_loop_overhead(model_config, concurrent, num_blocks, block_size, str(dev), seed)
+        wake_steps = wake_replay(model_config, concurrent, num_blocks, block_size, str(dev), seed)
     elapsed = time.perf_counter() - t0
     info = describe_device(dev)
     info["torch_threads"] = threads if dev.type == "cpu" else info.get("torch_threads")
@@ -240,6 +243,16 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         for row, *meds in zip(prof.grid, *(samples[c] for c in conds if c not in ("idle", "grid"))):
             row.update({condition_key(c): float(np.median(m))
                         for c, m in zip([c for c in conds if c not in ("idle", "grid")], meds)})
+    if wake_steps is not None:  # (before the loop overhead goes in: the step log's durations exclude it)
+        cc = prof.contention_cost()
+        pred = (step_predictions(cc, wake_steps) if cc is not None
+                else prof.cost.predict(steps_features(wake_steps)[0]))
+        wk = wake_from_steps(wake_steps, pred)
+        prof.measure["wake"] = wk
+        if wk["factor"] is not None:
+            prof.cost = prof.cost.with_wake((wk["after_s"], wk["factor"]))
+            if prof.busy is not None:
+                prof.busy = prof.busy.with_wake((wk["after_s"], wk["factor"]))
     if loop is not None:
         prof.measure["loop_overhead"] = loop
         prof.cost = prof.cost.with_overhead(loop["mean_s"])
@@ -482,6 +495,13 @@ def render_profile(prof) -> Any:
         lo = prof.measure.get("loop_overhead", {})
         s.add_row("engine loop overhead", f"{prof.cost.step_overhead_s * 1e3:.2f} ms per step (mean gap between "
                                           f"back-to-back steps over {lo.get('gaps', '?')} gaps of a real replay)")
+    wk = prof.measure.get("wake")
+    if wk:
+        s.add_row("waking from idle",
+                  (f"first step after {wk['after_s']:.1f} s idle or more: x{wk['factor']:.3f} its forward time "
+                   if wk.get("factor") is not None else "not applied (fewer than 5 pairs); measured ")
+                  + (f"(p25..p75 {wk['p25']:.3f}..{wk['p75']:.3f} over {wk['pairs']} pairs against the step "
+                     f"right after it, of a spaced real replay)" if wk.get("pairs") else "(no pairs)"))
     if prof.busy is not None:
         b = prof.busy_fit
         ratio = [g["busy_median_s"] / g["median_s"] for g in prof.grid if "busy_median_s" in g]

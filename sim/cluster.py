@@ -97,6 +97,10 @@ class Replica:
         self._cut: tuple[int, float] | None = None  # (steps, end) of that run once an arrival cut it short
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
+        # A cost model's wake term (sim.calibrate.FittedCost.wake): the first step after the replica has been
+        # idle for after_s or longer takes factor x its forward time. _last_end: when its last step ended.
+        self._wake_term: tuple[float, float] | None = getattr(cost, "wake", None)
+        self._last_end = 0.0
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
         # A co-located cost model read continuously (sim.contention, continuous=True): the step in progress
         # is [time of the last re-timing, work left in alone-seconds, factor since then], and every change of
@@ -225,6 +229,7 @@ class Replica:
                 st.steps += m
                 st.tokens += m * f.decode_seqs
             st.busy_time += now - start
+            self._last_end = now
             self._run_state = None
             self._prog = None
             self.clock = now
@@ -258,12 +263,21 @@ class Replica:
         if k == 1:
             run = None
             m = 1
+            wake = self._wake_term
+            woke = p is None and wake is not None and now - self._last_end >= wake[0]
             if self._cont:
                 w, fac = self.cost.alone_time(f), self.cost.factor_now(f)
+                if woke:
+                    oh = self.cost.step_overhead_s
+                    w = (w - oh) * wake[1] + oh
                 self._prog = [now, w, fac]
                 end = now + w * fac
             else:
-                end = now + self.cost.step_time(f)
+                t = self.cost.step_time(f)
+                if woke:
+                    oh = self.cost.step_overhead_s
+                    t = (t - oh) * wake[1] + oh
+                end = now + t
         else:
             run = self.cost.decode_run(f)
             m = k

@@ -105,6 +105,7 @@ class ContentionCost:
         self.name = name or f"{getattr(base, 'name', 'cost')} (co-located)"
         self.kv_capacity_tokens = base.kv_capacity_tokens
         self.step_overhead_s = getattr(base, "step_overhead_s", 0.0)
+        self.wake = getattr(base, "wake", None)
         self.profile = getattr(base, "profile", None)
         self.uses_grouping = bool(getattr(base, "uses_grouping", False))
 
@@ -161,6 +162,7 @@ class ReplicaContention:
         self.name = model.name
         self.kv_capacity_tokens = model.kv_capacity_tokens
         self.step_overhead_s = model.step_overhead_s
+        self.wake = model.wake
         self.uses_grouping = model.uses_grouping
         self.continuous = model.continuous  # the simulator re-times this replica's step when a neighbour changes
 

@@ -670,3 +670,113 @@ def test_profile_and_validate_on_a_weights_directory(tmp_path, capsys):
     d_out = json.loads(out.read_text())
     assert d_out["drift"]["enabled"] and d_out["model"] == str(d.resolve())
     assert d_out["requests"] == 2
+
+
+# ---- waking from idle ----------------------------------------------------------------------------
+
+def _wake_log(factor: float, speeds: list[float], p1: float = 0.1, p2: float = 0.12, p3: float = 0.03):
+    """A two-replica step log: per replica, pairs (a step after 1 s idle, its next chunk back to back, then
+    two decodes back to back), each pair at its own machine speed; the step after idle `factor` x slower."""
+    rows = []
+    for rep in (0, 1):
+        t = 0.5 * rep
+        for s in speeds:
+            t += 1.0
+            for pt, pred, f in ((256, p1, factor), (256, p2, 1.0), (0, p3, 1.0), (0, p3, 1.0)):
+                d = pred * s * f
+                rows.append((rep, t, d, pt, pred))
+                t += d + 0.0003
+    rows.sort(key=lambda r: r[1])
+    cols = list(zip(*rows))
+    return ({"replica": np.array(cols[0]), "start": np.array(cols[1]), "duration": np.array(cols[2]),
+             "prefill_tokens": np.array(cols[3])}, np.array(cols[4]))
+
+
+def test_wake_from_steps_recovers_the_factor_whatever_the_machine_speed():
+    from sim.calibrate import wake_from_steps
+
+    speeds = [1.0, 1.3, 0.8, 1.45, 0.9, 1.1, 1.2, 0.85]
+    steps, pred = _wake_log(1.15, speeds)
+    w = wake_from_steps(steps, pred, skip=2)
+    # 2 replicas x (8 pairs - 2 skipped): every pair says 1.15 although the speed moved by 1.8 x
+    assert w["pairs"] == 12 and w["factor"] == pytest.approx(1.15)
+    assert w["idle_s_median"] == pytest.approx(1.0, abs=1e-3)
+    # no slowdown: 1
+    assert wake_from_steps(*_wake_log(1.0, speeds))["factor"] == pytest.approx(1.0)
+    # a second step that did not run back to back is no pair
+    late = {k: v.copy() for k, v in steps.items()}
+    late["start"][1::4] += 0.2
+    assert wake_from_steps(late, pred)["pairs"] < 12
+    # too few pairs: measured, not applied
+    few = wake_from_steps(*_wake_log(1.15, speeds[:4]))
+    assert few["pairs"] == 4 and few["factor"] is None and few["median"] == pytest.approx(1.15)
+    with pytest.raises(ValueError, match="predictions"):
+        wake_from_steps(steps, pred[:-1])
+
+
+@pytest.mark.parametrize("direct,colocated", [(True, False), (False, False), (False, True)],
+                         ids=["direct-driver", "simpy-driver", "co-located-model"])
+def test_the_simulator_slows_only_the_first_step_after_idle(direct, colocated):
+    from sim.cluster import simulate
+    from sim.config import SimConfig
+    from sim.contention import ContentionCost
+    from traces.workload import Request, Workload
+
+    plain = FittedCost(LINEAR, 100_000, name="lin", step_overhead_s=0.001)
+    woken = plain.with_wake((0.2, 2.0))
+    assert woken.wake == (0.2, 2.0) and woken.coefficients()["wake_factor"] == 2.0
+    f = StepFeatures(300, 0, 300 * 301 / 2, 0, 1)
+    assert woken.step_time(f) == plain.step_time(f)  # the simulator applies it, not step_time
+    # A at 1 s and B at 5 s find the replica idle; C arrives during B's prefill and runs right after it.
+    reqs = [Request(0, 1.0, 300, 1), Request(1, 5.0, 300, 1), Request(2, 5.001, 300, 1)]
+    w = Workload.from_requests(reqs, name="wake")
+    cfg = SimConfig(replicas=1, jump=True)
+    # co-located: the continuous contention model's path (no neighbour here, so every factor is 1)
+    models = [ContentionCost(c, {}) for c in (plain, woken)] if colocated else [plain, woken]
+    assert models[1].wake == (0.2, 2.0)
+    a, b = (simulate(w, cfg, cost=c, direct=direct).records for c in models)
+    ttft_a, ttft_b = a["first_token"] - a["arrival"], b["first_token"] - b["arrival"]
+    fwd = plain.step_time(f) - 0.001
+    assert ttft_a[0] == pytest.approx(fwd + 0.001) and ttft_b[0] == pytest.approx(2 * fwd + 0.001)
+    assert ttft_b[1] == pytest.approx(2 * fwd + 0.001)
+    # C's own step is back to back: not slowed; it waits longer only because B's step was
+    assert ttft_b[2] - ttft_a[2] == pytest.approx(fwd)
+
+
+def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp_path):
+    from sim.calibrate import drift_corrected, refit_profile
+
+    cost = FittedCost(LINEAR, 10_000, name="lin", step_overhead_s=0.001, wake=(0.2, 1.08))
+    prof = sample_profile(cost)
+    back = read_profile_file(save_profile_file(prof, tmp_path / "w.toml"))
+    assert back.cost.wake == (0.2, 1.08)
+    assert drift_corrected(back.cost, 1.2).wake == (0.2, 1.08) and scaled(back.cost, 0.9).wake == (0.2, 1.08)
+    assert blend(back.cost, FittedCost(LINEAR, 10_000), 0.5).wake == (0.2, 1.08)
+    grid = [{"kind": p.kind, "label": p.label(), "median_s": cost.step_time(p.features()) - 0.001,
+             **dict(zip(MEASURED, feature_matrix([p.features()])[0].tolist()))} for p in default_grid()]
+    assert refit_profile(dataclasses.replace(prof, grid=grid), form="linear", padded_knee=None).cost.wake == (0.2, 1.08)
+    assert read_profile_file(save_profile_file(sample_profile(FittedCost(LINEAR, 10_000)), tmp_path / "n.toml")).cost.wake is None
+    for bad in ((0.0, 1.1), (0.2, -1.0), (0.2, math.nan), (0.2,)):
+        with pytest.raises(ValueError, match="wake"):
+            FittedCost(LINEAR, 10_000, wake=bad)
+    d = json.loads(json.dumps(prof.to_dict()))
+    d["coefficients"]["wake_factor"] = 0.0
+    with pytest.raises(ValueError, match="w.json.*wake"):
+        Profile.from_dict(d, where="w.json")
+
+
+def test_profile_measures_the_wake_factor_on_a_spaced_real_replay(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from sim.cli import main
+
+    out = tmp_path / "tiny.toml"
+    assert main(["profile", "--model-config", "tiny", "--quick", "--repeats", "1", "--warmup", "0",
+                 "--num-blocks", "512", "--out", str(out), "--no-progress"]) == 0
+    assert "waking from idle" in capsys.readouterr().out
+    prof = read_profile_file(out)
+    wk = prof.measure["wake"]
+    # 14 requests 0.7 s apart on one replica: every one wakes it; the first 2 are set-up; each of the other
+    # 12 pairs its first chunk (after idle) with the second (back to back). The factor is this machine's.
+    assert wk["pairs"] == 12 and wk["idle_s_median"] > 0.5
+    assert prof.cost.wake == (0.2, wk["factor"]) and 0.5 < wk["factor"] < 3
+    assert prof.measure["loop_overhead"]["gaps"] > 0
