@@ -6,8 +6,8 @@
    run the same workload and configuration in the simulator (fitted profile) and on the executor in
    real time (executor.replay.run_workload: one worker process per replica, 1 torch thread each), and
    compare p50/p99 TTFT, TPOT and E2E and throughput (`twinfer validate`'s code).
-   With the drift check (default; `--no-drift-check` turns it off), `twinfer validate`'s code times a
-   few reference shapes of the profile's own grid right before and right after each cell's replay, alone
+   With the drift check (default on the CPU, off on CUDA; `--no-drift-check` / `--drift-check`),
+   `twinfer validate`'s code times a few reference shapes of the profile's own grid right before and right after each cell's replay, alone
    in this process, and scales the simulator's step times by the geometric mean of now / profiled: the
    machine's speed at the time of the cell (this CPU's drifts by 10 % and more between cells), measured
    without looking at the cell's own steps. The uncorrected prediction is kept next to it.
@@ -423,10 +423,10 @@ def main() -> int:
                          "share of the cores (default 1: never wait; with this session's priority raised, see "
                          "--group-nice, other work only gets cores the run leaves idle)")
     ap.add_argument("--max-wait", type=float, default=900.0, help="longest wait for a quiet machine, s (default 900)")
-    ap.add_argument("--drift-check", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--drift-check", action=argparse.BooleanOptionalAction, default=None,
                     help="per cell, time the profile's reference shapes right before and after the replay and "
-                         "scale the simulator's step times by the machine's current speed (default: on; the "
-                         "uncorrected errors are reported too)")
+                         "scale the simulator's step times by the machine's current speed (default: on for the "
+                         "CPU, off for CUDA, as `twinfer validate`; the uncorrected errors are reported too)")
     ap.add_argument("--busy-drift-check", action=argparse.BooleanOptionalAction, default=False,
                     help="with the drift check: also re-time the reference shapes beside a neighbour running decode "
                          "batches, against the profile's medians beside the same, and correct the contention "
@@ -440,6 +440,10 @@ def main() -> int:
                          "again with --profile and compare with its recorded real figures (a cost-model change "
                          "judged on the same measurements)")
     args = ap.parse_args()
+    if args.drift_check is None:
+        from sim.calibrate_cli import default_drift_check
+
+        args.drift_check = default_drift_check(args.device)
     if args.rescore:
         if not args.profile:
             ap.error("--rescore needs --profile (the profile to simulate with)")

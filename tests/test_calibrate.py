@@ -616,6 +616,13 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
     assert set(d["comparison_uncorrected"]["metrics"]) == set(d["comparison"]["metrics"])
 
 
+def test_the_drift_check_defaults_on_for_the_cpu_and_off_for_cuda():
+    from sim.calibrate_cli import default_drift_check
+
+    assert default_drift_check("cpu") and default_drift_check("mps")
+    assert not default_drift_check("cuda") and not default_drift_check("cuda:1")
+
+
 def test_validate_needs_a_profile_file(capsys):
     from sim.cli import main
 
