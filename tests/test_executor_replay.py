@@ -245,3 +245,27 @@ def test_replica_mirror_counts_outstanding_and_pending_tokens_not_yet_reported()
     assert v.pending_tokens() == 7 + 25 and v.num_running == 1
     assert v.gauges() == {"replica0.waiting": 0, "replica0.running": 1, "replica0.kv_usage": 0.1,
                           "replica0.prefix_hit_rate": 0.0, "replica0.outstanding": 2}
+
+
+def test_warm_up_runs_every_kind_of_attention_call_the_run_will_meet(monkeypatch):
+    from executor.model import LlamaForCausalLM, preset
+    from executor.replay import _warm_up
+    from executor.runner import ModelRunner
+
+    runner = ModelRunner(LlamaForCausalLM.from_seed(preset("tiny"), seed=0), 64, 16, num_threads=1)
+    seen = []
+    orig = ModelRunner.run
+
+    def spy(self, plan):
+        seen.append(([(s.num_computed, n) for s, n in zip(plan.prefill, plan.prefill_tokens)],
+                     [s.num_computed + 1 for s in plan.decode]))
+        return orig(self, plan)
+
+    monkeypatch.setattr(ModelRunner, "run", spy)
+    _warm_up(runner, 16)
+    chunks = [c for p, _ in seen for c in p]
+    assert any(start == 0 for start, _ in chunks)  # from position 0 (plain causal)
+    assert any(start > 0 for start, _ in chunks)  # past position 0 (the bottom-right mask)
+    assert any(p and d for p, d in seen)  # a mixed step
+    assert any(len(set(d)) >= 2 for _, d in seen)  # decodes of different lengths in one step
+    assert runner.cache.k[0].abs().sum() > 0  # it really ran the model
