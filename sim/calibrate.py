@@ -161,18 +161,28 @@ class FittedCost:
     scheduler, reporting it), measured on a real replay: a token is stamped at the end of its forward
     pass, but the next step cannot start earlier than this after it.
 
+    Two serving-loop terms the grid cannot show, each measured on a real replay by `twinfer profile` and
+    applied by the simulator (sim.cluster.Replica) and the step check (`loop_factors`), never by
+    `step_time` or `predict`, which stay the grid's fit:
     `wake` = (after_s, factor): a replica's first step after it has been idle for after_s or longer takes
-    `factor` times its forward time (the overhead unchanged), measured on a real replay (`measure_wake`);
-    the simulator applies it (sim.cluster.Replica), `step_time` itself does not. None: no such term.
+    `factor` times its forward time (the overhead unchanged; `wake_replay`, `wake_from_steps`). None: none.
+    `prefill_factor`: every step with prefill tokens takes this times its forward time, the serving loop's
+    prefill steps against its decode steps, each relative to the fit (`mix_replay`, `prefill_factor_from_steps`).
     """
 
     def __init__(self, shared: Any, kv_capacity_tokens: int, line_a: Any = None, line_b: Any = None,
                  name: str = "fitted", step_overhead_s: float = 0.0, padded_knee: int | None = None,
-                 wake: tuple[float, float] | None = None):
+                 wake: tuple[float, float] | None = None, prefill_factor: float = 1.0):
         if not (math.isfinite(step_overhead_s) and step_overhead_s >= 0):
             raise ValueError(f"step_overhead_s={step_overhead_s} is out of range; allowed: >= 0")
         self.step_overhead_s = float(step_overhead_s)
         self.wake = _wake(wake)
+        try:
+            self.prefill_factor = float(prefill_factor)
+        except (TypeError, ValueError):
+            raise ValueError(f"prefill_factor={prefill_factor!r} must be a number > 0") from None
+        if not (math.isfinite(self.prefill_factor) and self.prefill_factor > 0):
+            raise ValueError(f"prefill_factor={prefill_factor!r} is out of range; allowed: > 0")
         self.shared = _coefs(shared)
         self.line_a = _coefs(line_a)
         self.line_b = _coefs(line_b)
@@ -230,16 +240,21 @@ class FittedCost:
 
     def with_overhead(self, step_overhead_s: float) -> "FittedCost":
         return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name, step_overhead_s,
-                          self.padded_knee, self.wake)
+                          self.padded_knee, self.wake, self.prefill_factor)
 
     def with_wake(self, wake: tuple[float, float] | None) -> "FittedCost":
         return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name,
-                          self.step_overhead_s, self.padded_knee, wake)
+                          self.step_overhead_s, self.padded_knee, wake, self.prefill_factor)
+
+    def with_prefill_factor(self, prefill_factor: float) -> "FittedCost":
+        return FittedCost(self.shared, self.kv_capacity_tokens, self.line_a, self.line_b, self.name,
+                          self.step_overhead_s, self.padded_knee, self.wake, prefill_factor)
 
     def coefficients(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step_overhead_s": self.step_overhead_s,
                                **({"decode_padded_knee": self.padded_knee} if self.padded_knee is not None else {}),
                                **({"wake_after_s": self.wake[0], "wake_factor": self.wake[1]} if self.wake else {}),
+                               **({"prefill_loop_factor": self.prefill_factor} if self.prefill_factor != 1.0 else {}),
                                "shared": dict(zip(FEATURES, self.shared.tolist()))}
         if self.form == "max":
             out["line_a"] = dict(zip(FEATURES, self.line_a.tolist()))
@@ -541,7 +556,8 @@ class Profile:
             wake = (co["wake_after_s"], co["wake_factor"]) if "wake_factor" in co else None
             cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
                               name=str(d.get("name", "fitted")), step_overhead_s=float(co.get("step_overhead_s", 0.0)),
-                              padded_knee=co.get("decode_padded_knee"), wake=wake)
+                              padded_knee=co.get("decode_padded_knee"), wake=wake,
+                              prefill_factor=co.get("prefill_loop_factor", 1.0))
             nb = d.get("neighbours")
             busy = None
             if nb is not None:
@@ -549,7 +565,8 @@ class Profile:
                 busy = FittedCost(bc["shared"], cost.kv_capacity_tokens, bc.get("line_a"), bc.get("line_b"),
                                   name=f"{cost.name} (neighbours busy)",
                                   step_overhead_s=float(bc.get("step_overhead_s", 0.0)),
-                                  padded_knee=bc.get("decode_padded_knee"), wake=wake)
+                                  padded_knee=bc.get("decode_padded_knee"), wake=wake,
+                                  prefill_factor=co.get("prefill_loop_factor", 1.0))
         except KeyError as e:
             raise ValueError(f"{where}: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -590,7 +607,7 @@ def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
                       w * alone.line_a + u * busy.line_a, w * alone.line_b + u * busy.line_b,
                       name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})",
                       step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s, padded_knee=alone.padded_knee,
-                      wake=alone.wake)
+                      wake=alone.wake, prefill_factor=alone.prefill_factor)
 
 
 def utc_now() -> str:
@@ -1144,8 +1161,8 @@ def refit_profile(prof: Profile, *, form: str = "auto", padded_knee: int | None 
     """The profile with its cost model fitted again, by this twinfer's fit, on its own stored grid medians
     (and the busy-neighbour fit on the busy medians): nothing is measured again. Everything else (device,
     measurements, contention factors, the drift check's reference medians, the engine loop's overhead and
-    wake factor) is kept. The hold-out share and seed default to the profile's own, so the held-back shapes are the same
-    and the errors compare."""
+    the serving-loop factors) is kept. The hold-out share and seed default to the profile's own, so the
+    held-back shapes are the same and the errors compare."""
     if not prof.grid:
         raise ValueError(f"{where}: the profile has no grid measurements to fit again (one fitted on an engine "
                          f"step log: fit that log again with --from-steps)")
@@ -1158,7 +1175,8 @@ def refit_profile(prof: Profile, *, form: str = "auto", padded_knee: int | None 
     def fit_of(key: str, label: str, knee: Any, overhead: float) -> tuple[FitResult, dict[str, Any]]:
         y = np.array([float(r[key]) for r in prof.grid])
         fit = fit_cost(X, y, cap, kinds=kinds, holdout=holdout, form=form, seed=seed, name=label, padded_knee=knee)
-        fit.model = fit.model.with_overhead(overhead).with_wake(prof.cost.wake)
+        fit.model = fit.model.with_overhead(overhead).with_wake(prof.cost.wake).with_prefill_factor(
+            prof.cost.prefill_factor)
         return fit, fit.record(holdout, seed, **{k: prof.fit[k] for k in ("median_iqr_rel", "max_iqr_rel") if k in prof.fit},
                                refit={"at": utc_now(), "was": {"form": prof.cost.form, "heldout": prof.fit.get("heldout", {}),
                                                                "decode_padded_knee": prof.cost.padded_knee}})
@@ -1561,7 +1579,8 @@ def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: An
     """The executor's own steps (an engine step log) against the cost model's prediction for each exact
     shape: separates step-time error (the model, or a machine busier than when profiled) from error in
     what the simulated schedule did. With `contention` (a sim.contention.ContentionCost), each step's
-    prediction carries the slowdown of what the other replicas actually had in progress when it started."""
+    prediction carries the slowdown of what the other replicas actually had in progress when it started.
+    The cost model's serving-loop terms (`loop_factors`) apply as in the simulator."""
     X, d, kinds = steps_features(steps)
     if not len(d):
         return {"steps": 0}
@@ -1570,6 +1589,7 @@ def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: An
         from sim.contention import step_predictions
 
         pred = step_predictions(contention, steps)
+    pred = pred * loop_factors(contention if contention is not None else cost, steps)
     ratio = d / pred
     dec = np.array([k == "decode" for k in kinds])
     out: dict[str, Any] = {"steps": int(len(d)), "busy_s": float(d.sum()), "predicted_busy_s": float(pred.sum()),
@@ -1592,7 +1612,7 @@ def scaled(cost: FittedCost, factor: float) -> FittedCost:
         raise ValueError(f"factor={factor} must be > 0")
     return FittedCost(cost.shared * factor, cost.kv_capacity_tokens, cost.line_a * factor, cost.line_b * factor,
                       name=f"{cost.name} x{factor:.3g}", step_overhead_s=cost.step_overhead_s * factor,
-                      padded_knee=cost.padded_knee, wake=cost.wake)
+                      padded_knee=cost.padded_knee, wake=cost.wake, prefill_factor=cost.prefill_factor)
 
 
 def _drift_factor(factor: Any, what: str = "drift factor") -> float:
@@ -1786,4 +1806,109 @@ def wake_from_steps(steps: Mapping[str, np.ndarray], predicted: np.ndarray, afte
                    else None)
     if len(r) >= 5:
         out["factor"] = float(np.median(r))
+    return out
+
+
+# ---- the serving loop's prefill steps against its decode steps ------------------------------------
+
+def loop_factors(cost: Any, steps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The serving-loop terms' multiplier on each step of an engine step log (FittedCost doc: prefill_factor on
+    steps with prefill tokens, the wake factor on a replica's first step after wake[0] s idle or more, counting
+    from the run's start), as the simulator applies them."""
+    pt = np.asarray(steps["prefill_tokens"], dtype=np.int64)
+    out = np.where(pt > 0, float(getattr(cost, "prefill_factor", 1.0)), 1.0)
+    wake = getattr(cost, "wake", None)
+    if wake is not None and len(pt):
+        out[idle_before(steps) >= wake[0]] *= wake[1]
+    return out
+
+
+def idle_before(steps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Seconds each step's replica had been idle before it started (since the run's start for its first)."""
+    start = np.asarray(steps["start"], dtype=np.float64)
+    dur = np.asarray(steps["duration"], dtype=np.float64)
+    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
+    gap = np.empty(len(start))
+    for k in np.unique(rep).tolist():
+        idx = np.flatnonzero(rep == k)
+        idx = idx[np.argsort(start[idx], kind="stable")]
+        ends = np.concatenate([[0.0], start[idx[:-1]] + dur[idx[:-1]]])
+        gap[idx] = start[idx] - ends
+    return gap
+
+
+class _LogUniformLengths:
+    """Prompt and output lengths log-uniform over fixed ranges: a calibration mix that borrows nothing from
+    the traces a fidelity run validates on."""
+
+    source = "log-uniform prompts 64-2048, outputs 16-128"
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        inp = np.exp(rng.uniform(np.log(64), np.log(2048), n)).astype(np.int64)
+        out = np.exp(rng.uniform(np.log(16), np.log(128), n)).astype(np.int64)
+        return inp, out
+
+
+def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, block_size: int = 16,
+               device: str = "cpu", seed: int = 0, requests: int = 40) -> dict[str, np.ndarray]:
+    """Replay a calibration mix (Poisson arrivals, `_LogUniformLengths`, chunked prefill with a 512-token budget,
+    round robin) on the executor's real-time replay, at a rate `cost` says loads the replicas moderately, and
+    return its step log: prefill, mixed and decode steps interleaved within the same seconds."""
+    import tempfile
+
+    from executor.replay import read_steps, run_workload
+    from policies.scheduler import SchedulerConfig
+    from sim.config import SimConfig
+    from traces.synth import synthesize
+
+    lengths = _LogUniformLengths()
+    probe = lengths.sample(2000, np.random.default_rng(seed + 7))
+    p_in, p_out = float(np.mean(probe[0])), float(np.mean(probe[1]))
+    per_req = (cost.step_time(StepFeatures(int(p_in), 0, p_in * (p_in + 1) / 2, 0, 1))
+               + p_out * cost.step_time(StepFeatures(0, 4, 0.0, int(4 * (p_in + p_out / 2)), 4)) / 4)
+    rate = 0.6 * replicas / per_req
+    w = synthesize(requests, rate, lengths=lengths, seed=seed, name="loop-mix")
+    cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
+                    scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False, max_num_batched_tokens=512))
+    with tempfile.TemporaryDirectory(prefix="twinfer-mix-") as tmp:
+        run_workload(w, cfg, model_config=model_config, device=device, out=tmp,
+                     max_duration=float(w.arrival[-1]) + 60 * per_req + 60.0)
+        return read_steps(Path(tmp) / "steps.csv")
+
+
+def prefill_factor_from_steps(steps: Mapping[str, np.ndarray], predicted: np.ndarray, skip: int = 3,
+                              after_s: float = WAKE_AFTER_S, parts: int = 4) -> dict[str, Any]:
+    """How much longer, relative to the fit, the serving loop's steps with prefill tokens run than its
+    decode-only steps: (real / predicted busy time of the prefill steps) / (the same of the decode steps), on
+    an engine step log and the fit's prediction for each of its steps (forward time). Steps after `after_s`
+    or more of idle (the wake term's) and each replica's first `skip` steps are left out. Both kinds run in
+    the same seconds, so the machine's speed cancels; `parts` equal stretches of the log give its spread.
+    `factor` is None with fewer than 10 steps of either kind."""
+    start = np.asarray(steps["start"], dtype=np.float64)
+    d = np.asarray(steps["duration"], dtype=np.float64)
+    pt = np.asarray(steps["prefill_tokens"], dtype=np.int64)
+    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
+    pred = np.asarray(predicted, dtype=np.float64)
+    if pred.shape != d.shape:
+        raise ValueError(f"{len(pred)} predictions for {len(d)} steps")
+    keep = idle_before(steps) < after_s
+    for k in np.unique(rep).tolist():
+        idx = np.flatnonzero(rep == k)
+        keep[idx[np.argsort(start[idx], kind="stable")][:skip]] = False
+    pre, dec = keep & (pt > 0), keep & (pt == 0)
+
+    def ratio(m: np.ndarray) -> float:
+        a, b = pre & m, dec & m
+        if not a.any() or not b.any():
+            return math.nan
+        return float((d[a].sum() / pred[a].sum()) / (d[b].sum() / pred[b].sum()))
+
+    out: dict[str, Any] = {"prefill_steps": int(pre.sum()), "decode_steps": int(dec.sum()), "factor": None,
+                           "measured": ratio(np.ones(len(d), bool))}
+    if len(d):
+        edges = np.quantile(start, np.linspace(0, 1, parts + 1))
+        part = [ratio((start >= lo) & (start <= hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+        out["parts"] = [p for p in part if math.isfinite(p)]
+    if pre.sum() >= 10 and dec.sum() >= 10:
+        out["factor"] = out["measured"]
     return out

@@ -56,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model weights, hold-out choice and run order (default 0; with --refit, the profile's)")
     p.add_argument("--no-loop-overhead", dest="loop_overhead", action="store_false", default=True,
                    help="do not replay on the executor to measure its serving loop: the engine loop's time between "
-                        "steps (a short burst; added to every predicted step) and what a step costs right after "
-                        "the replica was idle (spaced requests, about 20 s)")
+                        "steps (a short burst; added to every predicted step), what a step costs right after "
+                        "the replica was idle (spaced requests, about 20 s) and its steps with prefill tokens against "
+                        "its decode steps (a calibration mix, about a minute)")
     p.add_argument("--from-steps", metavar="STEPS_CSV",
                    help="fit on an engine step log (steps.csv of `twinfer run --out`) instead of measuring a grid; "
                         "--model-config and --num-blocks still describe the executor it came from")
@@ -141,7 +142,7 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
     from executor.runner import ModelRunner
     from sim.calibrate import (
         BusyNeighbours, default_grid, grid_blocks_needed, measure_grid, measure_loop_overhead,
-        profile_from_measurements, steps_features, wake_from_steps, wake_replay,
+        mix_replay, prefill_factor_from_steps, profile_from_measurements, steps_features, wake_from_steps, wake_replay,
     )
     from sim.contention import step_predictions
 
@@ -245,16 +246,25 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         for row, *meds in zip(prof.grid, *(samples[c] for c in conds if c not in ("idle", "grid"))):
             row.update({condition_key(c): float(np.median(m))
                         for c, m in zip([c for c in conds if c not in ("idle", "grid")], meds)})
-    if wake_steps is not None:  # (before the loop overhead goes in: the step log's durations exclude it)
+    if wake_steps is not None:  # (before the loop overhead goes in: the step logs' durations exclude it)
         cc = prof.contention_cost()
-        pred = (step_predictions(cc, wake_steps) if cc is not None
-                else prof.cost.predict(steps_features(wake_steps)[0]))
-        wk = wake_from_steps(wake_steps, pred)
-        prof.measure["wake"] = wk
-        if wk["factor"] is not None:
-            prof.cost = prof.cost.with_wake((wk["after_s"], wk["factor"]))
-            if prof.busy is not None:
-                prof.busy = prof.busy.with_wake((wk["after_s"], wk["factor"]))
+
+        def fit_pred(steps):  # the grid's fit for each logged step, no serving-loop term yet
+            return step_predictions(cc, steps) if cc is not None else prof.cost.predict(steps_features(steps)[0])
+
+        mix_steps = mix_replay(model_config, concurrent, num_blocks, cc or prof.cost, block_size, str(dev), seed)
+        wk = wake_from_steps(wake_steps, fit_pred(wake_steps))
+        pf = prefill_factor_from_steps(mix_steps, fit_pred(mix_steps))
+        prof.measure["wake"], prof.measure["prefill_loop"] = wk, pf
+        for attr in ("cost", "busy"):
+            m = getattr(prof, attr)
+            if m is None:
+                continue
+            if wk["factor"] is not None:
+                m = m.with_wake((wk["after_s"], wk["factor"]))
+            if pf["factor"] is not None:
+                m = m.with_prefill_factor(pf["factor"])
+            setattr(prof, attr, m)
     if loop is not None:
         prof.measure["loop_overhead"] = loop
         prof.cost = prof.cost.with_overhead(loop["mean_s"])
@@ -504,6 +514,15 @@ def render_profile(prof) -> Any:
                    if wk.get("factor") is not None else "not applied (fewer than 5 pairs); measured ")
                   + (f"(p25..p75 {wk['p25']:.3f}..{wk['p75']:.3f} over {wk['pairs']} pairs against the step "
                      f"right after it, of a spaced real replay)" if wk.get("pairs") else "(no pairs)"))
+    pf = prof.measure.get("prefill_loop")
+    if pf:
+        parts = pf.get("parts") or []
+        s.add_row("serving-loop prefill steps",
+                  (f"x{pf['factor']:.3f} their forward time " if pf.get("factor") is not None
+                   else "not applied (too few steps); measured ")
+                  + f"(real/fit of {pf['prefill_steps']} steps with prefill tokens over the same of "
+                    f"{pf['decode_steps']} decode steps, a calibration mix replayed for real"
+                  + (f"; by quarter {min(parts):.3f}..{max(parts):.3f})" if parts else ")"))
     if prof.busy is not None:
         b = prof.busy_fit
         ratio = [g["busy_median_s"] / g["median_s"] for g in prof.grid if "busy_median_s" in g]

@@ -97,9 +97,11 @@ class Replica:
         self._cut: tuple[int, float] | None = None  # (steps, end) of that run once an arrival cut it short
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
-        # A cost model's wake term (sim.calibrate.FittedCost.wake): the first step after the replica has been
-        # idle for after_s or longer takes factor x its forward time. _last_end: when its last step ended.
+        # A cost model's serving-loop terms (sim.calibrate.FittedCost): the first step after the replica has
+        # been idle for wake[0] s or longer takes wake[1] x its forward time, and every step with prefill tokens
+        # prefill_factor x (both, when both hold). _last_end: when its last step ended.
         self._wake_term: tuple[float, float] | None = getattr(cost, "wake", None)
+        self._prefill_factor = float(getattr(cost, "prefill_factor", 1.0))
         self._last_end = 0.0
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
         # A co-located cost model read continuously (sim.contention, continuous=True): the step in progress
@@ -264,19 +266,21 @@ class Replica:
             run = None
             m = 1
             wake = self._wake_term
-            woke = p is None and wake is not None and now - self._last_end >= wake[0]
+            loop = self._prefill_factor if f.prefill_tokens else 1.0
+            if p is None and wake is not None and now - self._last_end >= wake[0]:
+                loop *= wake[1]
             if self._cont:
                 w, fac = self.cost.alone_time(f), self.cost.factor_now(f)
-                if woke:
+                if loop != 1.0:
                     oh = self.cost.step_overhead_s
-                    w = (w - oh) * wake[1] + oh
+                    w = (w - oh) * loop + oh
                 self._prog = [now, w, fac]
                 end = now + w * fac
             else:
                 t = self.cost.step_time(f)
-                if woke:
+                if loop != 1.0:
                     oh = self.cost.step_overhead_s
-                    t = (t - oh) * wake[1] + oh
+                    t = (t - oh) * loop + oh
                 end = now + t
         else:
             run = self.cost.decode_run(f)

@@ -106,6 +106,7 @@ class ContentionCost:
         self.kv_capacity_tokens = base.kv_capacity_tokens
         self.step_overhead_s = getattr(base, "step_overhead_s", 0.0)
         self.wake = getattr(base, "wake", None)
+        self.prefill_factor = getattr(base, "prefill_factor", 1.0)
         self.profile = getattr(base, "profile", None)
         self.uses_grouping = bool(getattr(base, "uses_grouping", False))
 
@@ -163,6 +164,7 @@ class ReplicaContention:
         self.kv_capacity_tokens = model.kv_capacity_tokens
         self.step_overhead_s = model.step_overhead_s
         self.wake = model.wake
+        self.prefill_factor = model.prefill_factor
         self.uses_grouping = model.uses_grouping
         self.continuous = model.continuous  # the simulator re-times this replica's step when a neighbour changes
 

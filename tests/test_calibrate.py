@@ -750,18 +750,84 @@ def test_the_simulator_slows_only_the_first_step_after_idle(direct, colocated):
     assert ttft_b[2] - ttft_a[2] == pytest.approx(fwd)
 
 
+def _mix_log(factor: float, n: int = 400, seed: int = 0):
+    """A one-replica log of back-to-back steps whose machine speed drifts 0.8 -> 1.4 x over the log; steps with
+    prefill tokens (every fourth) run `factor` x longer than their prediction besides."""
+    rng = np.random.default_rng(seed)
+    pt = np.where(np.arange(n) % 4 == 0, rng.integers(16, 512, n), 0)
+    pred = np.where(pt > 0, 0.05 + pt * 2e-4, 0.03)
+    speed = np.linspace(0.8, 1.4, n)
+    d = pred * speed * np.where(pt > 0, factor, 1.0)
+    start = np.concatenate([[0.01], 0.01 + np.cumsum(d[:-1] + 0.0005)])
+    return {"replica": np.zeros(n, np.int64), "start": start, "duration": d, "prefill_tokens": pt}, pred
+
+
+def test_prefill_factor_from_steps_recovers_the_factor_while_the_machine_drifts():
+    from sim.calibrate import prefill_factor_from_steps
+
+    steps, pred = _mix_log(1.12)
+    pf = prefill_factor_from_steps(steps, pred, parts=4)
+    assert pf["factor"] == pytest.approx(1.12, rel=0.01)  # speed moved 1.75 x, and cancels
+    assert pf["prefill_steps"] == 99 and pf["decode_steps"] == 298  # the first 3 steps (set-up) left out
+    assert len(pf["parts"]) == 4 and all(p == pytest.approx(1.12, rel=0.01) for p in pf["parts"])
+    assert prefill_factor_from_steps(*_mix_log(1.0))["factor"] == pytest.approx(1.0, rel=0.01)
+    few = prefill_factor_from_steps(*_mix_log(1.12, n=30))
+    assert few["factor"] is None and few["measured"] == pytest.approx(1.12, rel=0.02)
+    with pytest.raises(ValueError, match="predictions"):
+        prefill_factor_from_steps(steps, pred[1:])
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-driver", "simpy-driver"])
+def test_the_simulator_stretches_prefill_steps_by_the_loop_factor_and_not_decodes(direct):
+    from sim.cluster import simulate
+    from sim.config import SimConfig
+    from traces.workload import Request, Workload
+
+    plain = FittedCost(LINEAR, 100_000, name="lin", step_overhead_s=0.001)
+    slow = plain.with_prefill_factor(1.5)
+    w = Workload.from_requests([Request(0, 0.0, 300, 40)], name="one")
+    a, b = (simulate(w, SimConfig(replicas=1, jump=True), cost=c, direct=direct).records for c in (plain, slow))
+    fwd = plain.step_time(StepFeatures(300, 0, 300 * 301 / 2, 0, 1)) - 0.001
+    assert b["first_token"][0] - a["first_token"][0] == pytest.approx(0.5 * fwd)  # the prefill step
+    # the 39 decode steps after it are untouched: the same time from first token to finish
+    assert b["finish"][0] - b["first_token"][0] == pytest.approx(a["finish"][0] - a["first_token"][0])
+
+
+def test_the_step_check_applies_the_loop_terms_as_the_simulator_does():
+    from sim.calibrate import idle_before, loop_factors, step_check
+
+    steps = {"replica": np.array([0, 0, 0, 1]), "start": np.array([0.5, 0.61, 2.0, 0.05]),
+             "duration": np.array([0.1, 0.1, 0.1, 0.1]), "prefill_tokens": np.array([100, 0, 50, 0]),
+             "decode_seqs": np.array([0, 1, 1, 2]), "decode_context": np.array([0, 101, 160, 500]),
+             "attention_pairs": np.array([5050, 101, 5000, 500]), "sampled": np.array([1, 1, 2, 2]),
+             "decode_groups": np.array([0, 1, 1, 1]), "decode_padded_context": np.array([0, 112, 160, 512])}
+    assert idle_before(steps) == pytest.approx([0.5, 0.01, 1.29, 0.05])
+    cost = FittedCost(LINEAR, 10_000).with_prefill_factor(1.2).with_wake((0.2, 1.5))
+    assert loop_factors(cost, steps) == pytest.approx([1.2 * 1.5, 1.0, 1.2 * 1.5, 1.0])
+    plain = step_check(FittedCost(LINEAR, 10_000), steps)
+    both = step_check(cost, steps)
+    assert both["decode_only"]["busy_ratio"] == pytest.approx(plain["decode_only"]["busy_ratio"])
+    assert both["with_prefill"]["busy_ratio"] == pytest.approx(plain["with_prefill"]["busy_ratio"] / 1.8)
+
+
 def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp_path):
     from sim.calibrate import drift_corrected, refit_profile
 
-    cost = FittedCost(LINEAR, 10_000, name="lin", step_overhead_s=0.001, wake=(0.2, 1.08))
+    cost = FittedCost(LINEAR, 10_000, name="lin", step_overhead_s=0.001, wake=(0.2, 1.08), prefill_factor=1.06)
     prof = sample_profile(cost)
     back = read_profile_file(save_profile_file(prof, tmp_path / "w.toml"))
-    assert back.cost.wake == (0.2, 1.08)
+    assert back.cost.wake == (0.2, 1.08) and back.cost.prefill_factor == 1.06
+    assert scaled(back.cost, 0.9).prefill_factor == 1.06 and blend(back.cost, FittedCost(LINEAR, 10_000), 0.5).prefill_factor == 1.06
+    assert back.cost.with_overhead(0.0).prefill_factor == 1.06 and back.cost.with_wake(None).prefill_factor == 1.06
     assert drift_corrected(back.cost, 1.2).wake == (0.2, 1.08) and scaled(back.cost, 0.9).wake == (0.2, 1.08)
     assert blend(back.cost, FittedCost(LINEAR, 10_000), 0.5).wake == (0.2, 1.08)
     grid = [{"kind": p.kind, "label": p.label(), "median_s": cost.step_time(p.features()) - 0.001,
              **dict(zip(MEASURED, feature_matrix([p.features()])[0].tolist()))} for p in default_grid()]
-    assert refit_profile(dataclasses.replace(prof, grid=grid), form="linear", padded_knee=None).cost.wake == (0.2, 1.08)
+    refit = refit_profile(dataclasses.replace(prof, grid=grid), form="linear", padded_knee=None).cost
+    assert refit.wake == (0.2, 1.08) and refit.prefill_factor == 1.06
+    for bad in (0.0, -1.0, math.inf, "x"):
+        with pytest.raises(ValueError, match="prefill_factor"):
+            FittedCost(LINEAR, 10_000, prefill_factor=bad)
     assert read_profile_file(save_profile_file(sample_profile(FittedCost(LINEAR, 10_000)), tmp_path / "n.toml")).cost.wake is None
     for bad in ((0.0, 1.1), (0.2, -1.0), (0.2, math.nan), (0.2,)):
         with pytest.raises(ValueError, match="wake"):
@@ -772,14 +838,15 @@ def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp
         Profile.from_dict(d, where="w.json")
 
 
-def test_profile_measures_the_wake_factor_on_a_spaced_real_replay(tmp_path, capsys):
+def test_profile_measures_the_serving_loop_terms_on_real_replays(tmp_path, capsys):
     pytest.importorskip("torch")
     from sim.cli import main
 
     out = tmp_path / "tiny.toml"
     assert main(["profile", "--model-config", "tiny", "--quick", "--repeats", "1", "--warmup", "0",
                  "--num-blocks", "512", "--out", str(out), "--no-progress"]) == 0
-    assert "waking from idle" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "waking from idle" in text and "serving-loop prefill steps" in text
     prof = read_profile_file(out)
     wk = prof.measure["wake"]
     # 14 requests 0.7 s apart on one replica: every one wakes it; the first 2 are set-up; each of the other
@@ -787,3 +854,7 @@ def test_profile_measures_the_wake_factor_on_a_spaced_real_replay(tmp_path, caps
     assert wk["pairs"] == 12 and wk["idle_s_median"] > 0.5
     assert prof.cost.wake == (0.2, wk["factor"]) and 0.5 < wk["factor"] < 3
     assert prof.measure["loop_overhead"]["gaps"] > 0
+    # the calibration mix: prefill and decode steps of a real replay, the factor applied
+    pf = prof.measure["prefill_loop"]
+    assert pf["prefill_steps"] >= 10 and pf["decode_steps"] >= 10 and len(pf["parts"]) >= 2
+    assert prof.cost.prefill_factor == pytest.approx(pf["factor"]) and 0.3 < pf["factor"] < 3
