@@ -1850,7 +1850,7 @@ class _LogUniformLengths:
 
 
 def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, block_size: int = 16,
-               device: str = "cpu", seed: int = 0, requests: int = 40) -> dict[str, np.ndarray]:
+               device: str = "cpu", seed: int = 0, requests: int = 80) -> dict[str, np.ndarray]:
     """Replay a calibration mix (Poisson arrivals, `_LogUniformLengths`, chunked prefill with a 512-token budget,
     round robin) on the executor's real-time replay, at a rate `cost` says loads the replicas moderately, and
     return its step log: prefill, mixed and decode steps interleaved within the same seconds."""
