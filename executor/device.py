@@ -18,7 +18,7 @@ import platform
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from executor import hostmem
 
@@ -159,7 +159,7 @@ class StepTimer:
     elapsed - device_elapsed is roughly host overhead.
     """
 
-    __slots__ = ("device", "elapsed", "device_elapsed", "_t0", "_events")
+    __slots__ = ("_events", "_t0", "device", "device_elapsed", "elapsed")
 
     def __init__(self, device: torch.device | str):
         self.device = device
@@ -171,7 +171,7 @@ class StepTimer:
     def _is_cuda(self) -> bool:
         return (self.device if isinstance(self.device, str) else self.device.type).startswith("cuda")
 
-    def __enter__(self) -> StepTimer:
+    def __enter__(self) -> Self:
         if self._is_cuda():
             import torch
 

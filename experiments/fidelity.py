@@ -386,7 +386,7 @@ def rescore(args: argparse.Namespace) -> int:
         rows.append(row)
         print(f"[{k + 1}/{len(run['cells'])}] {tr} {cell['scheduler']} {cell['router']} {cell['load']}: "
               + ", ".join(f"{lab} {fmt_err(err[m])}" + ("*" if in_band[m] else "") for m, lab in METRICS)
-              + f" (recorded: " + ", ".join(f"{lab} {fmt_err(cell['errors'][m])}" for m, lab in METRICS[:3]) + ")",
+              + " (recorded: " + ", ".join(f"{lab} {fmt_err(cell['errors'][m])}" for m, lab in METRICS[:3]) + ")",
               flush=True)
     report(rows, con, st["replicas"], st["requests"], time.perf_counter())
     if args.out:
