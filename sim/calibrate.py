@@ -1767,6 +1767,17 @@ def wake_replay(model_config: Any, replicas: int, num_blocks: int, block_size: i
         return read_steps(Path(tmp) / "steps.csv")
 
 
+def _log_and_predictions(steps: Mapping[str, np.ndarray], predicted: np.ndarray) -> tuple[np.ndarray, ...]:
+    """An engine step log's start, duration, prefill tokens and replica columns, and `predicted` (one per step)."""
+    start = np.asarray(steps["start"], dtype=np.float64)
+    dur = np.asarray(steps["duration"], dtype=np.float64)
+    pred = np.asarray(predicted, dtype=np.float64)
+    if pred.shape != dur.shape:
+        raise ValueError(f"{len(pred)} predictions for {len(dur)} steps")
+    return (start, dur, np.asarray(steps["prefill_tokens"], dtype=np.int64),
+            np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64))), pred)
+
+
 def wake_from_steps(steps: Mapping[str, np.ndarray], predicted: np.ndarray, after_s: float = WAKE_AFTER_S,
                     skip: int = 2) -> dict[str, Any]:
     """What waking costs, from an engine step log and the cost model's prediction for each of its steps
@@ -1775,13 +1786,7 @@ def wake_from_steps(steps: Mapping[str, np.ndarray], predicted: np.ndarray, afte
     and the step right after it if that one also has prefill tokens and ran back to back. Its figure is
     (real / predicted of the first) / (real / predicted of the second): the machine's speed that moment
     cancels. `factor` is the median over pairs (None with fewer than 5 pairs)."""
-    start = np.asarray(steps["start"], dtype=np.float64)
-    dur = np.asarray(steps["duration"], dtype=np.float64)
-    pt = np.asarray(steps["prefill_tokens"], dtype=np.int64)
-    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
-    pred = np.asarray(predicted, dtype=np.float64)
-    if pred.shape != dur.shape:
-        raise ValueError(f"{len(pred)} predictions for {len(dur)} steps")
+    start, dur, pt, rep, pred = _log_and_predictions(steps, predicted)
     ratios, idle = [], []
     for k in np.unique(rep).tolist():
         idx = np.flatnonzero(rep == k)
@@ -1884,13 +1889,7 @@ def prefill_factor_from_steps(steps: Mapping[str, np.ndarray], predicted: np.nda
     or more of idle (the wake term's) and each replica's first `skip` steps are left out. Both kinds run in
     the same seconds, so the machine's speed cancels; `parts` equal stretches of the log give its spread.
     `factor` is None with fewer than 10 steps of either kind."""
-    start = np.asarray(steps["start"], dtype=np.float64)
-    d = np.asarray(steps["duration"], dtype=np.float64)
-    pt = np.asarray(steps["prefill_tokens"], dtype=np.int64)
-    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
-    pred = np.asarray(predicted, dtype=np.float64)
-    if pred.shape != d.shape:
-        raise ValueError(f"{len(pred)} predictions for {len(d)} steps")
+    start, d, pt, rep, pred = _log_and_predictions(steps, predicted)
     keep = idle_before(steps) < after_s
     for k in np.unique(rep).tolist():
         idx = np.flatnonzero(rep == k)
