@@ -102,6 +102,7 @@ class Replica:
         # prefill_factor x (both, when both hold). _last_end: when its last step ended.
         self._wake_term: tuple[float, float] | None = getattr(cost, "wake", None)
         self._prefill_factor = float(getattr(cost, "prefill_factor", 1.0))
+        self._loop_terms = self._wake_term is not None or self._prefill_factor != 1.0  # (one test per step)
         self._last_end = 0.0
         self.current: StepFeatures | None = None  # the step (or decode run) in progress, None when idle
         # A co-located cost model read continuously (sim.contention, continuous=True): the step in progress
@@ -265,22 +266,16 @@ class Replica:
         if k == 1:
             run = None
             m = 1
-            wake = self._wake_term
-            loop = self._prefill_factor if f.prefill_tokens else 1.0
-            if p is None and wake is not None and now - self._last_end >= wake[0]:
-                loop *= wake[1]
             if self._cont:
                 w, fac = self.cost.alone_time(f), self.cost.factor_now(f)
-                if loop != 1.0:
-                    oh = self.cost.step_overhead_s
-                    w = (w - oh) * loop + oh
+                if self._loop_terms:
+                    w = self._with_loop_terms(w, f, p is None, now)
                 self._prog = [now, w, fac]
                 end = now + w * fac
             else:
                 t = self.cost.step_time(f)
-                if loop != 1.0:
-                    oh = self.cost.step_overhead_s
-                    t = (t - oh) * loop + oh
+                if self._loop_terms:
+                    t = self._with_loop_terms(t, f, p is None, now)
                 end = now + t
         else:
             run = self.cost.decode_run(f)
@@ -298,6 +293,19 @@ class Replica:
         if self._cont:
             self._notify(now)
         return True
+
+    def _with_loop_terms(self, t: float, f: StepFeatures, after_idle: bool, now: float) -> float:
+        """Step time `t` with the cost model's serving-loop terms: the forward part (t without the loop's
+        overhead) times prefill_factor for a step with prefill tokens, and times the wake factor for the first
+        step after wake[0] s idle or more (`after_idle`: nothing was in progress before this one)."""
+        loop = self._prefill_factor if f.prefill_tokens else 1.0
+        wake = self._wake_term
+        if after_idle and wake is not None and now - self._last_end >= wake[0]:
+            loop *= wake[1]
+        if loop == 1.0:
+            return t
+        oh = self.cost.step_overhead_s
+        return (t - oh) * loop + oh
 
     # ---- co-located replicas read continuously (sim.contention, continuous=True) ---------------------
     def _notify(self, now: float) -> None:
