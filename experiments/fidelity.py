@@ -7,7 +7,8 @@
    real time (executor.replay.run_workload: one worker process per replica, 1 torch thread each), and
    compare p50/p99 TTFT, TPOT and E2E and throughput (`twinfer validate`'s code).
    With the drift check (default on the CPU, off on CUDA; `--no-drift-check` / `--drift-check`),
-   `twinfer validate`'s code times a few reference shapes of the profile's own grid right before and right after each cell's replay, alone
+   `twinfer validate`'s code times a few reference shapes of the profile's own grid right before and
+   right after each cell's replay, alone
    in this process, and scales the simulator's step times by the geometric mean of now / profiled: the
    machine's speed at the time of the cell (this CPU's drifts by 10 % and more between cells), measured
    without looking at the cell's own steps. The uncorrected prediction is kept next to it.
@@ -253,7 +254,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     for r in rows:
         t.add_row(r["trace"], r["scheduler"], r["router"], r["load"], f"{r['rate']:.2f}",
                   *(fmt_err(r["errors"][m]) for m, _ in METRICS), *drift_cell(r), fmt_num(r['step_busy_ratio'], ".2f"),
-                  fmt_num(pf_ratio(r), ".2f"), fmt_num(r['corrected_median_abs_rel_error'], ".1%"), f"{r['niced_load_during']:.0%}")
+                  fmt_num(pf_ratio(r), ".2f"), fmt_num(r['corrected_median_abs_rel_error'], ".1%"),
+                  f"{r['niced_load_during']:.0%}")
 
     agg, agg_raw, agg_alone = (aggregate(rows, "errors"), aggregate(rows, "errors_uncorrected"),
                                aggregate(rows, "errors_alone_drift"))
@@ -560,7 +562,8 @@ def main() -> int:
                           for m, lab in METRICS)
               + drift_txt
               + f"; steps x{row['step_busy_ratio']:.2f} (decode x{row['step_kind_ratio']['decode']:.2f}, with prefill"
-              f" x{row['step_kind_ratio']['with_prefill']:.2f}); queueing p50 sim {row['queueing']['p50']['sim'] * 1e3:.0f}"
+              f" x{row['step_kind_ratio']['with_prefill']:.2f}); queueing p50 sim"
+              f" {row['queueing']['p50']['sim'] * 1e3:.0f}"
               f" / real {row['queueing']['p50']['real'] * 1e3:.0f} ms"
               + f"; at real pace {row['corrected_median_abs_rel_error']:.1%}"
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",

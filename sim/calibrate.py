@@ -606,8 +606,8 @@ def blend(alone: FittedCost, busy: FittedCost, u: float) -> FittedCost:
     return FittedCost(w * alone.shared + u * busy.shared, alone.kv_capacity_tokens,
                       w * alone.line_a + u * busy.line_a, w * alone.line_b + u * busy.line_b,
                       name=alone.name if u == 0 else f"{alone.name} (neighbours busy {u:.0%})",
-                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s, padded_knee=alone.padded_knee,
-                      wake=alone.wake, prefill_factor=alone.prefill_factor)
+                      step_overhead_s=w * alone.step_overhead_s + u * busy.step_overhead_s,
+                      padded_knee=alone.padded_knee, wake=alone.wake, prefill_factor=alone.prefill_factor)
 
 
 def utc_now() -> str:

@@ -817,7 +817,8 @@ def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp
     prof = sample_profile(cost)
     back = read_profile_file(save_profile_file(prof, tmp_path / "w.toml"))
     assert back.cost.wake == (0.2, 1.08) and back.cost.prefill_factor == 1.06
-    assert scaled(back.cost, 0.9).prefill_factor == 1.06 and blend(back.cost, FittedCost(LINEAR, 10_000), 0.5).prefill_factor == 1.06
+    assert scaled(back.cost, 0.9).prefill_factor == 1.06
+    assert blend(back.cost, FittedCost(LINEAR, 10_000), 0.5).prefill_factor == 1.06
     assert back.cost.with_overhead(0.0).prefill_factor == 1.06 and back.cost.with_wake(None).prefill_factor == 1.06
     assert drift_corrected(back.cost, 1.2).wake == (0.2, 1.08) and scaled(back.cost, 0.9).wake == (0.2, 1.08)
     assert blend(back.cost, FittedCost(LINEAR, 10_000), 0.5).wake == (0.2, 1.08)
@@ -828,7 +829,8 @@ def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp
     for bad in (0.0, -1.0, math.inf, "x"):
         with pytest.raises(ValueError, match="prefill_factor"):
             FittedCost(LINEAR, 10_000, prefill_factor=bad)
-    assert read_profile_file(save_profile_file(sample_profile(FittedCost(LINEAR, 10_000)), tmp_path / "n.toml")).cost.wake is None
+    plain = save_profile_file(sample_profile(FittedCost(LINEAR, 10_000)), tmp_path / "n.toml")
+    assert read_profile_file(plain).cost.wake is None
     for bad in ((0.0, 1.1), (0.2, -1.0), (0.2, math.nan), (0.2,)):
         with pytest.raises(ValueError, match="wake"):
             FittedCost(LINEAR, 10_000, wake=bad)
