@@ -221,7 +221,9 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
         {"profile": prof_path, "drift_check": args.drift_check, "settings": settings_of(args, args.n_req), **extra,
          "cells": rows, "aggregate": aggregate(rows, "errors"),
          "aggregate_uncorrected": aggregate(rows, "errors_uncorrected"),
-         "aggregate_alone_drift": aggregate(rows, "errors_alone_drift")}, indent=2) + "\n")
+         "aggregate_alone_drift": aggregate(rows, "errors_alone_drift"),
+         **({"aggregate_loop_drift": aggregate(rows, "errors_loop_drift")}
+            if rows and all("errors_loop_drift" in r for r in rows) else {})}, indent=2) + "\n")
 
 
 def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> None:
@@ -279,6 +281,14 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                   *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "", "")
         t.add_row("worst |error|, alone drift only", "", "", "", "",
                   *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "", "")
+    loop_on = bool(rows) and all("errors_loop_drift" in r for r in rows)
+    if loop_on:
+        agg_loop = aggregate(rows, "errors_loop_drift")
+        t.add_row("median |error|, loop drift", "", "", "", "", *(f"{agg_loop[m]['median']:.1%}" for m, _ in METRICS),
+                  *([f"x{np.median([r['loop_drift']['factor'] for r in rows]):.2f}"] if drift_on else []),
+                  "", "", "", "")
+        t.add_row("worst |error|, loop drift", "", "", "", "", *(f"{agg_loop[m]['worst']:.1%}" for m, _ in METRICS),
+                  *([""] if drift_on else []), "", "", "", "")
     if drift_on:
         t.add_row("median |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['median']:.1%}" for m, _ in METRICS),
                   "", "", "", "", "")
@@ -311,6 +321,22 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
         con.print(f"targets, uncorrected:     {targets(agg_raw)}")
     else:
         con.print(f"targets: {targets(agg)}")
+    if loop_on:
+        lf = [r["loop_drift"]["factor"] for r in rows]
+        con.print(f"loop drift check (the calibration mix's pace on the replicas, x{min(lf):.2f}..x{max(lf):.2f}): "
+                  f"targets {targets(agg_loop)}")
+    # how far each check's factor was from the pace the cell's own steps ran at (real / model busy time)
+    def pace_miss(factor_of) -> float:
+        return finite_stat(np.median, [abs(math.log(r["step_busy_ratio"] / factor_of(r))) for r in rows
+                                       if factor_of(r) and r["step_busy_ratio"] and r["step_busy_ratio"] > 0])
+
+    misread = {lab: pace_miss(f) for lab, f in (
+        ("reference-shape check", lambda r: (r["drift"] or {}).get("factor")),
+        ("loop check", lambda r: (r.get("loop_drift") or {}).get("factor")))}
+    misread = {lab: v for lab, v in misread.items() if math.isfinite(v)}
+    if misread:
+        con.print("the cells' step pace against each check's factor, median |log(pace / factor)|: "
+                  + ", ".join(f"{lab} {v:.1%}" for lab, v in misread.items()))
     con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
@@ -382,6 +408,8 @@ def rescore(args: argparse.Namespace) -> int:
                      else scaled(fwd, busy_ratio).with_overhead(base.step_overhead_s))
             _, ep = errors_of(paced)
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
+        if cell.get("loop_drift"):
+            cell = {**cell, "errors_loop_drift": errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))[1]}
         row = {**cell, "errors": err, "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
                "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio, "step_kind_ratio": kinds,
                "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path)}
@@ -434,6 +462,11 @@ def main() -> int:
                          "batches, against the profile's medians beside the same, and correct the contention "
                          "factors by busy / alone (default: off; with it, the alone-only correction is reported "
                          "too)")
+    ap.add_argument("--loop-drift-check", action="store_true",
+                    help="between cells, replay a short calibration mix on the replicas (sim.calibrate.loop_pace, "
+                         "about 20-30 s on this CPU) and report the prediction scaled by the pace its steps ran "
+                         "before and after each cell beside the headline (one check serves as one cell's after "
+                         "and the next one's before; default: off)")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
@@ -499,13 +532,17 @@ def main() -> int:
           flush=True)
 
     rows = []
+    loop_prev = None  # the loop drift check after the previous cell: this cell's before
     for k, (tr, sc, ro, ld, sat, w, cfg) in enumerate(cells):
         other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
         t0 = cpu_times()
         res = run_validate(w, cfg, prof_path, args.model, args.device, 1, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
-                           drift_check=args.drift_check, busy_drift_check=args.busy_drift_check)
+                           drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
+                           loop_drift_check=args.loop_drift_check, loop_before=loop_prev)
+        lp = res["loop_drift"]
+        loop_prev = lp["after"] if lp["enabled"] else None
         niced = niced_share(t0, cpu_times())
         c = res["comparison"]["metrics"]
         cu = res["comparison_uncorrected"]["metrics"]
@@ -519,6 +556,12 @@ def main() -> int:
                "errors": {m: c[m]["rel_error"] for m, _ in METRICS},
                "errors_uncorrected": {m: cu[m]["rel_error"] for m, _ in METRICS},
                "errors_alone_drift": {m: ca[m]["rel_error"] for m, _ in METRICS},
+               **({"errors_loop_drift": {m: res["comparison_loop_drift"]["metrics"][m]["rel_error"]
+                                         for m, _ in METRICS},
+                   "loop_drift": {"before": lp["before"]["factor"], "after": lp["after"]["factor"],
+                                  "factor": lp["factor"], "before_detail": lp["before"], "after_detail": lp["after"],
+                                  "steps_real_over_corrected": lp["steps_real_over_corrected"]}}
+                  if lp["enabled"] else {}),
                "in_sampling_band": {m: c[m].get("in_sampling_band") for m, _ in METRICS},
                "sampling_band_rel": {m: ([b / c[m]["real"] - 1 for b in c[m]["sampling_band"]]
                                          if c[m].get("sampling_band") and c[m]["real"] else None)
@@ -557,6 +600,9 @@ def main() -> int:
             drift_txt += (f"; drift x{d['before']:.3f} before / x{d['after']:.3f} after -> x{d['factor']:.3f}"
                          f" (uncorrected: " + ", ".join(f"{lab} {fmt_err(row['errors_uncorrected'][m])}"
                                                        for m, lab in METRICS[:3]) + ")")
+        if lp["enabled"]:
+            drift_txt += (f"; loop drift x{lp['before']['factor']:.3f} / x{lp['after']['factor']:.3f} -> "
+                          + ", ".join(f"{lab} {fmt_err(row['errors_loop_drift'][m])}" for m, lab in METRICS[:3]))
         print(f"[{k + 1}/{len(cells)}] {tr} {sc} {ro} {ld} ({row['rate']:.2f} req/s): "
               + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" + ("*" if row["in_sampling_band"][m] else "")
                           for m, lab in METRICS)

@@ -1911,3 +1911,32 @@ def prefill_factor_from_steps(steps: Mapping[str, np.ndarray], predicted: np.nda
     if pre.sum() >= 10 and dec.sum() >= 10:
         out["factor"] = out["measured"]
     return out
+
+
+# ---- the serving loop's drift check: the machine's pace now, measured where the replicas run ----------
+
+LOOP_CHECK_REQUESTS = 24  # about 20-30 s of replay on a 2-core CPU with the default model
+LOOP_CHECK_SEED = 1009  # the same calibration mix every time, so two checks differ only by the machine
+
+
+def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, block_size: int = 16,
+              device: str = "cpu", contention: bool = False, requests: int = LOOP_CHECK_REQUESTS,
+              seed: int = LOOP_CHECK_SEED) -> dict[str, Any]:
+    """The serving loop's drift check: replay a short calibration mix (`mix_replay`: nothing from the traces
+    being validated) on `replicas` replicas of the executor and read how long its steps took against
+    `forward`'s prediction for each (the fit's forward time with its serving-loop terms; with `contention`,
+    each step slowed by what the other replicas had in progress, as `step_check` does). `factor` is that
+    busy-time ratio: the pace of the machine as the replicas see it (their processes, their shared cores,
+    their serving loop) at the time of the check, where the reference-shape check (`measure_drift`) times
+    forward passes alone in one process."""
+    if requests < 4:
+        raise ValueError(f"loop drift check: requests={requests} is out of range; allowed: >= 4")
+    t0 = time.perf_counter()
+    steps = mix_replay(model_config, replicas, num_blocks, forward, block_size, device, seed, requests)
+    chk = step_check(forward, steps, contention=forward if contention else None)
+    if not chk.get("steps"):
+        raise RuntimeError(f"loop drift check: the calibration replay ({requests} requests) logged no step")
+    return {"factor": chk["busy_ratio"], "median_ratio": chk["median_ratio"], "steps": chk["steps"],
+            "decode": chk["decode_only"]["busy_ratio"], "with_prefill": chk["with_prefill"]["busy_ratio"],
+            "decode_steps": chk["decode_only"]["steps"], "with_prefill_steps": chk["with_prefill"]["steps"],
+            "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0}

@@ -112,6 +112,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "added its own noise (fidelity matrix: median p50 errors 5.4 / 5.9 / 4.6 %% with the "
                         "alone check only, 5.8 / 7.4 / 5.2 %% with it). With it, the prediction with the alone "
                         "check only and the uncorrected one are still reported")
+    g.add_argument("--loop-drift-check", dest="loop_drift_check", action="store_true",
+                   help="also measure the machine's pace where the replicas run: before and after the real run(s), "
+                        "replay a short calibration mix (24 requests of log-uniform lengths, nothing from the "
+                        "workload; about 20-30 s each on a 2-core CPU) on the same replicas, read their steps' "
+                        "time against the cost model, and report the prediction scaled by the geometric mean of "
+                        "the two beside the headline (off by default)")
     o = v.add_argument_group("output")
     o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
     o.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -569,7 +575,8 @@ def default_drift_check(device: str) -> bool:
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
-                 busy_drift_check: bool = False) -> dict[str, Any]:
+                 busy_drift_check: bool = False, loop_drift_check: bool = False,
+                 loop_before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
 
@@ -583,13 +590,20 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     busy_drift_check (with drift_check, co-located replicas and a profile measured with --concurrent N):
     also re-time the reference shapes beside the profile's busy neighbours (`colocated_drift`), before and
     after, and correct the contention factors by busy / alone (sim.calibrate.drift_corrected's
-    busy_factor). "comparison" is then that prediction's, "comparison_alone_drift" the alone check's."""
+    busy_factor). "comparison" is then that prediction's, "comparison_alone_drift" the alone check's.
+
+    loop_drift_check: before and after the real run(s) (outside the reference-shape checks), replay a short
+    calibration mix on the same replicas (sim.calibrate.loop_pace: the pace of the replicas' own steps against
+    the cost model, their processes, shared cores and serving loop included) and simulate again with the
+    forward time scaled by the geometric mean of the two: "comparison_loop_drift", "loop_drift". The
+    headline ("comparison") stays the reference-shape check's. loop_before: a check already taken right
+    before this call (a previous run's "after"), used instead of a new one."""
     import numpy as np
 
     from executor.replay import read_steps, resolve_model, run_workload
     from sim.calibrate import (
-        compare, drift_corrected, drift_reference_shapes, neighbour_share, read_profile_file, sampling_bands, scaled,
-        settled_drift, step_check,
+        compare, drift_corrected, drift_reference_shapes, loop_pace, neighbour_share, read_profile_file,
+        sampling_bands, scaled, settled_drift, step_check,
     )
     from sim.cluster import simulate
     from sim.config import flatten
@@ -638,6 +652,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                      "the profile has no co-location measurement (`twinfer profile --concurrent N`)"
                      if ccost is None else _busy_medians_missing(prof))
     colocated = drift_check and busy_drift_check and busy_skip is None
+    def check_loop() -> dict[str, Any]:
+        return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None)
+
+    loop_b = (loop_before or check_loop()) if loop_drift_check else None
     probe = drift_before = busy_before = None
     if drift_check:
         # the executor's model, alone in this process, right before the replicas start
@@ -689,6 +707,15 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 "enabled": True, "factor": blevel, "contention_scale": blevel / level, "before": busy_before,
                 "after": busy_after,
                 "steps_real_over_corrected": [step_check(fwd, lg, contention=fwd).get("busy_ratio") for lg in logs]}
+    loop: dict[str, Any] = {"enabled": False}
+    cmp_loop = None
+    if loop_b is not None:
+        loop_a = check_loop()
+        lf = math.sqrt(loop_b["factor"] * loop_a["factor"])
+        cmp_loop = compare(summarize(simulate(w, cfg, cost=drift_corrected(cost, lf)), cfg.slo), reals, bands)
+        loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a,
+                "before_shared": loop_before is not None,
+                "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
@@ -736,8 +763,14 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                          f"is uncertain")
     elif drift["enabled"] and busy_drift_check and drift["colocated"].get("skipped") and ccost is not None:
         notes.append(f"co-located drift check skipped: {drift['colocated']['skipped']}")
+    if loop["enabled"]:
+        fb, fa = loop["before"]["factor"], loop["after"]["factor"]
+        if max(fa, fb) / min(fa, fb) > 1.1:
+            notes.append(f"the loop drift check's calibration mix ran {fb:.2f} x the cost model before the real "
+                         f"run(s) and {fa:.2f} x after: the correction by their geometric mean {loop['factor']:.2f} "
+                         f"is uncertain")
     return {"comparison": cmp, "comparison_uncorrected": cmp_raw, "drift": drift,
-            "comparison_alone_drift": cmp_alone,
+            "comparison_alone_drift": cmp_alone, "loop_drift": loop, "comparison_loop_drift": cmp_loop,
             "step_check": steps, "step_time_corrected": corrected, "notes": notes,
             "neighbours_busy_share": u if prof.busy is not None else None,
             "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
@@ -756,7 +789,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise ValueError("validate needs --profile FILE: a fitted profile written by `twinfer profile`")
     w = load_workload(args)
     out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
-                       drift_check=args.drift_check, busy_drift_check=args.busy_drift_check)
+                       drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
+                       loop_drift_check=args.loop_drift_check)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
@@ -794,6 +828,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                            ("e2e.p50", "E2E p50")))
             _console().print(f"with the alone drift check only: median |error| {a['median_abs_rel_error']:.1%}; "
                              f"{p50}")
+    lp = out["loop_drift"]
+    if lp["enabled"]:
+        lc = out["comparison_loop_drift"]
+        p50 = ", ".join(f"{lab} {_fmt_rel(lc['metrics'].get(m, {}).get('rel_error'))}"
+                        for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50")))
+        _console().print(f"loop drift check: the calibration mix's steps ran {lp['before']['factor']:.3f} x the cost "
+                         f"model before the real run(s) and {lp['after']['factor']:.3f} x after; scaled by "
+                         f"{lp['factor']:.3f}: median |error| {lc['median_abs_rel_error']:.1%}; {p50}")
     for k, sc in enumerate(out["step_check"]):
         if sc.get("steps"):
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "

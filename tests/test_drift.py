@@ -256,10 +256,10 @@ def test_busy_factor_corrects_the_contention_factors_by_busy_over_alone():
 # ---- validate brackets the real runs ---------------------------------------------------------------------
 
 def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, replicas: int = 1,
-                    truth: object = None, busy: tuple[float, ...] = ()):
+                    truth: object = None, busy: tuple[float, ...] = (), loop: tuple[float, ...] = ()):
     """run_validate with a stand-in executor (the simulator with step times `truth_factor` x the profile's,
     or the cost model `truth`) and a stand-in drift check (1.1 before, 1.3 after; `busy`: the co-located
-    check's factors in order); returns (run, events)."""
+    check's factors in order; `loop`: the loop drift check's); returns (run, events)."""
     pytest.importorskip("torch")
     import sim.calibrate
     import sim.calibrate_cli
@@ -299,9 +299,16 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
         return {"factor": next(busy_it), "shapes": [], "neighbours": p.neighbours, "attempts": []}
 
     monkeypatch.setattr(sim.calibrate_cli, "colocated_drift", fake_colocated)
+    loop_it = iter(loop)
+
+    def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False):
+        events.append("loop")
+        return {"factor": next(loop_it), "replicas": replicas, "contention": contention}
+
+    monkeypatch.setattr(sim.calibrate, "loop_pace", fake_loop)
     path = save_profile_file(prof, tmp_path / "p.toml")
 
-    def run(drift_check: bool, busy_drift_check: bool = True):
+    def run(drift_check: bool, busy_drift_check: bool = True, **kw):
         from policies.scheduler import SchedulerConfig
         from sim.config import SimConfig
         from traces.workload import Request, Workload
@@ -309,7 +316,7 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
         w = Workload.from_requests([Request(i, 0.04 * i, 40 + 20 * (i % 3), 12) for i in range(24)], name="w")
         cfg = SimConfig(replicas=replicas, profile=str(path), scheduler=SchedulerConfig(prefix_caching=False))
         return sim.calibrate_cli.run_validate(w, cfg, str(path), "tiny", "cpu", 1, 60.0, drift_check=drift_check,
-                                              busy_drift_check=busy_drift_check)
+                                              busy_drift_check=busy_drift_check, **kw)
 
     return run, events
 
@@ -367,6 +374,75 @@ def test_validate_without_the_drift_check(tmp_path, monkeypatch):
     assert not any("drift" in n for n in out["notes"])
     assert out["comparison"] is out["comparison_uncorrected"]
     assert out["comparison"]["metrics"]["e2e.p50"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monkeypatch):
+    """The loop drift check runs outside the reference-shape checks, and its prediction (the forward time
+    scaled by the geometric mean of its two factors) is reported beside the headline, which stays the
+    reference-shape check's. A check handed in as `loop_before` replaces the first one."""
+    prof = synthetic_profile(max_context=1024)
+    level = math.sqrt(1.2 * 1.5)
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, level, loop=(1.2, 1.5))
+    out = run(True, loop_drift_check=True)
+    assert events == ["loop", "build", "probe", "probe", "run", "probe", "probe", "loop"]
+    lp = out["loop_drift"]
+    assert lp["enabled"] and lp["factor"] == pytest.approx(level) and not lp["before_shared"]
+    assert lp["before"]["factor"] == 1.2 and lp["after"]["factor"] == 1.5
+    assert lp["before"]["replicas"] == 1 and not lp["before"]["contention"]
+    # the stand-in executor runs at the loop check's pace: its prediction has no error left, the headline has
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
+        assert out["comparison_loop_drift"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(out["comparison"]["metrics"]["e2e.p50"]["rel_error"]) > 0.02
+    assert any("calibration mix ran 1.20 x the cost model before the real run(s) and 1.50 x after" in n
+               for n in out["notes"])
+    # the previous run's check serves as this one's before: one new check, after the run
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, level, loop=(1.5,))
+    out = run(False, loop_drift_check=True, loop_before={"factor": 1.2})
+    assert events == ["run", "loop"]
+    assert out["loop_drift"]["before_shared"] and out["loop_drift"]["factor"] == pytest.approx(level)
+    assert out["comparison_loop_drift"]["metrics"]["e2e.p50"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    # off (the default): no replay, no comparison
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.2, 1.5))
+    out = run(False)
+    assert events == ["run"] and out["loop_drift"] == {"enabled": False} and out["comparison_loop_drift"] is None
+
+
+def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):
+    """loop_pace replays the same calibration mix every time (one seed) and returns its steps' busy time over
+    the cost model's prediction, serving-loop terms and contention included, overall and by kind."""
+    import sim.calibrate
+    from sim.calibrate import loop_factors, loop_pace, steps_features
+
+    cost = TRUE.with_prefill_factor(1.1).with_wake((0.2, 1.3))
+    n = 40
+    pt = np.where(np.arange(n) % 5 == 0, 300, 0)
+    log = {"replica": np.zeros(n, np.int64), "decode_context": np.where(pt > 0, 0, 400),
+           "prefill_tokens": pt, "decode_seqs": np.where(pt > 0, 0, 4), "sampled": np.where(pt > 0, 1, 4),
+           "attention_pairs": np.where(pt > 0, 300 * 301 // 2, 400), "decode_groups": np.where(pt > 0, 0, 1),
+           "decode_padded_context": np.where(pt > 0, 0, 400)}
+    log["start"] = np.arange(n) * 0.05
+    log["duration"] = np.zeros(n)
+    pred = cost.predict(steps_features(log)[0]) * loop_factors(cost, log)
+    assert loop_factors(cost, log)[0] == pytest.approx(1.1)  # the first step started at 0: not woken
+    log["duration"] = pred * np.where(pt > 0, 1.6, 1.2)
+    calls = []
+
+    def fake_mix(model_config, replicas, num_blocks, c, block_size, device, seed, requests):
+        calls.append((model_config, replicas, num_blocks, c, block_size, device, seed, requests))
+        return log
+
+    monkeypatch.setattr(sim.calibrate, "mix_replay", fake_mix)
+    a = loop_pace("tiny", 2, 512, cost, 16, "cpu")
+    b = loop_pace("tiny", 2, 512, cost, 16, "cpu")
+    assert calls[0] == calls[1] == ("tiny", 2, 512, cost, 16, "cpu", sim.calibrate.LOOP_CHECK_SEED,
+                                    sim.calibrate.LOOP_CHECK_REQUESTS)
+    assert a["decode"] == pytest.approx(1.2) and a["with_prefill"] == pytest.approx(1.6)
+    busy = pred * np.where(pt > 0, 1.6, 1.2)
+    assert a["factor"] == pytest.approx(busy.sum() / pred.sum()) and 1.2 < a["factor"] < 1.6
+    assert a["steps"] == n and a["decode_steps"] == 32 and a["with_prefill_steps"] == 8
+    assert b["factor"] == a["factor"]
+    with pytest.raises(ValueError, match="requests=2"):
+        loop_pace("tiny", 2, 512, cost, requests=2)
 
 
 def test_validate_notes_a_profile_measured_with_another_host_allocator(tmp_path, monkeypatch):

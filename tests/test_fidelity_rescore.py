@@ -30,9 +30,10 @@ def fidelity_module():
 SETTINGS = {"requests": 16, "offset": 1000, "length_scale": 1.0, "replicas": 2, "num_blocks": 4096, "model": "tiny"}
 
 
-def recorded_run(fid, prof_path: str, prof, drift: float) -> dict:
+def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = None) -> dict:
     """A run whose "real" figures are what the profile's co-location model predicts on a machine `drift` x
-    slower than profiled, with that drift recorded, one cell per trace."""
+    slower than profiled, with that drift recorded, one cell per trace; `loop`: a loop drift check's factor
+    recorded besides."""
     cells = []
     cost = prof.contention_cost()
     for tr in ("azure-conv", "azure-code"):
@@ -47,7 +48,8 @@ def recorded_run(fid, prof_path: str, prof, drift: float) -> dict:
                       "drift": {"before": drift, "after": drift, "factor": drift, "colocated": None},
                       "real": real, "errors": {m: 0.0 for m, _ in fid.METRICS},
                       "sampling_band_rel": {m: [-0.05, 0.05] for m, _ in fid.METRICS},
-                      "niced_load_during": 0.0})
+                      "niced_load_during": 0.0,
+                      **({"loop_drift": {"before": loop, "after": loop, "factor": loop}} if loop else {})})
     return {"profile": prof_path, "drift_check": True, "settings": SETTINGS, "cells": cells}
 
 
@@ -56,7 +58,8 @@ def test_rescore_reproduces_the_recorded_errors_and_judges_another_profile(tmp_p
     prof = busy_profile(1.2)
     path = str(save_profile_file(prof, tmp_path / "p.toml"))
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(recorded_run(fid, path, prof, 1.25)))
+    # the loop drift check read the machine 1.1 x slower: its prediction is that much too fast
+    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(recorded_run(fid, path, prof, 1.25, loop=1.1)))
 
     def rescore(profile, out) -> dict:
         monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", profile,
@@ -72,7 +75,12 @@ def test_rescore_reproduces_the_recorded_errors_and_judges_another_profile(tmp_p
         assert all(c["in_sampling_band"].values())
         # without the drift correction the simulator runs 1.25 x too fast (and queues less)
         assert c["errors_uncorrected"]["tpot.p50"] < -0.15 and c["errors_uncorrected"]["e2e.p50"] < -0.15
-    assert "median p50 error <= 5%: met" in capsys.readouterr().out
+        assert -0.25 < c["errors_loop_drift"]["tpot.p50"] < -0.05
+    assert same["aggregate_loop_drift"]["tpot.p50"]["median"] > 0.05
+    out = capsys.readouterr().out
+    assert "median p50 error <= 5%: met" in out
+    assert "loop drift check (the calibration mix's pace on the replicas, x1.10..x1.10): targets median p50 error " \
+           "<= 5%: MISSED" in out
 
     # a profile 10 % slower on every step: the latencies over, by that and what it adds to queueing
     slow = str(save_profile_file(type(prof)(**{**prof.__dict__, "cost": scaled(prof.cost, 1.1)}), tmp_path / "s.toml"))
