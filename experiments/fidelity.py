@@ -18,12 +18,19 @@
    by busy / alone: on a VM, how much
    two busy cores slow each other moves by itself (measured: the same plans 20-35 % slower on one day
    while the alone check read 0.87-1.12). The alone-only correction is kept next to it.
+   With the loop drift check (`--loop-drift-check`, off by default), a short calibration mix (nothing
+   from the traces) is replayed on the replicas between cells, and the prediction scaled by the pace of its
+   steps against the cost model, before and after each cell, is reported beside the headline
+   (sim.calibrate.loop_pace: the replicas' processes, shared cores and serving loop, where the reference
+   shapes are timed alone in this process).
 3. Print the error table (the drift-corrected prediction when the check is on) with the median and worst
    cell per metric, the median |error| with and without the correction, and two diagnostics per cell:
    "steps real/pred", the executor's own steps against the profile's prediction for their exact
    shapes (>1: the machine ran slower than when profiled, e.g. other processes on its cores), and
    "|err| at real pace", the median latency error of the simulator re-run with its steps scaled by
    that ratio (what is left when the step-time level is right: scheduling, routing, overheads).
+   Last, how far each check's factor was from the pace the cells' steps actually ran at.
+   experiments/diag_ttft.py takes one cell apart request by request.
 
 The two replicas share the 2-core CPU (one torch thread each), so each can slow the other down, by an
 amount that depends on what the other runs: the profile (`--concurrent 2`) measures every shape alone

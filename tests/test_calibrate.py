@@ -616,6 +616,35 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
     assert set(d["comparison_uncorrected"]["metrics"]) == set(d["comparison"]["metrics"])
 
 
+def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
+    """The loop drift check on the real executor: the calibration mix replayed on the replica before and after
+    the run, its steps read against the profile, and the prediction at that pace reported beside the headline."""
+    pytest.importorskip("torch")
+    from sim.calibrate_cli import run_profile
+    from sim.cli import main
+
+    prof, _ = run_profile("tiny", "cpu", 1, 0, True, 0.25, "linear", 1, 512, 16, 2048, 0, loop_overhead=False)
+    path = save_profile_file(prof, tmp_path / "tiny.toml")
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (0, 90, 3), (1, 20, 8))))
+    out = tmp_path / "v.json"
+    assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
+                 "--no-progress", "--no-drift-check", "--loop-drift-check"]) == 0
+    text = capsys.readouterr().out
+    assert "loop drift check: the calibration mix's steps ran" in text
+    d = json.loads(out.read_text())
+    lp = d["loop_drift"]
+    assert lp["enabled"] and not lp["before_shared"]
+    assert lp["factor"] == pytest.approx(math.sqrt(lp["before"]["factor"] * lp["after"]["factor"]))
+    for check in (lp["before"], lp["after"]):
+        assert check["requests"] == 24 and check["steps"] == check["decode_steps"] + check["with_prefill_steps"]
+        assert check["decode_steps"] > 0 and check["with_prefill_steps"] > 0 and check["factor"] > 0
+    assert lp["steps_real_over_corrected"][0] == pytest.approx(d["step_check"][0]["busy_ratio"] / lp["factor"])
+    assert d["drift"] == {"enabled": False}  # the headline stays the (here: absent) reference-shape check's
+    assert d["comparison_loop_drift"]["metrics"]["e2e.p50"]["sim"] != d["comparison"]["metrics"]["e2e.p50"]["sim"]
+
+
 def test_the_drift_check_defaults_on_for_the_cpu_and_off_for_cuda():
     from sim.calibrate_cli import default_drift_check
 
