@@ -344,6 +344,17 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     if misread:
         con.print("the cells' step pace against each check's factor, median |log(pace / factor)|: "
                   + ", ".join(f"{lab} {v:.1%}" for lab, v in misread.items()))
+    paired = [r for r in rows if r.get("paired")]  # runs recorded before per-request pairing have none
+    if paired:
+        con.print("request by request (each cell's median sim / real - 1 over its requests; signed median over cells, "
+                  "median |.| in brackets): "
+                  + ", ".join(f"{lab} {finite_stat(np.median, [r['paired'][m] for r in paired]):+.1%} "
+                              f"({finite_stat(np.median, [abs(r['paired'][m]) for r in paired]):.1%})"
+                              for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E")))
+                  + "; at the cells' own step pace: "
+                  + ", ".join(f"{lab} {finite_stat(np.median, [r['paired_at_pace'][m] for r in paired]):+.1%} "
+                              f"({finite_stat(np.median, [abs(r['paired_at_pace'][m]) for r in paired]):.1%})"
+                              for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
     con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
@@ -419,7 +430,8 @@ def rescore(args: argparse.Namespace) -> int:
             cell = {**cell, "errors_loop_drift": errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))[1]}
         row = {**cell, "errors": err, "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
                "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio, "step_kind_ratio": kinds,
-               "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path)}
+               "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path),
+               "paired": None, "paired_at_pace": None}  # the run's per-request records are not kept
         rows.append(row)
         print(f"[{k + 1}/{len(run['cells'])}] {tr} {cell['scheduler']} {cell['router']} {cell['load']}: "
               + ", ".join(f"{lab} {fmt_err(err[m])}" + ("*" if in_band[m] else "") for m, lab in METRICS)
@@ -593,6 +605,10 @@ def main() -> int:
                                 "rel_error": c[f"queueing.{q}"]["rel_error"]} for q in ("p50", "p99")},
                "neighbours_busy_share": res["neighbours_busy_share"],
                "corrected_median_abs_rel_error": res["step_time_corrected"]["median_abs_rel_error"],
+               # request by request, median sim / real - 1: the headline's, and at the cell's own step pace
+               "paired": {m: res["paired"][0][m]["median"] for m in ("ttft", "tpot", "e2e")},
+               "paired_at_pace": {m: res["step_time_corrected"]["paired"][0][m]["median"]
+                                  for m in ("ttft", "tpot", "e2e")},
                "real_status": res["real"][0]["ok"], "notes": res["notes"]}
         rows.append(row)
         drift_txt = ""
@@ -619,6 +635,8 @@ def main() -> int:
               f" {row['queueing']['p50']['sim'] * 1e3:.0f}"
               f" / real {row['queueing']['p50']['real'] * 1e3:.0f} ms"
               + f"; at real pace {row['corrected_median_abs_rel_error']:.1%}"
+              + "; per request TTFT " + fmt_err(row["paired"]["ttft"]) + " (at real pace "
+              + fmt_err(row["paired_at_pace"]["ttft"]) + ")"
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",
               flush=True)
         if out_dir:

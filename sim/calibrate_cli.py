@@ -602,8 +602,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
 
     from executor.replay import read_steps, resolve_model, run_workload
     from sim.calibrate import (
-        compare, drift_corrected, drift_reference_shapes, loop_pace, neighbour_share, read_profile_file,
-        sampling_bands, scaled, settled_drift, step_check,
+        compare, drift_corrected, drift_reference_shapes, loop_pace, neighbour_share, paired_errors,
+        read_profile_file, sampling_bands, scaled, settled_drift, step_check,
     )
     from sim.cluster import simulate
     from sim.config import flatten
@@ -643,7 +643,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     else:
         u, cost = neighbour_share(w, cfg, prof)
         forward = cost.with_overhead(0.0)  # what an engine step log's durations measure (the loop's gap excluded)
-    sim_res = simulate(w, cfg, cost=cost)
+    sim_res = head_res = simulate(w, cfg, cost=cost)  # head_res: the headline prediction's run
     sim_sum = summarize(sim_res, cfg.slo)
     busy_skip = None
     if drift_check and busy_drift_check:
@@ -663,7 +663,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         drift_before = settled_drift(probe, prof)
         if colocated:
             busy_before = colocated_drift(prof, probe, device)
-    reals, wall, steps, logs, run_bands = [], [], [], [], []
+    reals, wall, steps, logs, run_bands, real_records = [], [], [], [], [], []
     max_duration = float(w.arrival[-1] - w.arrival[0]) + time_limit
     for k in range(repeat):
         with tempfile.TemporaryDirectory(prefix="twinfer-validate-") as tmp:
@@ -681,6 +681,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         real_threads = res.meta.get("threads_per_replica")
         real_host = (res.meta.get("device_info") or {}).get("host_memory", "")
         reals.append(summarize(res, cfg.slo))
+        real_records.append(res.records)
         run_bands.append(sampling_bands(res.records))
     # each real figure's resampling band (the median band over the runs)
     bands = {k: (float(np.median([b[k][0] for b in run_bands])), float(np.median([b[k][1] for b in run_bands])))
@@ -693,14 +694,16 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         busy_after = colocated_drift(prof, probe, device) if colocated else None
         del probe
         level = math.sqrt(drift_before["factor"] * drift_after["factor"])
-        sim_sum = summarize(simulate(w, cfg, cost=drift_corrected(cost, level)), cfg.slo)
+        head_res = simulate(w, cfg, cost=drift_corrected(cost, level))
+        sim_sum = summarize(head_res, cfg.slo)
         cmp = cmp_alone = compare(sim_sum, reals, bands)
         drift = {"enabled": True, "factor": level, "before": drift_before, "after": drift_after,
                  "steps_real_over_corrected": [sc["busy_ratio"] / level for sc in steps if sc.get("steps")],
                  "colocated": {"enabled": False, **({"skipped": busy_skip} if busy_skip else {})}}
         if colocated:
             blevel = math.sqrt(busy_before["factor"] * busy_after["factor"])
-            sim_sum = summarize(simulate(w, cfg, cost=drift_corrected(cost, level, blevel)), cfg.slo)
+            head_res = simulate(w, cfg, cost=drift_corrected(cost, level, blevel))
+            sim_sum = summarize(head_res, cfg.slo)
             cmp = compare(sim_sum, reals, bands)
             fwd = drift_corrected(forward, level, blevel)
             drift["colocated"] = {
@@ -712,10 +715,12 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     if loop_b is not None:
         loop_a = check_loop()
         lf = math.sqrt(loop_b["factor"] * loop_a["factor"])
-        cmp_loop = compare(summarize(simulate(w, cfg, cost=drift_corrected(cost, lf)), cfg.slo), reals, bands)
+        loop_res = simulate(w, cfg, cost=drift_corrected(cost, lf))
+        cmp_loop = compare(summarize(loop_res, cfg.slo), reals, bands)
         loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a,
                 "before_shared": loop_before is not None,
-                "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
+                "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")],
+                "paired": [paired_errors(loop_res.records, rr) for rr in real_records]}
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
@@ -723,9 +728,11 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         paced = forward.with_base(scaled(forward.base, factor).with_overhead(cost.step_overhead_s))
     else:
         paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
-    corr = compare(summarize(simulate(w, cfg, cost=paced), cfg.slo), reals, bands)
+    paced_res = simulate(w, cfg, cost=paced)
+    corr = compare(summarize(paced_res, cfg.slo), reals, bands)
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
-                 "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()}}
+                 "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()},
+                 "paired": [paired_errors(paced_res.records, rr) for rr in real_records]}
     notes = []
     if drift_default_off:
         notes.append(f"drift check off on {device} by default (on a GPU its short reference timings misread the "
@@ -771,6 +778,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                          f"is uncertain")
     return {"comparison": cmp, "comparison_uncorrected": cmp_raw, "drift": drift,
             "comparison_alone_drift": cmp_alone, "loop_drift": loop, "comparison_loop_drift": cmp_loop,
+            "paired": [paired_errors(head_res.records, rr) for rr in real_records],
             "step_check": steps, "step_time_corrected": corrected, "notes": notes,
             "neighbours_busy_share": u if prof.busy is not None else None,
             "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
@@ -828,6 +836,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                            ("e2e.p50", "E2E p50")))
             _console().print(f"with the alone drift check only: median |error| {a['median_abs_rel_error']:.1%}; "
                              f"{p50}")
+    for k, pe in enumerate(out["paired"]):
+        at_pace = out["step_time_corrected"]["paired"][k]
+        _console().print(f"request by request (real run {k + 1}, {pe['requests']:,} requests completed on both sides), "
+                         "median sim / real - 1 (p10..p90): " + ", ".join(
+                             f"{lab} {_fmt_rel(pe[m]['median'])} ({_fmt_rel(pe[m]['p10'])}..{_fmt_rel(pe[m]['p90'])})"
+                             for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E")))
+                         + "; at the run's own step pace: " + ", ".join(
+                             f"{lab} {_fmt_rel(at_pace[m]['median'])}"
+                             for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
     lp = out["loop_drift"]
     if lp["enabled"]:
         lc = out["comparison_loop_drift"]

@@ -892,3 +892,33 @@ def test_profile_measures_the_serving_loop_terms_on_real_replays(tmp_path, capsy
     pf = prof.measure["prefill_loop"]
     assert pf["prefill_steps"] >= 10 and pf["decode_steps"] >= 10 and len(pf["parts"]) >= 2
     assert prof.cost.prefill_factor == pytest.approx(pf["factor"]) and math.isfinite(pf["factor"]) and pf["factor"] > 0
+
+
+def test_paired_errors_match_requests_by_id_and_leave_out_what_did_not_complete_on_both_sides():
+    from sim.calibrate import paired_errors
+
+    n = 10
+    arrival = np.arange(n, dtype=float)
+    real = {"id": np.arange(n), "arrival": arrival, "first_token": arrival + 0.2, "finish": arrival + 1.2,
+            "generated_tokens": np.full(n, 11), "status": np.array(["ok"] * n, dtype=object)}
+    # the simulator: TTFT 10 % short for every request, TPOT 20 % long, its rows in another order
+    order = np.arange(n)[::-1]
+    sim = {"id": order, "arrival": arrival[order], "first_token": arrival[order] + 0.18,
+           "finish": arrival[order] + 0.18 + 1.2, "generated_tokens": np.full(n, 11),
+           "status": np.array(["ok"] * n, dtype=object)}
+    got = paired_errors(sim, real)
+    assert got["requests"] == n and got["sim_only"] == got["real_only"] == 0
+    assert got["ttft"]["median"] == pytest.approx(-0.1) and got["ttft"]["p10"] == pytest.approx(-0.1)
+    assert got["tpot"]["median"] == pytest.approx(0.2) and got["tpot"]["n"] == n
+    assert got["e2e"]["median"] == pytest.approx(1.38 / 1.2 - 1)
+    # a request rejected by the simulator and one that generated a single token: out of the pairs / of TPOT
+    sim["status"][0] = "rejected"  # row 0 is request 9
+    real["generated_tokens"][3] = 1
+    got = paired_errors(sim, real)
+    assert got["requests"] == n - 1 and got["real_only"] == 1 and got["tpot"]["n"] == n - 2
+    assert got["ttft"]["n"] == n - 1
+    # one request much slower in the simulator moves the median of ten not at all
+    sim["first_token"][5] += 5.0
+    assert paired_errors(sim, real)["ttft"]["median"] == pytest.approx(-0.1)
+    none = paired_errors({**sim, "status": np.array(["failed"] * n, dtype=object)}, real)
+    assert none["requests"] == 0 and math.isnan(none["ttft"]["median"]) and none["ttft"]["n"] == 0

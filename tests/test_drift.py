@@ -334,6 +334,9 @@ def test_validate_scales_the_simulator_by_the_bracketing_factor(tmp_path, monkey
         assert out["comparison_uncorrected"]["metrics"][m]["rel_error"] < -0.05
     assert out["sim_uncorrected"]["e2e"]["p50"] < out["sim"]["e2e"]["p50"]
     assert any("1.10 x their profiled time before the real run(s) and 1.30 x after" in n for n in out["notes"])
+    # request by request, the headline (corrected) prediction is exact as well
+    pe = out["paired"][0]
+    assert pe["requests"] == 24 and all(pe[m]["median"] == pytest.approx(0.0, abs=1e-9) for m in ("ttft", "e2e"))
 
 
 def test_validate_corrects_co_located_replicas_by_the_busy_check(tmp_path, monkeypatch):
