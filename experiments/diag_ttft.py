@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from fidelity import LOADS, ROUTERS, SCHEDULERS, TRACES, at_rate, cell_config, saturation_rate, trace_slice  # noqa: E402
+from fidelity import (  # noqa: E402
+    LOADS, ROUTERS, SCHEDULERS, TRACES, at_rate, cell_config, saturation_rate, trace_slice,
+)
 
 
 def same_shape_spread(steps: dict, min_steps: int = 20) -> tuple[float, int]:
@@ -106,8 +108,9 @@ def main() -> int:
     sv_r, sv_s = tt_r - q_r, tt_s - q_s
     inp = np.asarray(r["input_tokens"])
     rep_r, rep_s = np.asarray(r["replica"]), np.asarray(s["replica"])
-    print(f"the replay's steps ran {pace:.3f} x the profile's prediction (decode {chk['decode_only']['busy_ratio']:.3f},"
-          f" with prefill {chk['with_prefill']['busy_ratio']:.3f}); the simulator below runs at that pace")
+    print(f"the replay's steps ran {pace:.3f} x the profile's prediction (decode "
+          f"{chk['decode_only']['busy_ratio']:.3f}, with prefill {chk['with_prefill']['busy_ratio']:.3f}); the "
+          f"simulator below runs at that pace")
     print(f"{'id':>4} {'prompt':>6} {'replica r/s':>11} {'TTFT real':>9} {'sim':>7} {'sim/real':>8} "
           f"{'queue real':>10} {'sim':>6} {'service real':>12} {'sim':>7}   (ms)")
     for i in np.argsort(inp, kind="stable"):

@@ -483,7 +483,7 @@ def main() -> int:
                          "too)")
     ap.add_argument("--loop-drift-check", action="store_true",
                     help="between cells, replay a short calibration mix on the replicas (sim.calibrate.loop_pace, "
-                         "about 20-30 s on this CPU) and report the prediction scaled by the pace its steps ran "
+                         "about 10-15 s on this CPU) and report the prediction scaled by the pace its steps ran "
                          "before and after each cell beside the headline (one check serves as one cell's after "
                          "and the next one's before; default: off)")
     ap.add_argument("--group-nice", default="-19",

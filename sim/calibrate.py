@@ -1943,7 +1943,7 @@ def prefill_factor_from_steps(steps: Mapping[str, np.ndarray], predicted: np.nda
 
 # ---- the serving loop's drift check: the machine's pace now, measured where the replicas run ----------
 
-LOOP_CHECK_REQUESTS = 24  # about 20-30 s of replay on a 2-core CPU with the default model
+LOOP_CHECK_REQUESTS = 24  # 10-15 s of replay on a 2-core CPU with the default model and two replicas
 LOOP_CHECK_SEED = 1009  # the same calibration mix every time, so two checks differ only by the machine
 
 

@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--loop-drift-check", dest="loop_drift_check", action="store_true",
                    help="also measure the machine's pace where the replicas run: before and after the real run(s), "
                         "replay a short calibration mix (24 requests of log-uniform lengths, nothing from the "
-                        "workload; about 20-30 s each on a 2-core CPU) on the same replicas, read their steps' "
+                        "workload; about 10-15 s each on a 2-core CPU) on the same replicas, read their steps' "
                         "time against the cost model, and report the prediction scaled by the geometric mean of "
                         "the two beside the headline (off by default)")
     o = v.add_argument_group("output")
@@ -652,6 +652,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                      "the profile has no co-location measurement (`twinfer profile --concurrent N`)"
                      if ccost is None else _busy_medians_missing(prof))
     colocated = drift_check and busy_drift_check and busy_skip is None
+
     def check_loop() -> dict[str, Any]:
         return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None)
 

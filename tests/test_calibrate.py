@@ -593,17 +593,24 @@ def test_validate_command_end_to_end(tmp_path, capsys):
     assert set(d["comparison"]["metrics"]) >= {"ttft.p50", "tpot.p99", "e2e.p90", "throughput_rps"}
 
 
-def test_validate_command_with_the_drift_check(tmp_path, capsys):
+def _tiny_validate_setup(tmp_path):
+    """A quick profile of the tiny model (no serving-loop replays) and a three-request trace: (profile,
+    its path, the trace's path, a JSON output path)."""
     pytest.importorskip("torch")
     from sim.calibrate_cli import run_profile
-    from sim.cli import main
 
     prof, _ = run_profile("tiny", "cpu", 1, 0, True, 0.25, "linear", 1, 512, 16, 2048, 0, loop_overhead=False)
     path = save_profile_file(prof, tmp_path / "tiny.toml")
     trace = tmp_path / "t.csv"
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
         f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (0, 90, 3), (1, 20, 8))))
-    out = tmp_path / "v.json"
+    return prof, path, trace, tmp_path / "v.json"
+
+
+def test_validate_command_with_the_drift_check(tmp_path, capsys):
+    from sim.cli import main
+
+    prof, path, trace, out = _tiny_validate_setup(tmp_path)
     assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
                  "--no-progress"]) == 0  # on by default
     text = capsys.readouterr().out
@@ -619,16 +626,9 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
 def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
     """The loop drift check on the real executor: the calibration mix replayed on the replica before and after
     the run, its steps read against the profile, and the prediction at that pace reported beside the headline."""
-    pytest.importorskip("torch")
-    from sim.calibrate_cli import run_profile
     from sim.cli import main
 
-    prof, _ = run_profile("tiny", "cpu", 1, 0, True, 0.25, "linear", 1, 512, 16, 2048, 0, loop_overhead=False)
-    path = save_profile_file(prof, tmp_path / "tiny.toml")
-    trace = tmp_path / "t.csv"
-    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
-        f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (0, 90, 3), (1, 20, 8))))
-    out = tmp_path / "v.json"
+    _, path, trace, out = _tiny_validate_setup(tmp_path)
     assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
                  "--no-progress", "--no-drift-check", "--loop-drift-check"]) == 0
     text = capsys.readouterr().out
