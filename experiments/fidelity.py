@@ -559,7 +559,8 @@ def main() -> int:
         res = run_validate(w, cfg, prof_path, args.model, args.device, 1, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
-                           loop_drift_check=args.loop_drift_check, loop_before=loop_prev)
+                           loop_drift_check=args.loop_drift_check,
+                           loop_before=loop_prev if waited <= 10 else None)  # stale after a wait for quiet
         lp = res["loop_drift"]
         loop_prev = lp["after"] if lp["enabled"] else None
         niced = niced_share(t0, cpu_times())
