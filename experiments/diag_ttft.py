@@ -71,7 +71,7 @@ def main() -> int:
         ap.error(f"--requests={args.requests} is out of range; allowed: >= 4")
 
     from executor.replay import read_steps, resolve_model, run_workload
-    from sim.calibrate import read_profile_file, scaled, step_check
+    from sim.calibrate import drift_corrected, read_profile_file, step_check
     from sim.calibrate_cli import fit_to_model, profile_model_ref
     from sim.cluster import simulate
 
@@ -96,9 +96,7 @@ def main() -> int:
     fwd = cost.with_overhead(0.0)
     chk = step_check(fwd, steps, contention=fwd if hasattr(fwd, "with_base") else None)
     pace = chk["busy_ratio"]
-    paced = (fwd.with_base(scaled(fwd.base, pace).with_overhead(cost.step_overhead_s)) if hasattr(fwd, "with_base")
-             else scaled(fwd, pace).with_overhead(cost.step_overhead_s))
-    s, r = simulate(w, cfg, cost=paced).records, res.records
+    s, r = simulate(w, cfg, cost=drift_corrected(cost, pace)).records, res.records
 
     def col(rec, k):
         return np.asarray(rec[k], dtype=float)

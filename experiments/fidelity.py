@@ -368,7 +368,7 @@ def rescore(args: argparse.Namespace) -> int:
     from the run's kept step logs (steps/cellNN.0.csv) when there."""
     from executor.replay import read_steps, resolve_model
     from rich.console import Console
-    from sim.calibrate import ZERO_S, _rel, drift_corrected, scaled, step_check
+    from sim.calibrate import ZERO_S, _rel, drift_corrected, step_check
     from sim.calibrate_cli import fit_to_model, profile_model_ref, same_model
     from traces.report import summarize
 
@@ -422,9 +422,7 @@ def rescore(args: argparse.Namespace) -> int:
             fwd = base.with_overhead(0.0)
             chk = step_check(fwd, read_steps(log), contention=fwd if ccost is not None else None)
             busy_ratio, kinds = chk["busy_ratio"], kind_ratios(chk)
-            paced = (fwd.with_base(scaled(fwd.base, busy_ratio).with_overhead(base.step_overhead_s)) if ccost is not None
-                     else scaled(fwd, busy_ratio).with_overhead(base.step_overhead_s))
-            _, ep = errors_of(paced)
+            _, ep = errors_of(drift_corrected(base, busy_ratio))  # at the pace the cell's steps ran
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if cell.get("loop_drift"):
             cell = {**cell, "errors_loop_drift": errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))[1]}

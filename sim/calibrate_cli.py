@@ -603,7 +603,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     from executor.replay import read_steps, resolve_model, run_workload
     from sim.calibrate import (
         compare, drift_corrected, drift_reference_shapes, loop_pace, neighbour_share, paired_errors,
-        read_profile_file, sampling_bands, scaled, settled_drift, step_check,
+        read_profile_file, sampling_bands, settled_drift, step_check,
     )
     from sim.cluster import simulate
     from sim.config import flatten
@@ -725,11 +725,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
-    if ccost is not None:
-        paced = forward.with_base(scaled(forward.base, factor).with_overhead(cost.step_overhead_s))
-    else:
-        paced = scaled(forward, factor).with_overhead(cost.step_overhead_s)
-    paced_res = simulate(w, cfg, cost=paced)
+    paced_res = simulate(w, cfg, cost=drift_corrected(cost, factor))  # forward time scaled, the loop's gap kept
     corr = compare(summarize(paced_res, cfg.slo), reals, bands)
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()},
