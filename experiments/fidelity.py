@@ -192,6 +192,27 @@ def kind_ratios(chk: dict) -> dict[str, float]:
             "with_prefill": chk.get("with_prefill", {}).get("busy_ratio", math.nan)}
 
 
+def rel_error(sim: float, real: float, metric: str) -> float | None:
+    """(sim - real) / real as `twinfer validate` computes it (None where the real figure is ~0)."""
+    from sim.calibrate import ZERO_S, _rel
+
+    return _rel(sim, real, 1e-12 if metric == "throughput_rps" else ZERO_S)
+
+
+def median_check(checks: list[dict]) -> dict:
+    """One cell's step check over its real runs: the median busy ratios (the one run's check when it ran once)."""
+    ok = [c for c in checks if c.get("steps")]
+    if len(ok) <= 1:
+        return ok[0] if ok else (checks[0] if checks else {})
+
+    def med(key: str, sub: str | None = None) -> float:
+        return float(np.median([(c.get(sub, {}) if sub else c).get(key, math.nan) for c in ok]))
+
+    return {"steps": sum(c["steps"] for c in ok), "busy_ratio": med("busy_ratio"), "median_ratio": med("median_ratio"),
+            "decode_only": {"busy_ratio": med("busy_ratio", "decode_only")},
+            "with_prefill": {"busy_ratio": med("busy_ratio", "with_prefill")}}
+
+
 def fmt_err(e: float | None) -> str:
     return "n/a" if e is None or not math.isfinite(e) else f"{e:+.1%}"
 
@@ -217,6 +238,33 @@ def aggregate(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_to_run(runs: list[float]) -> float | None:
+    """The executor against itself: mean over ordered pairs of real runs (i != j) of |run i / run j - 1|, what a
+    predictor that is another real run of the same cell scores against one real run. None under two runs."""
+    r = [x for x in runs if x is not None and math.isfinite(x) and x > 0]
+    if len(r) < 2:
+        return None
+    return float(np.mean([abs(a / b - 1) for i, a in enumerate(r) for j, b in enumerate(r) if i != j]))
+
+
+def noise_aggregate(rows: list[dict]) -> dict[str, dict[str, float]] | None:
+    """With two or more real runs per cell: per metric, the median over cells of `run_to_run` next to the
+    simulator's mean |error| against one real run (the same footing: one run is the reference), and how many
+    cells' simulator figures lie inside their runs' min..max. None when the cells ran once."""
+    rows = [r for r in rows if len(next(iter(r.get("real_runs", {}).values()), [])) >= 2]
+    if not rows:
+        return None
+    out = {}
+    for m, _ in METRICS:
+        rr = [x for x in (run_to_run(r["real_runs"][m]) for r in rows) if x is not None]
+        one = [float(np.mean([abs(e) for e in es])) for es in (r["errors_each_run"][m] for r in rows)
+               if es and all(e is not None for e in es)]
+        out[m] = {"run_to_run": float(np.median(rr)) if rr else math.nan,
+                  "sim_vs_one_run": float(np.median(one)) if one else math.nan,
+                  "in_noise": sum(1 for r in rows if r["in_noise"][m]), "cells": len(rows)}
+    return out
+
+
 def settings_of(args: argparse.Namespace, n_req: int) -> dict:
     """What rebuilds the cells' workloads (--rescore reads it back)."""
     return {"requests": n_req, "offset": args.offset, "length_scale": args.length_scale, "replicas": args.replicas,
@@ -230,7 +278,8 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
          "aggregate_uncorrected": aggregate(rows, "errors_uncorrected"),
          "aggregate_alone_drift": aggregate(rows, "errors_alone_drift"),
          **({"aggregate_loop_drift": aggregate(rows, "errors_loop_drift")}
-            if rows and all("errors_loop_drift" in r for r in rows) else {})}, indent=2) + "\n")
+            if rows and all("errors_loop_drift" in r for r in rows) else {}),
+         **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
 
 
 def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> None:
@@ -355,6 +404,23 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                   + ", ".join(f"{lab} {finite_stat(np.median, [r['paired_at_pace'][m] for r in paired]):+.1%} "
                               f"({finite_stat(np.median, [abs(r['paired_at_pace'][m]) for r in paired]):.1%})"
                               for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
+    noise = noise_aggregate(rows)
+    if noise:
+        a_rr = {m: {"median": v["run_to_run"]} for m, v in noise.items()}
+        con.print(f"the executor against itself ({len(rows[0]['real_runs']['ttft.p50'])} real runs per cell), median "
+                  "over cells of |run i / run j - 1| -> the simulator's mean |error| against one run: "
+                  + ", ".join(f"{lab} {noise[m]['run_to_run']:.1%} -> {noise[m]['sim_vs_one_run']:.1%}"
+                              for m, lab in METRICS))
+        con.print(f"targets, one real run predicting another: {targets(a_rr)}")
+        con.print("the simulator inside the real runs' min..max: "
+                  + ", ".join(f"{lab} {noise[m]['in_noise']}/{noise[m]['cells']}" for m, lab in METRICS))
+        pr = [r for r in rows if r.get("paired_real")]
+        if pr:
+            con.print("request by request, run 2 over run 1 (each cell's median; signed median over cells, median "
+                      "|.| in brackets): "
+                      + ", ".join(f"{lab} {finite_stat(np.median, [r['paired_real'][m] for r in pr]):+.1%} "
+                                  f"({finite_stat(np.median, [abs(r['paired_real'][m]) for r in pr]):.1%})"
+                                  for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
     con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
@@ -417,15 +483,21 @@ def rescore(args: argparse.Namespace) -> int:
                    for m, _ in METRICS}
         busy_ratio = pace_err = math.nan
         kinds = {"decode": math.nan, "with_prefill": math.nan}
-        log = src / "steps" / f"cell{k + 1:02d}.0.csv" if src.is_dir() else None
-        if log is not None and log.is_file():
+        logs = sorted((src / "steps").glob(f"cell{k + 1:02d}.*.csv")) if src.is_dir() else []
+        if logs:  # one per real run
             fwd = base.with_overhead(0.0)
-            chk = step_check(fwd, read_steps(log), contention=fwd if ccost is not None else None)
+            chk = median_check([step_check(fwd, read_steps(log), contention=fwd if ccost is not None else None)
+                                for log in logs])
             busy_ratio, kinds = chk["busy_ratio"], kind_ratios(chk)
             _, ep = errors_of(drift_corrected(base, busy_ratio))  # at the pace the cell's steps ran
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if cell.get("loop_drift"):
             cell = {**cell, "errors_loop_drift": errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))[1]}
+        if cell.get("real_runs"):
+            runs = cell["real_runs"]
+            cell = {**cell, "errors_each_run": {m: [rel_error(sim[m], x, m) for x in runs[m]] for m, _ in METRICS},
+                    "in_noise": {m: (bool(min(runs[m]) - 1e-6 <= sim[m] <= max(runs[m]) + 1e-6)
+                                     if len(runs[m]) >= 2 else None) for m, _ in METRICS}}
         row = {**cell, "errors": err, "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
                "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio, "step_kind_ratio": kinds,
                "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path),
@@ -456,6 +528,10 @@ def main() -> int:
                     help="where the replicas (and the profile) run: cpu | cuda | cuda:N (default: cpu). On one GPU "
                          "the replicas share it, as they share the CPU")
     ap.add_argument("--requests", type=int, default=None, help="requests per cell (default 48; 20 with --quick)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="real runs per cell (default 1). With 2 or more the errors are against their median, and "
+                         "the report adds the executor against itself: how far one real run of a cell is from "
+                         "another, the floor under any prediction on this machine")
     ap.add_argument("--offset", type=int, default=1000, help="first request of each slice in the full trace")
     ap.add_argument("--length-scale", type=float, default=1.0, help="multiply token counts (default 1: as recorded)")
     ap.add_argument("--replicas", type=int, default=2)
@@ -500,6 +576,8 @@ def main() -> int:
         if not args.profile:
             ap.error("--rescore needs --profile (the profile to simulate with)")
         return rescore(args)
+    if args.repeat < 1:
+        ap.error(f"--repeat={args.repeat} is out of range; allowed: >= 1")
     n_req = args.n_req = args.requests or (20 if args.quick else 48)
     scheds = (args.schedulers or ("chunked-512" if args.quick else ",".join(SCHEDULERS))).split(",")
     routers = (args.routers or ("least_outstanding" if args.quick else ",".join(ROUTERS))).split(",")
@@ -554,7 +632,7 @@ def main() -> int:
         other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
         t0 = cpu_times()
-        res = run_validate(w, cfg, prof_path, args.model, args.device, 1, 300.0,
+        res = run_validate(w, cfg, prof_path, args.model, args.device, args.repeat, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
                            loop_drift_check=args.loop_drift_check,
@@ -565,7 +643,7 @@ def main() -> int:
         c = res["comparison"]["metrics"]
         cu = res["comparison_uncorrected"]["metrics"]
         ca = res["comparison_alone_drift"]["metrics"]
-        chk = res["step_check"][0]
+        chk = median_check(res["step_check"])
         dr = res["drift"]
         row = {"trace": tr, "scheduler": sc, "router": ro, "load": ld, "rate": (len(w) - 1) / w.span,
                "saturation_rate": sat, "requests": len(w), "loadavg_1m": [load0, os.getloadavg()[0]],
@@ -597,6 +675,11 @@ def main() -> int:
                           "steps_real_over_corrected": dr["steps_real_over_corrected"]}
                          if dr["enabled"] else None),
                "sim": {m: c[m]["sim"] for m, _ in METRICS}, "real": {m: c[m]["real"] for m, _ in METRICS},
+               "real_runs": {m: c[m]["real_runs"] for m, _ in METRICS},
+               "errors_each_run": {m: [rel_error(c[m]["sim"], x, m) for x in c[m]["real_runs"]] for m, _ in METRICS},
+               "in_noise": {m: c[m]["in_noise"] for m, _ in METRICS},
+               "paired_real": ({m: res["paired_real"][0][m]["median"] for m in ("ttft", "tpot", "e2e")}
+                               if res["paired_real"] else None),
                "sim_uncorrected": {m: cu[m]["sim"] for m, _ in METRICS},
                "step_busy_ratio": chk.get("busy_ratio"), "step_median_ratio": chk.get("median_ratio"),
                "step_kind_ratio": kind_ratios(chk),
@@ -636,6 +719,8 @@ def main() -> int:
               + f"; at real pace {row['corrected_median_abs_rel_error']:.1%}"
               + "; per request TTFT " + fmt_err(row["paired"]["ttft"]) + " (at real pace "
               + fmt_err(row["paired_at_pace"]["ttft"]) + ")"
+              + ("; run to run " + ", ".join(f"{lab} {fmt_err(run_to_run(row['real_runs'][m]))}"
+                                             for m, lab in METRICS[:3]) if args.repeat > 1 else "")
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",
               flush=True)
         if out_dir:

@@ -776,6 +776,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     return {"comparison": cmp, "comparison_uncorrected": cmp_raw, "drift": drift,
             "comparison_alone_drift": cmp_alone, "loop_drift": loop, "comparison_loop_drift": cmp_loop,
             "paired": [paired_errors(head_res.records, rr) for rr in real_records],
+            # the executor against itself: each later real run's requests over the first run's
+            "paired_real": [paired_errors(rr, real_records[0]) for rr in real_records[1:]],
             "step_check": steps, "step_time_corrected": corrected, "notes": notes,
             "neighbours_busy_share": u if prof.busy is not None else None,
             "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
@@ -841,6 +843,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E")))
                          + "; at the run's own step pace: " + ", ".join(
                              f"{lab} {_fmt_rel(at_pace[m]['median'])}"
+                             for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
+    for k, pe in enumerate(out["paired_real"]):
+        _console().print(f"run to run (real run {k + 2} over real run 1, request by request, {pe['requests']:,} "
+                         "requests): median (p10..p90): " + ", ".join(
+                             f"{lab} {_fmt_rel(pe[m]['median'])} ({_fmt_rel(pe[m]['p10'])}..{_fmt_rel(pe[m]['p90'])})"
                              for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
     lp = out["loop_drift"]
     if lp["enabled"]:

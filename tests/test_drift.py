@@ -315,7 +315,8 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
 
         w = Workload.from_requests([Request(i, 0.04 * i, 40 + 20 * (i % 3), 12) for i in range(24)], name="w")
         cfg = SimConfig(replicas=replicas, profile=str(path), scheduler=SchedulerConfig(prefix_caching=False))
-        return sim.calibrate_cli.run_validate(w, cfg, str(path), "tiny", "cpu", 1, 60.0, drift_check=drift_check,
+        return sim.calibrate_cli.run_validate(w, cfg, str(path), "tiny", "cpu", kw.pop("repeat", 1), 60.0,
+                                              drift_check=drift_check,
                                               busy_drift_check=busy_drift_check, **kw)
 
     return run, events
@@ -377,6 +378,19 @@ def test_validate_without_the_drift_check(tmp_path, monkeypatch):
     assert not any("drift" in n for n in out["notes"])
     assert out["comparison"] is out["comparison_uncorrected"]
     assert out["comparison"]["metrics"]["e2e.p50"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_validate_repeated_pairs_each_later_real_run_with_the_first(tmp_path, monkeypatch):
+    """--repeat 2: both real runs between the two checks, the errors against their median, and the executor
+    against itself request by request (the stand-in executor repeats itself exactly: no difference)."""
+    run, events = _validate_setup(tmp_path, monkeypatch, synthetic_profile(max_context=1024), math.sqrt(1.1 * 1.3))
+    out = run(True, repeat=2)
+    assert events == ["build", "probe", "probe", "run", "run", "probe", "probe"]
+    assert out["comparison"]["repeats"] == 2 and len(out["paired"]) == len(out["step_check"]) == 2
+    (pr,) = out["paired_real"]
+    assert pr["requests"] == 24 and all(pr[m]["median"] == 0.0 and pr[m]["p90"] == 0.0 for m in ("ttft", "e2e"))
+    assert out["comparison"]["metrics"]["e2e.p50"]["real_runs"] == [out["real"][0]["e2e"]["p50"]] * 2
+    assert run(False)["paired_real"] == []
 
 
 def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monkeypatch):

@@ -100,3 +100,63 @@ def test_rescore_refuses_a_different_workload(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "fidelity.json"), "--profile", path])
     with pytest.raises(ValueError, match="cell 1: the rebuilt workload .* is not the one that ran"):
         fid.main()
+
+
+# ---- the executor against itself (--repeat N) --------------------------------------------------------------
+
+def test_run_to_run_is_the_mean_pairwise_error_of_one_real_run_predicting_another():
+    fid = fidelity_module()
+    assert fid.run_to_run([1.0, 1.1]) == pytest.approx((0.1 + (1 - 1 / 1.1)) / 2)
+    assert fid.run_to_run([2.0, 2.0, 2.0]) == 0.0
+    assert fid.run_to_run([1.0, 1.2, 0.8]) == pytest.approx(
+        sum(abs(a / b - 1) for a in (1.0, 1.2, 0.8) for b in (1.0, 1.2, 0.8) if a != b) / 6)
+    # one usable run is no comparison
+    for runs in ([1.0], [], [1.0, float("nan")], [0.0, 1.0], [None, 1.0]):
+        assert fid.run_to_run(runs) is None
+
+
+def test_rescore_of_a_repeated_run_reports_the_executor_against_itself(tmp_path, monkeypatch, capsys):
+    """Two real runs per cell, 5 % either side of the model's figure: the simulator (the same model, the
+    recorded drift) sits at their median, inside their min..max, and against one run it is off by about
+    5 %, half of what one run predicting the other is off (about 10 %)."""
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    run = recorded_run(fid, path, prof, 1.1)
+    for c in run["cells"]:
+        c["real_runs"] = {m: [v * 0.95, v * 1.05] for m, v in c["real"].items()}
+        c["paired_real"] = {"ttft": 0.1, "tpot": -0.02, "e2e": 0.03}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(run))
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", path,
+                                      "--out", str(tmp_path / "out")])
+    assert fid.main() == 0
+    res = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    for c in res["cells"]:
+        assert all(abs(e) < 1e-9 for e in c["errors"].values())
+        assert c["errors_each_run"]["e2e.p50"] == pytest.approx([1 / 0.95 - 1, 1 / 1.05 - 1])
+        assert all(c["in_noise"].values())
+    noise = res["aggregate_noise"]
+    for m, _ in fid.METRICS:
+        assert noise[m]["run_to_run"] == pytest.approx((1.05 / 0.95 - 1 + 1 - 0.95 / 1.05) / 2)
+        assert noise[m]["sim_vs_one_run"] == pytest.approx((1 / 0.95 - 1 + 1 - 1 / 1.05) / 2)
+        assert noise[m]["in_noise"] == noise[m]["cells"] == 2
+    out = capsys.readouterr().out
+    assert "the executor against itself (2 real runs per cell)" in out
+    assert "targets, one real run predicting another: median p50 error <= 5%: MISSED" in out
+    assert "request by request, run 2 over run 1" in out and "TTFT +10.0% (10.0%)" in out
+    # cells that ran once have no such section
+    one = recorded_run(fid, path, prof, 1.1)
+    assert fid.noise_aggregate(one["cells"]) is None
+
+
+def test_median_check_takes_each_ratio_over_the_real_runs():
+    fid = fidelity_module()
+    a = {"steps": 10, "busy_ratio": 1.0, "median_ratio": 0.9, "decode_only": {"busy_ratio": 1.1},
+         "with_prefill": {"busy_ratio": 0.8}}
+    b = {"steps": 30, "busy_ratio": 1.2, "median_ratio": 1.1, "decode_only": {"busy_ratio": 1.3},
+         "with_prefill": {"busy_ratio": 1.0}}
+    assert fid.median_check([a]) is a and fid.median_check([{"steps": 0}, a]) is a
+    m = fid.median_check([a, b])
+    assert m["steps"] == 40 and m["busy_ratio"] == pytest.approx(1.1) and m["median_ratio"] == pytest.approx(1.0)
+    assert fid.kind_ratios(m) == {"decode": pytest.approx(1.2), "with_prefill": pytest.approx(0.9)}
