@@ -279,16 +279,26 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
          "aggregate_alone_drift": aggregate(rows, "errors_alone_drift"),
          **({"aggregate_loop_drift": aggregate(rows, "errors_loop_drift")}
             if rows and all("errors_loop_drift" in r for r in rows) else {}),
+         **({"aggregate_reference_drift": aggregate(rows, "errors_reference_drift")}
+            if rows and all(r.get("errors_reference_drift") for r in rows) else {}),
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
 
 
 def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> None:
     from rich.table import Table
 
-    drift_on = any(r["drift"] for r in rows)
+    ref_on = any(r["drift"] for r in rows)
+    loop_head = bool(rows) and all(r.get("headline") == "loop" for r in rows)  # runs before it: the reference check
+    drift_on = ref_on or loop_head  # the table has a drift column
+
+    def head_drift(r) -> dict | None:  # the headline check's factors
+        return r.get("loop_drift") if loop_head else r["drift"]
+
     t = Table(title=f"sim vs executor: relative error (sim - real) / real, {len(rows)} cells, {replicas} "
                     f"replicas, {n_req} requests per cell"
-                    + ("; sim drift-corrected (drift: the reference shapes' now / profiled, before/after the replay)"
+                    + ("; sim corrected by the loop drift check (drift: the calibration mix's steps against the cost "
+                       "model on the replicas, before/after the replay)" if loop_head else
+                       "; sim drift-corrected (drift: the reference shapes' now / profiled, before/after the replay)"
                        if drift_on else ""), title_justify="left")
     for col in ("trace", "scheduler", "router", "load", "req/s"):
         t.add_column(col)
@@ -307,7 +317,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     def drift_cell(r) -> list[str]:
         if not drift_on:
             return []
-        return [f"{r['drift']['before']:.2f}/{r['drift']['after']:.2f}" if r["drift"] else "-"]
+        d = head_drift(r)
+        return [f"{d['before']:.2f}/{d['after']:.2f}" if d else "-"]
 
     for r in rows:
         t.add_row(r["trace"], r["scheduler"], r["router"], r["load"], f"{r['rate']:.2f}",
@@ -318,7 +329,7 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     agg, agg_raw, agg_alone = (aggregate(rows, "errors"), aggregate(rows, "errors_uncorrected"),
                                aggregate(rows, "errors_alone_drift"))
     busy_on = any(r["drift"] and r["drift"]["colocated"] for r in rows)
-    factors = [r["drift"]["factor"] for r in rows if r["drift"]]
+    factors = [head_drift(r)["factor"] for r in rows if head_drift(r)]
     t.add_section()
     t.add_row("median |error|", "", "", "", "", *(f"{agg[m]['median']:.1%}" for m, _ in METRICS),
               *([f"x{np.median(factors):.2f}"] if drift_on else []),
@@ -338,12 +349,17 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
         t.add_row("worst |error|, alone drift only", "", "", "", "",
                   *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "", "")
     loop_on = bool(rows) and all("errors_loop_drift" in r for r in rows)
-    if loop_on:
-        agg_loop = aggregate(rows, "errors_loop_drift")
-        t.add_row("median |error|, loop drift", "", "", "", "", *(f"{agg_loop[m]['median']:.1%}" for m, _ in METRICS),
-                  *([f"x{np.median([r['loop_drift']['factor'] for r in rows]):.2f}"] if drift_on else []),
+    # beside the headline: the other check's prediction (the reference shapes' when the loop check leads)
+    other_key, other_lab, other_factor = (("errors_reference_drift", "reference-shape check", "drift") if loop_head
+                                          else ("errors_loop_drift", "loop drift", "loop_drift"))
+    other_on = bool(rows) and all(r.get(other_key) and r.get(other_factor) for r in rows)
+    agg_other = aggregate(rows, other_key) if other_on else None
+    if other_on:
+        t.add_row(f"median |error|, {other_lab}", "", "", "", "",
+                  *(f"{agg_other[m]['median']:.1%}" for m, _ in METRICS),
+                  *([f"x{np.median([r[other_factor]['factor'] for r in rows]):.2f}"] if drift_on else []),
                   "", "", "", "")
-        t.add_row("worst |error|, loop drift", "", "", "", "", *(f"{agg_loop[m]['worst']:.1%}" for m, _ in METRICS),
+        t.add_row(f"worst |error|, {other_lab}", "", "", "", "", *(f"{agg_other[m]['worst']:.1%}" for m, _ in METRICS),
                   *([""] if drift_on else []), "", "", "", "")
     if drift_on:
         t.add_row("median |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['median']:.1%}" for m, _ in METRICS),
@@ -366,21 +382,21 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
         con.print("drift correction, median |error| over cells (uncorrected -> corrected): "
                   + ", ".join(f"{lab} {agg_raw[m]['median']:.1%} -> {agg[m]['median']:.1%}" for m, lab in METRICS))
         if busy_on:
+            agg_busy = agg_other if loop_head and other_on else agg  # the reference-shape check with the busy one
             scales = [r["drift"]["colocated"]["contention_scale"] for r in rows if r["drift"] and r["drift"]["colocated"]]
             con.print("co-located drift check: contention factors scaled by "
                       f"{min(scales):.2f}..{max(scales):.2f} (median {np.median(scales):.2f}); median |error| "
                       "alone drift only -> with it: "
-                      + ", ".join(f"{lab} {agg_alone[m]['median']:.1%} -> {agg[m]['median']:.1%}"
+                      + ", ".join(f"{lab} {agg_alone[m]['median']:.1%} -> {agg_busy[m]['median']:.1%}"
                                   for m, lab in METRICS))
             con.print(f"targets, alone drift only: {targets(agg_alone)}")
-        con.print(f"targets, drift-corrected: {targets(agg)}")
-        con.print(f"targets, uncorrected:     {targets(agg_raw)}")
+        con.print(f"targets, {'loop-drift-corrected (headline)' if loop_head else 'drift-corrected'}: {targets(agg)}")
+        if other_on:
+            of = [r[other_factor]["factor"] for r in rows]
+            con.print(f"targets, {other_lab} (x{min(of):.2f}..x{max(of):.2f}): {targets(agg_other)}")
+        con.print(f"targets, uncorrected: {targets(agg_raw)}")
     else:
         con.print(f"targets: {targets(agg)}")
-    if loop_on:
-        lf = [r["loop_drift"]["factor"] for r in rows]
-        con.print(f"loop drift check (the calibration mix's pace on the replicas, x{min(lf):.2f}..x{max(lf):.2f}): "
-                  f"targets {targets(agg_loop)}")
     # how far each check's factor was from the pace the cell's own steps ran at (real / model busy time)
     def pace_miss(factor_of) -> float:
         return finite_stat(np.median, [abs(math.log(r["step_busy_ratio"] / factor_of(r))) for r in rows
@@ -477,6 +493,14 @@ def rescore(args: argparse.Namespace) -> int:
         sim, err = sim_a, err_a
         if dr and dr.get("colocated"):
             sim, err = errors_of(drift_corrected(base, dr["factor"], dr["colocated"]["factor"]))
+        err_ref, err_loop = err, None
+        if cell.get("loop_drift"):
+            sim_loop, err_loop = errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))
+        headline = args.headline or cell.get("headline", "reference")  # runs before the loop check led: reference
+        if headline == "loop":
+            if err_loop is None:
+                raise ValueError(f"{path}: cell {k + 1} has no loop drift check to lead with (--headline reference)")
+            sim, err = sim_loop, err_loop
         band = {m: ([cell["real"][m] * (1 + b) for b in cell["sampling_band_rel"][m]]
                     if cell.get("sampling_band_rel", {}).get(m) else None) for m, _ in METRICS}
         in_band = {m: (bool(band[m][0] - 1e-6 <= sim[m] <= band[m][1] + 1e-6) if band[m] else None)
@@ -491,14 +515,15 @@ def rescore(args: argparse.Namespace) -> int:
             busy_ratio, kinds = chk["busy_ratio"], kind_ratios(chk)
             _, ep = errors_of(drift_corrected(base, busy_ratio))  # at the pace the cell's steps ran
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
-        if cell.get("loop_drift"):
-            cell = {**cell, "errors_loop_drift": errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))[1]}
+        if err_loop is not None:
+            cell = {**cell, "errors_loop_drift": err_loop}
         if cell.get("real_runs"):
             runs = cell["real_runs"]
             cell = {**cell, "errors_each_run": {m: [rel_error(sim[m], x, m) for x in runs[m]] for m, _ in METRICS},
                     "in_noise": {m: (bool(min(runs[m]) - 1e-6 <= sim[m] <= max(runs[m]) + 1e-6)
                                      if len(runs[m]) >= 2 else None) for m, _ in METRICS}}
-        row = {**cell, "errors": err, "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
+        row = {**cell, "headline": headline, "errors": err, "errors_reference_drift": err_ref,
+               "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
                "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio, "step_kind_ratio": kinds,
                "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path),
                "paired": None, "paired_at_pace": None}  # the run's per-request records are not kept
@@ -555,14 +580,18 @@ def main() -> int:
                          "batches, against the profile's medians beside the same, and correct the contention "
                          "factors by busy / alone (default: off; with it, the alone-only correction is reported "
                          "too)")
-    ap.add_argument("--loop-drift-check", action="store_true",
+    ap.add_argument("--loop-drift-check", action=argparse.BooleanOptionalAction, default=None,
                     help="between cells, replay a short calibration mix on the replicas (sim.calibrate.loop_pace, "
-                         "about 10-15 s on this CPU) and report the prediction scaled by the pace its steps ran "
-                         "before and after each cell beside the headline (one check serves as one cell's after "
-                         "and the next one's before; default: off)")
+                         "about 10-15 s on this CPU) and scale the prediction by the pace its steps ran before and "
+                         "after each cell: the headline, with the reference-shape check's prediction beside it (one "
+                         "check serves as one cell's after and the next one's before; default: on for the CPU, "
+                         "off for CUDA, as `twinfer validate`)")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
+    ap.add_argument("--headline", choices=("reference", "loop"),
+                    help="with --rescore: which drift check's prediction leads (default: as the run recorded it; "
+                         "runs made before the loop drift check led: reference)")
     ap.add_argument("--rescore", metavar="RUN",
                     help="measure nothing: simulate the cells of a finished run (its --out directory or fidelity.json) "
                          "again with --profile and compare with its recorded real figures (a cost-model change "
@@ -572,6 +601,10 @@ def main() -> int:
         from sim.calibrate_cli import default_drift_check
 
         args.drift_check = default_drift_check(args.device)
+    if args.loop_drift_check is None:
+        from sim.calibrate_cli import default_drift_check
+
+        args.loop_drift_check = default_drift_check(args.device)
     if args.rescore:
         if not args.profile:
             ap.error("--rescore needs --profile (the profile to simulate with)")
@@ -642,6 +675,7 @@ def main() -> int:
         niced = niced_share(t0, cpu_times())
         c = res["comparison"]["metrics"]
         cu = res["comparison_uncorrected"]["metrics"]
+        cr = res["comparison_reference_drift"]["metrics"]
         ca = res["comparison_alone_drift"]["metrics"]
         chk = median_check(res["step_check"])
         dr = res["drift"]
@@ -650,7 +684,9 @@ def main() -> int:
                "other_load_before": other, "waited_s": waited, "niced_load_during": niced,
                "cost_model": res["cost_model"],
                "errors": {m: c[m]["rel_error"] for m, _ in METRICS},
+               "headline": res["headline"],
                "errors_uncorrected": {m: cu[m]["rel_error"] for m, _ in METRICS},
+               "errors_reference_drift": {m: cr[m]["rel_error"] for m, _ in METRICS},
                "errors_alone_drift": {m: ca[m]["rel_error"] for m, _ in METRICS},
                **({"errors_loop_drift": {m: res["comparison_loop_drift"]["metrics"][m]["rel_error"]
                                          for m, _ in METRICS},
@@ -705,9 +741,12 @@ def main() -> int:
             drift_txt += (f"; drift x{d['before']:.3f} before / x{d['after']:.3f} after -> x{d['factor']:.3f}"
                          f" (uncorrected: " + ", ".join(f"{lab} {fmt_err(row['errors_uncorrected'][m])}"
                                                        for m, lab in METRICS[:3]) + ")")
-        if lp["enabled"]:
+        if lp["enabled"]:  # the headline
             drift_txt += (f"; loop drift x{lp['before']['factor']:.3f} / x{lp['after']['factor']:.3f} -> "
-                          + ", ".join(f"{lab} {fmt_err(row['errors_loop_drift'][m])}" for m, lab in METRICS[:3]))
+                          f"x{lp['factor']:.3f} (the headline"
+                          + ("; with the reference-shape check's instead: " + ", ".join(
+                              f"{lab} {fmt_err(row['errors_reference_drift'][m])}" for m, lab in METRICS[:3])
+                             if row["drift"] else "") + ")")
         print(f"[{k + 1}/{len(cells)}] {tr} {sc} {ro} {ld} ({row['rate']:.2f} req/s): "
               + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" + ("*" if row["in_sampling_band"][m] else "")
                           for m, lab in METRICS)
@@ -719,7 +758,7 @@ def main() -> int:
               + f"; at real pace {row['corrected_median_abs_rel_error']:.1%}"
               + "; per request TTFT " + fmt_err(row["paired"]["ttft"]) + " (at real pace "
               + fmt_err(row["paired_at_pace"]["ttft"]) + ")"
-              + ("; run to run " + ", ".join(f"{lab} {fmt_err(run_to_run(row['real_runs'][m]))}"
+              + ("; run to run |.| " + ", ".join(f"{lab} {fmt_num(run_to_run(row['real_runs'][m]), '.1%')}"
                                              for m, lab in METRICS[:3]) if args.repeat > 1 else "")
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",
               flush=True)

@@ -581,7 +581,8 @@ def test_validate_command_end_to_end(tmp_path, capsys):
                  "--replicas", "1", "--no-progress"]) == 2
     assert "--no-drift-check" in capsys.readouterr().err
     assert main(["validate", "--profile", str(prof), "--trace", str(trace), "--model-config", "tiny",
-                 "--replicas", "1", "--out", str(out), "--no-progress", "--no-drift-check"]) == 0
+                 "--replicas", "1", "--out", str(out), "--no-progress", "--no-drift-check",
+                 "--no-loop-drift-check"]) == 0
     text = capsys.readouterr().out
     assert "TTFT p50" in text and "1 requests longer than the model's positions" in text
     assert "drift check" not in text
@@ -615,7 +616,10 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
                  "--no-progress"]) == 0  # on by default
     text = capsys.readouterr().out
     assert "drift check: the profile's" in text and "without the drift correction: median |error|" in text
+    assert "with the reference-shape check's correction instead" in text
     d = json.loads(out.read_text())
+    assert d["headline"] == "loop" and d["loop_drift"]["enabled"]  # the loop check too, by default on the CPU
+    assert d["comparison_reference_drift"] != d["comparison_uncorrected"]
     dr = d["drift"]
     assert dr["enabled"] and dr["factor"] == pytest.approx(math.sqrt(dr["before"]["factor"] * dr["after"]["factor"]))
     assert all(s["now_s"] > 0 and s["label"] in {g["label"] for g in prof.grid} for s in dr["before"]["shapes"])
@@ -632,7 +636,7 @@ def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
     assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
                  "--no-progress", "--no-drift-check", "--loop-drift-check"]) == 0
     text = capsys.readouterr().out
-    assert "loop drift check: the calibration mix's steps ran" in text
+    assert "loop drift check (the headline): the calibration mix's steps ran" in text
     d = json.loads(out.read_text())
     lp = d["loop_drift"]
     assert lp["enabled"] and not lp["before_shared"]
@@ -641,8 +645,10 @@ def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
         assert check["requests"] == 24 and check["steps"] == check["decode_steps"] + check["with_prefill_steps"]
         assert check["decode_steps"] > 0 and check["with_prefill_steps"] > 0 and check["factor"] > 0
     assert lp["steps_real_over_corrected"][0] == pytest.approx(d["step_check"][0]["busy_ratio"] / lp["factor"])
-    assert d["drift"] == {"enabled": False}  # the headline stays the (here: absent) reference-shape check's
-    assert d["comparison_loop_drift"]["metrics"]["e2e.p50"]["sim"] != d["comparison"]["metrics"]["e2e.p50"]["sim"]
+    assert d["drift"] == {"enabled": False} and d["headline"] == "loop"
+    assert d["comparison_loop_drift"] == d["comparison"]
+    assert d["comparison_reference_drift"] == d["comparison_uncorrected"]  # with the reference-shape check off
+    assert d["comparison"]["metrics"]["e2e.p50"]["sim"] != d["comparison_uncorrected"]["metrics"]["e2e.p50"]["sim"]
 
 
 def test_the_drift_check_defaults_on_for_the_cpu_and_off_for_cuda():
@@ -702,7 +708,7 @@ def test_profile_and_validate_on_a_weights_directory(tmp_path, capsys):
         f"2023-11-16 18:15:{s:02d}.0000000,{a},{o}\n" for s, a, o in ((0, 40, 6), (1, 20, 8))))
     out = tmp_path / "v.json"
     assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-loop-drift-check"]) == 0
     d_out = json.loads(out.read_text())
     assert d_out["drift"]["enabled"] and d_out["model"] == str(d.resolve())
     assert d_out["requests"] == 2

@@ -309,6 +309,7 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
     path = save_profile_file(prof, tmp_path / "p.toml")
 
     def run(drift_check: bool, busy_drift_check: bool = True, **kw):
+        kw.setdefault("loop_drift_check", False)  # None: on for the CPU
         from policies.scheduler import SchedulerConfig
         from sim.config import SimConfig
         from traces.workload import Request, Workload
@@ -395,8 +396,9 @@ def test_validate_repeated_pairs_each_later_real_run_with_the_first(tmp_path, mo
 
 def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monkeypatch):
     """The loop drift check runs outside the reference-shape checks, and its prediction (the forward time
-    scaled by the geometric mean of its two factors) is reported beside the headline, which stays the
-    reference-shape check's. A check handed in as `loop_before` replaces the first one."""
+    scaled by the geometric mean of its two factors) is the headline; the reference-shape check's is kept
+    beside it. A check handed in as `loop_before` replaces the first one. Not asked either way, it runs on
+    the CPU."""
     prof = synthetic_profile(max_context=1024)
     level = math.sqrt(1.2 * 1.5)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, level, loop=(1.2, 1.5))
@@ -406,10 +408,14 @@ def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monk
     assert lp["enabled"] and lp["factor"] == pytest.approx(level) and not lp["before_shared"]
     assert lp["before"]["factor"] == 1.2 and lp["after"]["factor"] == 1.5
     assert lp["before"]["replicas"] == 1 and not lp["before"]["contention"]
-    # the stand-in executor runs at the loop check's pace: its prediction has no error left, the headline has
+    # the stand-in executor runs at the loop check's pace: its prediction (the headline) has no error left, the
+    # reference-shape check's (1.1 .. 1.3) has
+    assert out["headline"] == "loop" and out["comparison"] is out["comparison_loop_drift"]
     for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
-        assert out["comparison_loop_drift"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
-    assert abs(out["comparison"]["metrics"]["e2e.p50"]["rel_error"]) > 0.02
+        assert out["comparison"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(out["comparison_reference_drift"]["metrics"]["e2e.p50"]["rel_error"]) > 0.02
+    assert out["sim"]["e2e"]["p50"] == out["comparison"]["metrics"]["e2e.p50"]["sim"]
+    assert all(out["paired"][0][m]["median"] == pytest.approx(0.0, abs=1e-9) for m in ("ttft", "e2e"))
     assert any("calibration mix ran 1.20 x the cost model before the real run(s) and 1.50 x after" in n
                for n in out["notes"])
     # the previous run's check serves as this one's before: one new check, after the run
@@ -418,10 +424,15 @@ def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monk
     assert events == ["run", "loop"]
     assert out["loop_drift"]["before_shared"] and out["loop_drift"]["factor"] == pytest.approx(level)
     assert out["comparison_loop_drift"]["metrics"]["e2e.p50"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
-    # off (the default): no replay, no comparison
+    # off: no replay, no comparison, the headline is the reference-shape check's (or the uncorrected one)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.2, 1.5))
     out = run(False)
     assert events == ["run"] and out["loop_drift"] == {"enabled": False} and out["comparison_loop_drift"] is None
+    assert out["headline"] == "uncorrected" and out["comparison"] is out["comparison_reference_drift"]
+    # not asked either way: on for the CPU
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, level, loop=(1.2, 1.5))
+    out = run(False, loop_drift_check=None)
+    assert events == ["loop", "run", "loop"] and out["headline"] == "loop"
 
 
 def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):

@@ -79,8 +79,21 @@ def test_rescore_reproduces_the_recorded_errors_and_judges_another_profile(tmp_p
     assert same["aggregate_loop_drift"]["tpot.p50"]["median"] > 0.05
     out = capsys.readouterr().out
     assert "median p50 error <= 5%: met" in out
-    assert "loop drift check (the calibration mix's pace on the replicas, x1.10..x1.10): targets median p50 error " \
-           "<= 5%: MISSED" in out
+    assert "targets, loop drift (x1.10..x1.10): median p50 error <= 5%: MISSED" in out
+    assert all(c["headline"] == "reference" for c in same["cells"])  # as recorded (a run before the loop check led)
+
+    # the loop check's prediction leading instead: the same figures, the other way round
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", path,
+                                      "--headline", "loop", "--out", str(tmp_path / "loop")])
+    assert fid.main() == 0
+    led = json.loads((tmp_path / "loop" / "fidelity.json").read_text())
+    for c, r in zip(led["cells"], same["cells"]):
+        assert c["headline"] == "loop" and c["errors"] == r["errors_loop_drift"]
+        assert all(abs(e) < 1e-9 for e in c["errors_reference_drift"].values())
+    assert led["aggregate"] == same["aggregate_loop_drift"]
+    out = capsys.readouterr().out
+    assert "targets, loop-drift-corrected (headline): median p50 error <= 5%: MISSED" in out
+    assert "targets, reference-shape check (x1.25..x1.25): median p50 error <= 5%: met" in out
 
     # a profile 10 % slower on every step: the latencies over, by that and what it adds to queueing
     slow = str(save_profile_file(type(prof)(**{**prof.__dict__, "cost": scaled(prof.cost, 1.1)}), tmp_path / "s.toml"))
