@@ -18,11 +18,14 @@
    by busy / alone: on a VM, how much
    two busy cores slow each other moves by itself (measured: the same plans 20-35 % slower on one day
    while the alone check read 0.87-1.12). The alone-only correction is kept next to it.
-   With the loop drift check (`--loop-drift-check`, off by default), a short calibration mix (nothing
-   from the traces) is replayed on the replicas between cells, and the prediction scaled by the pace of its
-   steps against the cost model, before and after each cell, is reported beside the headline
-   (sim.calibrate.loop_pace: the replicas' processes, shared cores and serving loop, where the reference
-   shapes are timed alone in this process).
+   With the loop drift check (`--loop-drift-check`, on by default where the drift check is: the CPU), a
+   short calibration mix (nothing from the traces) is replayed on the replicas between cells, and the
+   prediction scaled by the pace of its steps against the cost model, before and after each cell, is the
+   headline, the reference-shape check's beside it (sim.calibrate.loop_pace: the replicas' processes, shared
+   cores and serving loop, where the reference shapes are timed alone in this process; in four full runs it
+   read the cells' pace better every time).
+   With `--repeat N` each cell runs N times on the executor; the errors are against the median of the runs,
+   and the report adds how far one real run of a cell is from another (the floor under any prediction).
 3. Print the error table (the drift-corrected prediction when the check is on) with the median and worst
    cell per metric, the median |error| with and without the correction, and two diagnostics per cell:
    "steps real/pred", the executor's own steps against the profile's prediction for their exact
@@ -56,6 +59,7 @@ out of both sides. Loads are shares of a saturation rate the fitted simulator gi
     python experiments/fidelity.py --quick      # 1 scheduler x 1 router: 6 cells, a few minutes
     python experiments/fidelity.py              # all 24 cells (about half an hour on 2 cores)
     python experiments/fidelity.py --profile p.toml --out results/   # reuse a profile; write JSON
+    python experiments/fidelity.py --repeat 2 --out results/   # two real runs per cell: the executor against itself
     python experiments/fidelity.py --device cuda --model /models/llama --out fid-gpu/   # 2 replicas on one GPU
     # one cell (the four filters pick the cells):
     python experiments/fidelity.py --profile p.toml --traces azure-conv --loads light --schedulers chunked-512 --routers least_outstanding
@@ -348,7 +352,6 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                   *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "", "")
         t.add_row("worst |error|, alone drift only", "", "", "", "",
                   *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "", "")
-    loop_on = bool(rows) and all("errors_loop_drift" in r for r in rows)
     # beside the headline: the other check's prediction (the reference shapes' when the loop check leads)
     other_key, other_lab, other_factor = (("errors_reference_drift", "reference-shape check", "drift") if loop_head
                                           else ("errors_loop_drift", "loop drift", "loop_drift"))
