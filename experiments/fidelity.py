@@ -453,7 +453,7 @@ def rescore(args: argparse.Namespace) -> int:
     from the run's kept step logs (steps/cellNN.0.csv) when there."""
     from executor.replay import read_steps, resolve_model
     from rich.console import Console
-    from sim.calibrate import ZERO_S, _rel, drift_corrected, step_check
+    from sim.calibrate import drift_corrected, step_check
     from sim.calibrate_cli import fit_to_model, profile_model_ref, same_model
     from traces.report import summarize
 
@@ -488,8 +488,7 @@ def rescore(args: argparse.Namespace) -> int:
         def errors_of(cost) -> tuple[dict, dict]:
             sm = summarize(simulate(w, cfg, cost=cost), cfg.slo)
             sim = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
-            floor = {m: (1e-12 if m == "throughput_rps" else ZERO_S) for m, _ in METRICS}
-            return sim, {m: _rel(sim[m], cell["real"][m], floor[m]) for m, _ in METRICS}
+            return sim, {m: rel_error(sim[m], cell["real"][m], m) for m, _ in METRICS}
 
         sim_u, err_u = errors_of(base)
         sim_a, err_a = errors_of(drift_corrected(base, dr["factor"])) if dr else (sim_u, err_u)
