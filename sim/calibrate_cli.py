@@ -834,47 +834,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _console().print(f"drift check: the profile's {len(b['shapes'])} reference shapes ran {b['factor']:.3f} x "
                          f"their profiled time before the real run(s) and {a['factor']:.3f} x after (median over "
                          f"shapes); its correction: step times x{dr['factor']:.3f} (geometric mean)")
-        u = out["comparison_uncorrected"]
-        p50 = ", ".join(f"{lab} {_fmt_rel(u['metrics'].get(m, {}).get('rel_error'))}"
-                        for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50")))
-        _console().print(f"without the drift correction: median |error| {u['median_abs_rel_error']:.1%}; {p50}")
+        _console().print(f"without the drift correction: {_p50_errors(out['comparison_uncorrected'])}")
         cb = dr["colocated"]
         if cb["enabled"]:
             _console().print(f"co-located drift check: beside {cb['before']['neighbours']} busy neighbour(s) the "
                              f"reference shapes ran {cb['before']['factor']:.3f} x the profile's busy medians before "
                              f"and {cb['after']['factor']:.3f} x after; contention factors scaled by "
                              f"{cb['contention_scale']:.3f} (busy {cb['factor']:.3f} / alone {dr['factor']:.3f})")
-            a = out["comparison_alone_drift"]
-            p50 = ", ".join(f"{lab} {_fmt_rel(a['metrics'].get(m, {}).get('rel_error'))}"
-                            for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"),
-                                           ("e2e.p50", "E2E p50")))
-            _console().print(f"with the alone drift check only: median |error| {a['median_abs_rel_error']:.1%}; "
-                             f"{p50}")
+            _console().print(f"with the alone drift check only: {_p50_errors(out['comparison_alone_drift'])}")
     for k, pe in enumerate(out["paired"]):
         at_pace = out["step_time_corrected"]["paired"][k]
         _console().print(f"request by request (real run {k + 1}, {pe['requests']:,} requests completed on both sides), "
-                         "median sim / real - 1 (p10..p90): " + ", ".join(
-                             f"{lab} {_fmt_rel(pe[m]['median'])} ({_fmt_rel(pe[m]['p10'])}..{_fmt_rel(pe[m]['p90'])})"
-                             for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E")))
+                         "median sim / real - 1 (p10..p90): " + _paired_spread(pe)
                          + "; at the run's own step pace: " + ", ".join(
                              f"{lab} {_fmt_rel(at_pace[m]['median'])}"
                              for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
     for k, pe in enumerate(out["paired_real"]):
         _console().print(f"run to run (real run {k + 2} over real run 1, request by request, {pe['requests']:,} "
-                         "requests): median (p10..p90): " + ", ".join(
-                             f"{lab} {_fmt_rel(pe[m]['median'])} ({_fmt_rel(pe[m]['p10'])}..{_fmt_rel(pe[m]['p90'])})"
-                             for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
+                         "requests): median (p10..p90): " + _paired_spread(pe))
     if lp["enabled"]:
-        _console().print(f"loop drift check (the headline): the calibration mix's steps ran {lp['before']['factor']:.3f}"
-                         f" x the cost model before the real run(s) and {lp['after']['factor']:.3f} x after; the "
+        _console().print(f"loop drift check (the headline): the calibration mix's steps ran "
+                         f"{lp['before']['factor']:.3f} x the cost model before the real run(s) and {lp['after']['factor']:.3f} x after; the "
                          f"simulator's forward time scaled by {lp['factor']:.3f} (geometric mean)")
         if dr["enabled"]:
-            rc = out["comparison_reference_drift"]
-            p50 = ", ".join(f"{lab} {_fmt_rel(rc['metrics'].get(m, {}).get('rel_error'))}"
-                            for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"),
-                                           ("e2e.p50", "E2E p50")))
-            _console().print(f"with the reference-shape check's correction instead (x{dr['factor']:.3f}): median "
-                             f"|error| {rc['median_abs_rel_error']:.1%}; {p50}")
+            _console().print(f"with the reference-shape check's correction instead (x{dr['factor']:.3f}): "
+                             f"{_p50_errors(out['comparison_reference_drift'])}")
     for k, sc in enumerate(out["step_check"]):
         if sc.get("steps"):
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "
@@ -903,6 +887,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.out:
         _console().print(f"wrote {args.out}")
     return 0
+
+
+def _p50_errors(cmp: dict[str, Any]) -> str:
+    """A comparison's median |error| and its p50 errors, for one line."""
+    return f"median |error| {cmp['median_abs_rel_error']:.1%}; " + ", ".join(
+        f"{lab} {_fmt_rel(cmp['metrics'].get(m, {}).get('rel_error'))}"
+        for m, lab in (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50")))
+
+
+def _paired_spread(pe: dict[str, Any]) -> str:
+    """`paired_errors`' median (p10..p90) per metric, for one line."""
+    return ", ".join(f"{lab} {_fmt_rel(pe[m]['median'])} ({_fmt_rel(pe[m]['p10'])}..{_fmt_rel(pe[m]['p90'])})"
+                     for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E")))
 
 
 def _fmt_rel(e: float | None) -> str:
