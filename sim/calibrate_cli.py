@@ -864,7 +864,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _console().print(f"real run {k + 1}: {sc['steps']:,} steps took {sc['busy_ratio']:.2f} x the profile's "
                              f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
                              f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})"
-                             + (f"; {sc['busy_ratio'] / dr['factor']:.2f} x the drift-corrected one"
+                             + (f"; {sc['busy_ratio'] / lp['factor']:.2f} x the loop-drift-corrected one"
+                                if out["headline"] == "loop" else
+                                f"; {sc['busy_ratio'] / dr['factor']:.2f} x the drift-corrected one"
                                 if dr["enabled"] else "")
                              + "; by kind: " + ", ".join(
                                  f"{lab} {sc[key]['busy_ratio']:.2f} x ({sc[key]['steps']:,})"
