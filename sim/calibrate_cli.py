@@ -732,8 +732,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         head_res, sim_sum, headline = loop_res, loop_sum, "loop"
         loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a,
                 "before_shared": loop_before is not None,
-                "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")],
-                "paired": [paired_errors(loop_res.records, rr) for rr in real_records]}
+                "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
     # with the executor, the schedule is right and the error is the step-time level (model or machine load).
     factor = float(np.median([sc["busy_ratio"] for sc in steps if sc.get("steps")] or [1.0]))
@@ -854,8 +853,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                          "requests): median (p10..p90): " + _paired_spread(pe))
     if lp["enabled"]:
         _console().print(f"loop drift check (the headline): the calibration mix's steps ran "
-                         f"{lp['before']['factor']:.3f} x the cost model before the real run(s) and {lp['after']['factor']:.3f} x after; the "
-                         f"simulator's forward time scaled by {lp['factor']:.3f} (geometric mean)")
+                         f"{lp['before']['factor']:.3f} x the cost model before the real run(s) and "
+                         f"{lp['after']['factor']:.3f} x after; the simulator's forward time scaled by "
+                         f"{lp['factor']:.3f} (geometric mean)")
         if dr["enabled"]:
             _console().print(f"with the reference-shape check's correction instead (x{dr['factor']:.3f}): "
                              f"{_p50_errors(out['comparison_reference_drift'])}")
