@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from executor.grouping import decode_grouping
+from executor.grouping import decode_breaks, decode_grouping
 from executor.runner import ModelRunner
 from executor.tokens import prompt_tokens
 from policies.plan import StepPlan
@@ -68,6 +68,9 @@ class StepRecord:
     # memory back to the kernel in between (executor.hostmem).
     minor_faults: int = 0
     kernel_s: float = 0.0
+    # Breaks in the decode rows' block tables (executor.grouping.decode_breaks): gathered blocks that do not
+    # follow their predecessor in the cache.
+    decode_breaks: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -169,12 +172,13 @@ class Engine:
         dctx = sum(ctxs)
         sched = self.scheduler
         groups, padded = decode_grouping(ctxs, sched.kv.block_size)
+        breaks = decode_breaks(plan.decode, sched.kv.block_size)
         return StepRecord(
             start=start, duration=0.0, schedule_s=schedule_s, prefill_seqs=len(plan.prefill),
             prefill_tokens=plan.num_prefill_tokens, decode_seqs=len(plan.decode), prefill_context=pctx,
             decode_context=dctx, attention_pairs=pairs + dctx, sampled=sampled, preempted=len(plan.preempted),
             kv_blocks_used=sched.kv.num_used, running=len(sched.running), waiting=len(sched.waiting),
-            decode_groups=groups, decode_padded_context=padded,
+            decode_groups=groups, decode_padded_context=padded, decode_breaks=breaks,
         )
 
     def step_table(self) -> dict[str, np.ndarray]:

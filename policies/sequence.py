@@ -27,7 +27,7 @@ class Sequence:
     __slots__ = (
         "req", "status", "num_computed", "num_generated", "block_table", "num_cached_tokens",
         "num_hashed_blocks", "preemptions", "t_arrival", "t_admitted", "t_first_token",
-        "t_last_token", "t_finish", "replica", "tokens", "order", "outcome", "reason", "hashes",
+        "t_last_token", "t_finish", "replica", "tokens", "order", "outcome", "reason", "hashes", "kv_breaks",
     )
 
     def __init__(self, req: Request, now: float | None = None):
@@ -50,6 +50,8 @@ class Sequence:
         self.outcome = ""  # terminal: "ok", "rejected", "timed_out" or "failed"
         self.reason = ""
         self.hashes: list[int] | None = None  # chained prefix hashes of its full prompt blocks (lazy)
+        # (block_table, blocks counted, breaks among them): executor.grouping.decode_breaks' cache
+        self.kv_breaks: tuple[list[int], int, int] | None = None
 
     @property
     def id(self) -> int:

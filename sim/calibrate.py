@@ -70,25 +70,31 @@ from executor.grouping import decode_grouping
 from sim.cost import DecodeRun, StepFeatures
 
 MEASURED = ("intercept", "prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "batched",
-            "decode_groups", "decode_padded")  # the columns of a feature_matrix: what a step's shape says
-# A cost model's terms: the measured features, then max(0, decode_padded - knee) for a model with a knee
-# (FittedCost.padded_knee; see the module doc), 0 for one without.
-FEATURES = MEASURED + ("decode_padded_over",)
-GROUPING = ("decode_groups", "decode_padded", "decode_padded_over")  # read only by models that price them
+            "decode_groups", "decode_padded", "decode_breaks")  # the columns of a feature_matrix: a step's shape
+# A cost model's terms: the measured features up to decode_padded, then max(0, decode_padded - knee) for a
+# model with a knee (FittedCost.padded_knee; see the module doc), 0 for one without, then decode_breaks
+# (last, so coefficient lists written before it keep their positions).
+FEATURES = MEASURED[:-1] + ("decode_padded_over", "decode_breaks")
+# read only by models that price them (the simulator then fills them in: sim.cost.grouping_features)
+GROUPING = ("decode_groups", "decode_padded", "decode_padded_over", "decode_breaks")
 PROFILE_FORMAT = "twinfer-profile"
-PROFILE_VERSION = 3  # 2: decode_groups / decode_padded; 3: decode_padded_over and its knee (absent: 0, none)
+# 2: decode_groups / decode_padded; 3: decode_padded_over and its knee (absent: 0, none); 4: decode_breaks
+# and grid shapes with contiguous block tables (absent: 0)
+PROFILE_VERSION = 4
 # Knees `fit_cost` tries for the padded-token hinge (tokens of padded decode context in one step); one is
 # kept only where cross-validation on the training shapes says it predicts clearly better than none.
 KNEE_CANDIDATES = (2048, 4096, 8192, 16384)
 KNEE_GAIN = 0.05  # a knee must cut the cross-validated RMS relative error by this share or more
 KNEE_SIDE_ROWS = 4  # ... and have this many training decode shapes on each side of it
+LAYOUTS = ("scattered", "contiguous")  # where a grid shape's KV blocks lie (GridPoint.layout)
 
 
 # ---- the cost model ---------------------------------------------------------------------------
 
 def feature_row(f: StepFeatures) -> np.ndarray:
     return np.array([1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
-                     1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded])
+                     1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded,
+                     f.decode_breaks])
 
 
 def feature_matrix(fs: Iterable[StepFeatures]) -> np.ndarray:
@@ -98,14 +104,14 @@ def feature_matrix(fs: Iterable[StepFeatures]) -> np.ndarray:
 
 
 def design(X: np.ndarray, knee: int | None) -> np.ndarray:
-    """A feature_matrix ([n, len(MEASURED)]) with the model terms it implies: [n, len(FEATURES)], the last
-    column max(0, decode_padded - knee) (all 0 without a knee)."""
+    """A feature_matrix ([n, len(MEASURED)]) with the model terms it implies: [n, len(FEATURES)] in FEATURES
+    order, decode_padded_over = max(0, decode_padded - knee) (all 0 without a knee)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != len(MEASURED):
         raise ValueError(f"expected a feature matrix [n, {len(MEASURED)}] ({', '.join(MEASURED)}), got {X.shape}")
     pad = X[:, MEASURED.index("decode_padded")]
     over = np.maximum(0.0, pad - knee) if knee is not None else np.zeros(len(X))
-    return np.column_stack([X, over])
+    return np.column_stack([X[:, :-1], over, X[:, -1]])
 
 
 def _knee(knee: Any) -> int | None:
@@ -142,8 +148,9 @@ def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.n
             raise ValueError(f"unknown coefficient(s) {sorted(unknown)}; valid: {', '.join(FEATURES)}")
         v = [float(v.get(k, 0.0)) for k in FEATURES]
     a = np.asarray(v, dtype=np.float64)
-    if a.ndim == 1 and len(a) in (len(FEATURES) - len(GROUPING), len(MEASURED)):
-        # as written before version 2 (no grouping terms) or 3 (no knee term): the missing terms are 0
+    if a.ndim == 1 and len(a) in (len(FEATURES) - len(GROUPING), len(FEATURES) - 2, len(FEATURES) - 1):
+        # as written before version 2 (no grouping terms), 3 (no knee term) or 4 (no decode_breaks): the
+        # missing terms (the last ones) are 0
         a = np.concatenate([a, np.zeros(len(FEATURES) - len(a))])
     if a.shape != (len(FEATURES),):
         raise ValueError(f"expected {len(FEATURES)} coefficients ({', '.join(FEATURES)}), got shape {a.shape}")
@@ -212,7 +219,7 @@ class FittedCost:
         k = self.padded_knee
         return (1.0, f.prefill_tokens, f.decode_seqs, f.prefill_attn, f.decode_ctx, f.logits,
                 1.0 if f.prefill_tokens + f.decode_seqs >= 2 else 0.0, f.decode_groups, f.decode_padded,
-                f.decode_padded - k if k is not None and f.decode_padded > k else 0.0)
+                f.decode_padded - k if k is not None and f.decode_padded > k else 0.0, f.decode_breaks)
 
     def step_time(self, f: StepFeatures) -> float:
         x = self._terms(f)
@@ -223,8 +230,16 @@ class FittedCost:
         return max(sum(ai * xi for ai, xi in zip(a, x)), sum(bi * xi for bi, xi in zip(b, x))) + base
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """step_time for every row of a feature_matrix."""
+        """step_time for every row of a feature_matrix. A column of NaN (a feature the source did not record:
+        `steps_features` of an old step log) is an error only where the model prices that feature."""
         X = design(X, self.padded_knee)
+        unknown = np.isnan(X).any(axis=0)
+        if unknown.any():
+            priced = unknown & ((self.shared != 0) | (self.line_a != 0) | (self.line_b != 0))
+            if priced.any():
+                raise ValueError(f"no {', '.join(np.asarray(FEATURES)[priced].tolist())} for some steps (a step "
+                                 f"log written before it was recorded?), and the cost model {self.name!r} prices it")
+            X = np.where(np.isnan(X), 0.0, X)
         return np.maximum(X @ self.line_a, X @ self.line_b) + X @ self.shared + self.step_overhead_s
 
     def decode_run(self, f: StepFeatures) -> DecodeRun:
@@ -760,13 +775,21 @@ class GridPoint:
     kind: str
     prefills: tuple[tuple[int, int, bool], ...] = ()
     decodes: tuple[int, ...] = ()
+    # Where the blocks lie in the cache (`_build_plan`): "scattered", no block right after its predecessor
+    # (a live replica's tables once blocks have been freed and reused), or "contiguous", each table one run.
+    layout: str = "scattered"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}; valid: {', '.join(LAYOUTS)}")
 
     def features(self, block_size: int = 16) -> StepFeatures:
         pt = sum(n for _, n, _ in self.prefills)
         attn = sum(n * s + n * (n + 1) / 2 for s, n, _ in self.prefills)
         logits = sum(1 for *_, done in self.prefills if done) + len(self.decodes)
+        breaks = sum(-(-c // block_size) - 1 for c in self.decodes) if self.layout == "scattered" else 0
         return StepFeatures(pt, len(self.decodes), attn, sum(self.decodes), logits,
-                            *decode_grouping(list(self.decodes), block_size))
+                            *decode_grouping(list(self.decodes), block_size), breaks)
 
     @property
     def max_context(self) -> int:
@@ -783,6 +806,8 @@ class GridPoint:
         if self.decodes:
             lo, hi = min(self.decodes), max(self.decodes)
             parts.append(f"dec{len(self.decodes)}@{lo}" + (f"-{hi}" if hi != lo else ""))
+        if self.layout != "scattered":
+            parts.append(self.layout)
         return f"{self.kind}:" + " ".join(parts)
 
 
@@ -809,13 +834,17 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
     rng = np.random.default_rng(seed)
     pts: list[GridPoint] = []
 
-    def add(kind: str, prefills=(), decodes=()) -> None:
-        p = GridPoint(kind, tuple(prefills), tuple(decodes))
+    twins: list[GridPoint] = []  # measured again with contiguous block tables
+
+    def add(kind: str, prefills=(), decodes=(), layout: str = "scattered", twin: bool = False) -> None:
+        p = GridPoint(kind, tuple(prefills), tuple(decodes), layout)
         f = p.features()
         kv = sum(st + n for st, n, _ in p.prefills) + sum(p.decodes)
         if (0 < f.tokens <= max_tokens and p.max_context <= max_context and len(p.prefills) + len(p.decodes) <= max_seqs
                 and (max_kv_tokens is None or kv <= max_kv_tokens)):
             pts.append(p)
+            if twin:
+                twins.append(p)
 
     if quick:
         batches, ctxs = (1, 8, 32), (64, 512, 1536)
@@ -824,7 +853,9 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
         deep = ((512, 256), (1536, 512))
         multi = ((4, 128),)
         mixes = ((256, 16, 512), (64, 32, 256), (512, 4, 1024))
-        uniform = ((16, 512),)
+        uniform = ((16, 512), (4, 1024))
+        tiered = (((2, 1984), (2, 64)),)
+        twin_batches, twin_ctxs, twin_mixes = (8, 32), (512, 1536), ((512, 4, 1024),)
     else:
         batches, ctxs = (1, 2, 4, 8, 16, 32, 64, 128), (32, 256, 1024, 2048)
         small_batches = (3, 6, 12)
@@ -833,10 +864,19 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
         multi = ((2, 512), (4, 64), (4, 256), (8, 128), (16, 32))
         mixes = ((64, 8, 256), (256, 8, 1024), (256, 32, 256), (512, 32, 1024), (1024, 16, 512), (128, 64, 512),
                  (512, 64, 2048), (256, 2, 512), (512, 4, 1024))
-        uniform = ((8, 1024), (32, 256), (64, 512), (16, 2048))
+        uniform = ((8, 1024), (32, 256), (64, 512), (16, 2048), (2, 1024), (4, 1024), (2, 2048), (8, 512), (3, 1387),
+                   (6, 1387), (12, 693))
+        # (rows, context) tiers, longest first: a few long rows beside short ones, so the paged attention runs
+        # one SDPA call per tier; with the uniform batches of the same size and total context above they
+        # separate what a decode group and its padding cost from what context costs, which spread batches
+        # alone move together (their extra groups come only with long, widely spread contexts).
+        tiered = (((1, 1984), (1, 64)), ((1, 4032), (1, 64)), ((2, 1984), (2, 64)), ((4, 960), (4, 64)),
+                  ((4, 1984), (4, 64)), ((1, 3072), (1, 1024), (1, 64)), ((2, 3072), (2, 1024), (2, 64)),
+                  ((4, 1536), (4, 512), (4, 32)))
+        twin_batches, twin_ctxs, twin_mixes = (1, 2, 4, 8, 16, 32), (256, 1024, 2048), ((256, 8, 1024), (512, 32, 1024))
     for b in batches:
         for c in ctxs:
-            add("decode", decodes=spread_contexts(b, c, rng))
+            add("decode", decodes=spread_contexts(b, c, rng), twin=b in twin_batches and c in twin_ctxs)
     # Small batches between the powers of two, where a CPU step moves from matrix-vector to matrix
     # products and where light load spends most of its steps (own random stream: the shapes above stay
     # what they were in profiles made before these were added).
@@ -846,6 +886,8 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
             add("decode", decodes=spread_contexts(b, c, rng_small))
     for b, c in uniform:
         add("decode", decodes=[c] * b)
+    for tiers in tiered:
+        add("decode", decodes=[c for n, c in tiers for _ in range(n)])
     for n in chunk_sizes:
         add("prefill", prefills=[(0, n, True)])
     for st, n in deep:
@@ -855,7 +897,13 @@ def default_grid(quick: bool = False, max_tokens: int = 2048, max_context: int =
     for k, n in multi:
         add("prefill", prefills=[(0, n, True)] * k)
     for n, b, c in mixes:
-        add("mixed", prefills=[(0, n, True)], decodes=spread_contexts(b, c, rng))
+        add("mixed", prefills=[(0, n, True)], decodes=spread_contexts(b, c, rng), twin=(n, b, c) in twin_mixes)
+    # Some of the shapes again with contiguous block tables (each table one run of ids, as a fresh pool hands
+    # them out): against their scattered twins they measure what a break in a table costs (decode_breaks),
+    # which a live replica's tables have anywhere from none of (long prompts allocated at once) to one per
+    # block (sequences that grew a block at a time beside others).
+    for p in twins:
+        add(p.kind, p.prefills, p.decodes, "contiguous")
     return pts
 
 
@@ -879,10 +927,11 @@ class Measurement:
 def _build_plan(point: GridPoint, vocab: int, block_size: int, num_blocks: int, first_id: int):
     """A StepPlan of fresh Sequences in exactly the state the scheduler would leave them in.
 
-    Their blocks are scattered over the whole cache (a seeded permutation of its block ids), as a live
-    replica's are once blocks have been freed and reused a while: gathering from scattered blocks is
-    measurably slower than from one contiguous range (4-8 % per decode step at 4 to 16 rows on this
-    project's CPU), and a grid with contiguous tables under-predicted real steps by as much."""
+    With point.layout "scattered", their blocks are scattered over the whole cache (a seeded permutation of
+    its block ids, no block right after its predecessor), as a live replica's are once blocks have been
+    freed and reused a while; "contiguous": each table one run of ids. Gathering scattered blocks is
+    measurably slower (a decode step of 8 rows at 1k tokens, about a sixth, on this project's CPU): the
+    grid measures both, and the features count the difference (decode_breaks)."""
     from executor.tokens import prompt_tokens
     from policies.kv_cache import BlockManager
     from policies.plan import StepPlan
@@ -915,8 +964,18 @@ def _build_plan(point: GridPoint, vocab: int, block_size: int, num_blocks: int, 
         seq.status = SeqStatus.RUNNING
         plan.decode.append(seq)
         rid += 1
-    perm = np.random.default_rng(first_id).permutation(num_blocks).tolist()
-    for seq in plan.prefill + plan.decode:
+    seqs = plan.prefill + plan.decode
+    if point.layout == "contiguous":  # as allocated from a fresh pool: each table one run of ids
+        return plan
+    # A seeded permutation of the block ids with no block right after its predecessor in any table (so the
+    # point has exactly the decode_breaks its features say): drawn again until none is.
+    for attempt in range(100):
+        perm = np.random.default_rng(first_id + attempt * 1_000_003).permutation(num_blocks).tolist()
+        if not any(perm[b] == perm[a] + 1 for s in seqs for a, b in zip(s.block_table, s.block_table[1:])):
+            break
+    else:  # (about a 1 in e chance per draw of failing for a grid that fills the cache: never in practice)
+        raise RuntimeError(f"no scattered block layout for {point.label()} in 100 draws")
+    for seq in seqs:
         seq.block_table = [perm[b] for b in seq.block_table]
     return plan
 
@@ -1129,6 +1188,7 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
         row = {"kind": m.point.kind, "label": m.point.label(), "prefill_tokens": f.prefill_tokens,
                "decode_seqs": f.decode_seqs, "prefill_attn": float(f.prefill_attn), "decode_ctx": f.decode_ctx,
                "logits": f.logits, "decode_groups": f.decode_groups, "decode_padded": f.decode_padded,
+               "decode_breaks": f.decode_breaks,
                **m.stats(), "predicted_s": float(pred[i]), "heldout": i in held}
         if busy_meas is not None:
             b = busy_meas[i].stats()
@@ -1143,7 +1203,8 @@ def profile_from_measurements(meas: Sequence[Measurement], kv_capacity_tokens: i
 
 def grid_matrix(grid: Sequence[Mapping[str, Any]], where: str = "profile") -> np.ndarray:
     """The feature_matrix of a profile's stored grid rows."""
-    keys = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "decode_groups", "decode_padded")
+    keys = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "decode_groups", "decode_padded",
+            "decode_breaks")
     rows = []
     for i, r in enumerate(grid):
         missing = [k for k in keys if k not in r]
@@ -1152,7 +1213,7 @@ def grid_matrix(grid: Sequence[Mapping[str, Any]], where: str = "profile") -> np
                              f"written before those were recorded; measure a new profile")
         rows.append(feature_row(StepFeatures(int(r["prefill_tokens"]), int(r["decode_seqs"]), float(r["prefill_attn"]),
                                              int(r["decode_ctx"]), int(r["logits"]), int(r["decode_groups"]),
-                                             int(r["decode_padded"]))))
+                                             int(r["decode_padded"]), int(r["decode_breaks"]))))
     return np.array(rows, dtype=np.float64).reshape(-1, len(MEASURED))
 
 
@@ -1224,6 +1285,8 @@ def _row_matches(point: GridPoint, row: Mapping[str, Any]) -> bool:
     if not all(k in row for k in _FEATURE_KEYS) or row.get("kind") != point.kind:
         return False
     f = point.features()
+    if "decode_breaks" in row and int(row["decode_breaks"]) != f.decode_breaks:  # (the layout; rows since v4)
+        return False
     return (int(row["prefill_tokens"]) == f.prefill_tokens and int(row["decode_seqs"]) == f.decode_seqs
             and int(row["decode_ctx"]) == f.decode_ctx and int(row["logits"]) == f.logits
             and math.isclose(float(row["prefill_attn"]), float(f.prefill_attn), rel_tol=1e-9, abs_tol=1e-6))
@@ -1238,9 +1301,12 @@ def _point_from_label(label: str) -> GridPoint | None:
         return None
     prefills: list[tuple[int, int, bool]] = []
     decodes: list[int] = []
+    layout = "scattered"
     try:
         for part in rest.split(" "):
-            if part.startswith("dec"):
+            if part in LAYOUTS:
+                layout = part
+            elif part.startswith("dec"):
                 n_s, _, ctx = part[3:].partition("@")
                 n = int(n_s)
                 lo_s, _, hi_s = ctx.partition("-")
@@ -1263,7 +1329,7 @@ def _point_from_label(label: str) -> GridPoint | None:
                     prefills += [(int(st_s), int(n_s), done)] * k
     except ValueError:
         return None
-    return GridPoint(kind, tuple(prefills), tuple(decodes))
+    return GridPoint(kind, tuple(prefills), tuple(decodes), layout)
 
 
 def grid_row_points(profile: Profile) -> dict[int, GridPoint]:
@@ -1599,6 +1665,11 @@ def steps_features(steps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
                          dctx, np.asarray(steps["sampled"], dtype=np.float64), (pt + ds >= 2).astype(np.float64),
                          np.asarray(steps["decode_groups"], dtype=np.float64),
                          np.asarray(steps["decode_padded_context"], dtype=np.float64)])
+    # decode_breaks: NaN in a log written before it was recorded (FittedCost.predict: an error only for a
+    # model that prices it)
+    brk = (np.asarray(steps["decode_breaks"], dtype=np.float64) if "decode_breaks" in steps
+           else np.full(len(d), math.nan))
+    X = np.column_stack([X, brk])
     kinds = ["decode" if p == 0 else "prefill" if q == 0 else "mixed" for p, q in zip(pt.tolist(), ds.tolist())]
     return X, d, kinds
 

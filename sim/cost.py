@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from executor.grouping import decode_grouping, steps_same_grouping
+from executor.grouping import decode_breaks, decode_grouping, steps_same_grouping
 from policies.plan import StepPlan
 
 
@@ -29,10 +29,10 @@ class StepFeatures:
     """What a step's duration depends on (a plain slotted class: built once per simulated step)."""
 
     __slots__ = ("prefill_tokens", "decode_seqs", "prefill_attn", "decode_ctx", "logits", "decode_groups",
-                 "decode_padded")
+                 "decode_padded", "decode_breaks")
 
     def __init__(self, prefill_tokens: int, decode_seqs: int, prefill_attn: float, decode_ctx: int, logits: int,
-                 decode_groups: int = 0, decode_padded: int = 0):
+                 decode_groups: int = 0, decode_padded: int = 0, decode_breaks: int = 0):
         self.prefill_tokens = prefill_tokens  # tokens computed by prefill chunks
         self.decode_seqs = decode_seqs  # sequences computing one decode token
         self.prefill_attn = prefill_attn  # sum over prefill query tokens of their attended context length
@@ -42,6 +42,9 @@ class StepFeatures:
         # key tokens. Filled in only for cost models that read them (`uses_grouping`), else 0.
         self.decode_groups = decode_groups
         self.decode_padded = decode_padded
+        # Breaks in the decode rows' block tables (executor.grouping.decode_breaks): blocks the attention
+        # gathers that do not follow their predecessor in the cache. Filled in with the two above.
+        self.decode_breaks = decode_breaks
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StepFeatures) and all(
@@ -85,13 +88,15 @@ def plan_features(plan: StepPlan) -> StepFeatures:
 
 
 def grouping_features(f: StepFeatures, plan: StepPlan, block_size: int) -> int:
-    """Fill in f's decode attention shape (decode_groups, decode_padded) from the plan's decode rows, as the
-    executor groups them, and return for how many decode steps from this one it stays the same (a decode
-    run may be predicted in one piece only that far). For cost models with `uses_grouping`."""
+    """Fill in f's decode attention shape (decode_groups, decode_padded, decode_breaks) from the plan's decode
+    rows, as the executor groups and gathers them, and return for how many decode steps from this one it
+    stays the same (a decode run may be predicted in one piece only that far: no row takes a new block
+    before then, so the breaks stay put too). For cost models with `uses_grouping`."""
     if not plan.decode:
         return 1 << 62
     ctxs = [s.num_computed + 1 for s in plan.decode]
     f.decode_groups, f.decode_padded = decode_grouping(ctxs, block_size)
+    f.decode_breaks = decode_breaks(plan.decode, block_size)
     return steps_same_grouping(ctxs, block_size)
 
 

@@ -18,9 +18,11 @@ from sim.calibrate import (
 from sim.cost import StepFeatures, grouping_features, load_cost_model, plan_features
 
 # intercept, prefill_tokens, decode_seqs, prefill_attn, decode_ctx, logits, batched
-LINEAR = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4, 0.004, 4e-4, 6e-7]
-LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4, 0.0, 0.0, 0.0]  # flat: weight-bound small steps
-LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4, 0.002, 0.0, 0.0]  # steep: compute-bound large steps
+# ... decode_groups, decode_padded, decode_breaks: the columns of a feature_matrix (MEASURED)
+LINEAR_X = [0.008, 2.8e-4, 6e-4, 1.8e-7, 2.5e-6, 7e-4, 0.004, 4e-4, 6e-7, 1e-6]
+LINEAR = LINEAR_X[:9] + [0.0] + LINEAR_X[9:]  # as a cost model's coefficients (FEATURES: no knee term)
+LINE_A = [0.020, 1e-5, 2e-5, 0.0, 1e-6, 1e-4, 0.0, 0.0, 0.0, 0.0]  # flat: weight-bound small steps
+LINE_B = [0.001, 3e-4, 5e-4, 2e-7, 2e-6, 5e-4, 0.002, 0.0, 0.0, 0.0]  # steep: compute-bound large steps
 
 
 def grid_X() -> np.ndarray:
@@ -37,7 +39,7 @@ def max_cost(kv: int = 10_000) -> FittedCost:
 
 def knee_cost(kv: int = 10_000) -> FittedCost:
     """LINEAR plus 3 us per padded decode token past 4096 (a step whose attention outgrows a cache)."""
-    return FittedCost(LINEAR + [3e-6], kv, name="knee-test", padded_knee=4096)
+    return FittedCost(LINEAR_X[:9] + [3e-6] + LINEAR_X[9:], kv, name="knee-test", padded_knee=4096)
 
 
 def sample_profile(cost: FittedCost) -> Profile:
@@ -75,7 +77,7 @@ def test_max_form_takes_the_larger_line_plus_shared():
 def test_coefficients_must_be_non_negative_and_complete():
     with pytest.raises(ValueError, match=">= 0"):
         FittedCost([0.01, -1e-4, 0, 0, 0, 0, 0], 100)
-    with pytest.raises(ValueError, match="10 coefficients"):
+    with pytest.raises(ValueError, match="11 coefficients"):
         FittedCost([0.01, 1e-4], 100)
     with pytest.raises(ValueError, match="unknown coefficient"):
         FittedCost({"intercept": 0.01, "flops": 1.0}, 100)
@@ -124,7 +126,7 @@ def test_predictions_never_decrease_when_a_feature_grows(x, j, d):
 def test_fit_recovers_known_linear_coefficients_from_noisy_measurements():
     X = grid_X()
     rng = np.random.default_rng(1)
-    y = (X @ np.array(LINEAR)) * rng.normal(1.0, 0.01, len(X))
+    y = (X @ np.array(LINEAR_X)) * rng.normal(1.0, 0.01, len(X))
     r = fit_cost(X, y, 5000, kinds=kinds(), form="linear")
     assert r.model.form == "linear" and r.model.kv_capacity_tokens == 5000
     # the well-determined coefficients come back within a few percent
@@ -138,10 +140,10 @@ def test_fit_recovers_known_linear_coefficients_from_noisy_measurements():
 
 def test_fit_exact_data_is_exact():
     X = grid_X()
-    y = X @ np.array(LINEAR)
+    y = X @ np.array(LINEAR_X)
     r = fit_cost(X, y, 1, kinds=kinds(), form="linear")
-    assert r.model.shared[:len(MEASURED)] == pytest.approx(LINEAR, rel=1e-6)
-    assert r.model.padded_knee is None and r.model.shared[-1] == 0, r.knee
+    assert r.model.shared == pytest.approx(LINEAR, rel=1e-6)
+    assert r.model.padded_knee is None and r.model.shared[FEATURES.index("decode_padded_over")] == 0, r.knee
     assert r.errors["heldout"]["max_rel_error"] < 1e-8
 
 
@@ -162,7 +164,7 @@ def test_fit_recovers_a_max_of_two_lines_and_auto_prefers_it():
 
 def test_auto_keeps_linear_on_linear_data():
     X = grid_X()
-    y = (X @ np.array(LINEAR)) * np.random.default_rng(3).normal(1.0, 0.02, len(X))
+    y = (X @ np.array(LINEAR_X)) * np.random.default_rng(3).normal(1.0, 0.02, len(X))
     r = fit_cost(X, y, 1, kinds=kinds())
     assert r.model.form == "linear"
     # and no knee: none of the candidates clearly beats a straight line in cross-validation
@@ -191,21 +193,22 @@ def test_knee_needs_shapes_on_both_sides():
     X = grid_X()
     pad = X[:, MEASURED.index("decode_padded")]
     small = X[pad <= 2048]  # no decode shape past any candidate but the first
-    y = small @ np.array(LINEAR)
+    y = small @ np.array(LINEAR_X)
     d = choose_knee(small, y, candidates=(4096, 8192))
     assert d["chosen"] is None and "no candidate" in d["why"]
-    assert choose_knee(X[:5], (X @ np.array(LINEAR))[:5])["why"].startswith("no knee: too few shapes")
+    assert choose_knee(X[:5], (X @ np.array(LINEAR_X))[:5])["why"].startswith("no knee: too few shapes")
 
 
 def test_design_and_knee_checks():
     X = feature_matrix([StepFeatures(0, 4, 0.0, 4000, 4, decode_groups=1, decode_padded=5000),
                         StepFeatures(128, 0, 8256.0, 0, 1)])
-    assert design(X, 4096)[:, -1].tolist() == [904.0, 0.0]
-    assert design(X, None)[:, -1].tolist() == [0.0, 0.0]
+    over = FEATURES.index("decode_padded_over")
+    assert design(X, 4096)[:, over].tolist() == [904.0, 0.0]
+    assert design(X, None)[:, over].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="feature matrix"):
         design(X[:, :5], 4096)
     with pytest.raises(ValueError, match="needs its knee"):
-        FittedCost(LINEAR + [1e-6], 1)
+        FittedCost(LINEAR_X[:9] + [1e-6], 1)
     with pytest.raises(ValueError, match="decode_padded_knee"):
         FittedCost(LINEAR, 1, padded_knee=0)
     with pytest.raises(ValueError, match="different knees"):
@@ -358,9 +361,13 @@ def test_grid_features_match_the_simulators_plan_features():
         grouping_features(f, plan, 16)
         assert f == p.features(16), p.label()
         assert f.decode_groups >= (1 if p.decodes else 0) and f.decode_padded >= f.decode_ctx
-        # the blocks are scattered over the cache, as a live replica's are, and never shared
+        # never shared; scattered over the cache, as a live replica's are, no block right after the one before
+        # it; or each table one run of ids
         ids = [b for s in plan.prefill + plan.decode for b in s.block_table]
-        assert len(set(ids)) == len(ids) and (len(ids) < 4 or ids != sorted(ids))
+        assert len(set(ids)) == len(ids)
+        steps = {y - x for s in plan.prefill + plan.decode for x, y in zip(s.block_table, s.block_table[1:])}
+        assert (1 not in steps) if p.layout == "scattered" else steps <= {1}, p.label()
+        assert f.decode_breaks == (sum(len(s.block_table) - 1 for s in plan.decode) if p.layout == "scattered" else 0)
 
 
 def test_grid_respects_limits():
@@ -528,12 +535,13 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
         sampled = ds + (1 if pt else 0)
         groups = int(rng.integers(1, 4)) if ds else 0
         padded = dctx + int(rng.integers(0, 16 * ds + 1)) if ds else 0
-        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled, float(pt + ds >= 2), groups, padded], dtype=float)
-        dur = float(x @ np.array(LINEAR))
+        brk = int(rng.integers(0, padded // 16 + 1)) if ds else 0
+        x = np.array([1, pt, ds, pairs - dctx, dctx, sampled, float(pt + ds >= 2), groups, padded, brk], dtype=float)
+        dur = float(x @ np.array(LINEAR_X))
         rec = {"replica": 0, "start": 1.0 * i, "duration": dur, "schedule_s": 1e-5, "prefill_seqs": int(pt > 0),
                "prefill_tokens": pt, "decode_seqs": ds, "prefill_context": pt, "decode_context": dctx,
                "attention_pairs": pairs, "sampled": sampled, "preempted": 0, "kv_blocks_used": 1, "running": 1,
-               "waiting": 0, "decode_groups": groups, "decode_padded_context": padded}
+               "waiting": 0, "decode_groups": groups, "decode_padded_context": padded, "decode_breaks": brk}
         rows.append(",".join(repr(rec[c]) if isinstance(rec.get(c), float) else str(rec.get(c, 0)) for c in STEP_COLUMNS))
     path.write_text(",".join(STEP_COLUMNS) + "\n" + "\n".join(rows) + "\n")
     out = tmp_path / "fit.toml"
@@ -542,7 +550,7 @@ def test_profile_from_an_engine_step_log(tmp_path, capsys):
     prof = read_profile_file(out)
     assert prof.measure["steps"] == 300 and prof.grid == []
     assert prof.fit["heldout"]["max_rel_error"] < 1e-6
-    assert prof.cost.shared[:len(MEASURED)] == pytest.approx(LINEAR, rel=1e-4)
+    assert prof.cost.shared == pytest.approx(LINEAR, rel=1e-4)
     assert prof.cost.step_overhead_s == 0.0 and prof.measure["loop_overhead"]["gaps"] == 0  # 1 s apart: idle
 
 
@@ -835,7 +843,8 @@ def test_the_step_check_applies_the_loop_terms_as_the_simulator_does():
              "duration": np.array([0.1, 0.1, 0.1, 0.1]), "prefill_tokens": np.array([100, 0, 50, 0]),
              "decode_seqs": np.array([0, 1, 1, 2]), "decode_context": np.array([0, 101, 160, 500]),
              "attention_pairs": np.array([5050, 101, 5000, 500]), "sampled": np.array([1, 1, 2, 2]),
-             "decode_groups": np.array([0, 1, 1, 1]), "decode_padded_context": np.array([0, 112, 160, 512])}
+             "decode_groups": np.array([0, 1, 1, 1]), "decode_padded_context": np.array([0, 112, 160, 512]),
+             "decode_breaks": np.array([0, 6, 3, 30])}
     assert idle_before(steps) == pytest.approx([0.5, 0.01, 1.29, 0.05])
     cost = FittedCost(LINEAR, 10_000).with_prefill_factor(1.2).with_wake((0.2, 1.5))
     assert loop_factors(cost, steps) == pytest.approx([1.2 * 1.5, 1.0, 1.2 * 1.5, 1.0])

@@ -277,7 +277,7 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
                 "decode_context": np.array([100, 100]), "prefill_tokens": np.array([0, 0]),
                 "decode_seqs": np.array([1, 1]), "attention_pairs": np.array([100, 100]),
                 "sampled": np.array([1, 1]), "decode_groups": np.array([1, 1]),
-                "decode_padded_context": np.array([112, 112])}
+                "decode_padded_context": np.array([112, 112]), "decode_breaks": np.array([6, 0])}
 
     factors = iter([1.1, 1.1, 1.3, 1.3])  # each check settles on its second measurement (sim.calibrate.settled_drift)
 
@@ -447,7 +447,7 @@ def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(m
     log = {"replica": np.zeros(n, np.int64), "decode_context": np.where(pt > 0, 0, 400),
            "prefill_tokens": pt, "decode_seqs": np.where(pt > 0, 0, 4), "sampled": np.where(pt > 0, 1, 4),
            "attention_pairs": np.where(pt > 0, 300 * 301 // 2, 400), "decode_groups": np.where(pt > 0, 0, 1),
-           "decode_padded_context": np.where(pt > 0, 0, 400)}
+           "decode_padded_context": np.where(pt > 0, 0, 400), "decode_breaks": np.where(pt > 0, 0, 20)}
     log["start"] = np.arange(n) * 0.05
     log["duration"] = np.zeros(n)
     pred = cost.predict(steps_features(log)[0]) * loop_factors(cost, log)
