@@ -133,6 +133,9 @@ def test_fit_recovers_known_linear_coefficients_from_noisy_measurements():
     for k in ("intercept", "prefill_tokens", "decode_ctx", "batched"):
         i = FEATURES.index(k)
         assert r.model.shared[i] == pytest.approx(LINEAR[i], rel=0.05), k
+    # what a break in a block table costs: the grid's contiguous twins of scattered shapes pin it down
+    i = FEATURES.index("decode_breaks")
+    assert r.model.shared[i] == pytest.approx(LINEAR[i], rel=0.15)
     assert r.errors["heldout"]["median_rel_error"] < 0.015
     assert r.errors["heldout"]["n"] == len(r.test) > 0 and len(r.train) + len(r.test) == len(X)
     assert not set(r.train) & set(r.test)

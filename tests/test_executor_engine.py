@@ -244,3 +244,28 @@ def test_engine_and_scheduler_must_agree_on_blocks():
         Engine(runner, ContinuousBatchingScheduler(SchedulerConfig(block_size=16), 16))
     with pytest.raises(ValueError, match="KV blocks"):
         Engine(runner, ContinuousBatchingScheduler(SchedulerConfig(block_size=BS), 32))
+
+
+def test_step_log_counts_the_breaks_in_the_decode_rows_block_tables():
+    """decode_breaks in the step log: per step, the decode rows' blocks (up to their context) that do not
+    follow their predecessor in the cache, as the tables stood when the step ran. Sequences that grow a
+    block at a time beside each other interleave their blocks; one sequence alone never breaks."""
+    from executor.grouping import table_breaks
+
+    def run(reqs):
+        e = _engine("float32", num_blocks=128, max_num_batched_tokens=64)
+        seen = []
+        inner = e.runner.run
+
+        def run_and_look(plan):
+            seen.append(sum(table_breaks(s.block_table, (s.num_computed + BS) // BS) for s in plan.decode))
+            return inner(plan)
+
+        e.runner.run = run_and_look
+        _outputs(e.run_offline(reqs))
+        return e.step_table()["decode_breaks"].tolist(), seen
+
+    logged, seen = run([Request(0, 0.0, 20, 60)])
+    assert logged == seen and max(logged) == 0
+    logged, seen = run([Request(i, 0.0, 20 + 9 * i, 70) for i in range(4)])
+    assert logged == seen and max(logged) > 0

@@ -259,3 +259,50 @@ def test_grouping_is_unchanged_exactly_as_long_as_steps_same_grouping_says(conte
         assert [-(-c // bs) for c in now] == blocks
         assert decode_grouping(now, bs) == first
     assert [-(-(c + k) // bs) for c in contexts] != blocks
+
+
+def test_table_breaks_counts_blocks_not_right_after_the_one_before():
+    from executor.grouping import table_breaks
+
+    assert table_breaks([7, 8, 9, 10], 4) == 0
+    assert table_breaks([7, 8, 20, 21, 3], 5) == 2
+    assert table_breaks([7, 8, 20, 21, 3], 3) == 1  # only the first n blocks
+    assert table_breaks([9, 8, 7], 3) == 2  # descending is not contiguous
+    assert table_breaks([5], 1) == table_breaks([], 0) == 0
+    assert table_breaks([7, 8, 20, 21, 3], 5, start=3, count=1) == 2  # carried on from block 3
+
+
+class _Seq:
+    def __init__(self):
+        self.block_table: list[int] = []
+        self.num_computed = 0
+        self.kv_breaks = None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["decode", "grow", "replace", "prefill"]),
+                          st.integers(1, 40), st.integers(0, 10_000)), max_size=60),
+       st.sampled_from([1, 4, 16]))
+def test_decode_breaks_cached_per_sequence_equals_counting_afresh(ops, bs):
+    """decode_breaks keeps a count per sequence and only looks at new blocks; whatever happens to the tables
+    (a decode step, blocks appended in place, a table replaced as after preemption), the total is what
+    counting every table afresh gives."""
+    from executor.grouping import decode_breaks, table_breaks
+
+    seqs = [_Seq() for _ in range(4)]
+    for i, op, n, blk in ops:
+        s = seqs[i]
+        if op == "decode":
+            s.num_computed += 1
+        elif op == "prefill":
+            s.num_computed += n
+        elif op == "grow":
+            s.block_table.extend(range(blk, blk + n) if n % 2 else [blk + 3 * k for k in range(n)])
+        else:  # a new table (readmitted after preemption): recomputed from its first block
+            s.block_table = [blk + (k if k % 3 else 2 * k) for k in range(len(s.block_table))]
+        for q in seqs:  # tables always cover the context, as the scheduler keeps them
+            need = (q.num_computed + bs) // bs
+            if len(q.block_table) < need:
+                q.block_table.extend(range(blk + 50_000, blk + 50_000 + need - len(q.block_table)))
+        live = [q for q in seqs if q.block_table]
+        assert decode_breaks(live, bs) == sum(table_breaks(q.block_table, (q.num_computed + bs) // bs) for q in live)
