@@ -159,10 +159,11 @@ def test_every_request_recorded_once_with_terminal_status(w, cfg):
 
 def grouped_cost():
     """A fitted model that prices the executor's decode attention grouping (per SDPA call and per padded key
-    token): the simulator must cut decode runs wherever a row crosses a KV block boundary."""
+    token) and breaks in the block tables: the simulator must cut decode runs wherever a row crosses a KV
+    block boundary."""
     from sim.calibrate import FittedCost
 
-    return FittedCost([0.010, 1e-4, 5e-4, 0, 1e-6, 0, 0, 0.002, 3e-6], 1_000_000, name="grouped-test")
+    return FittedCost([0.010, 1e-4, 5e-4, 0, 1e-6, 0, 0, 0.002, 3e-6, 0, 2e-5], 1_000_000, name="grouped-test")
 
 
 @FAST
@@ -281,3 +282,23 @@ def test_grouping_features_reach_a_fitted_model_and_change_its_times():
     # 39 decode steps of both rows, two groups each (3000+ vs 40+ tokens: padding 40 to 3000 would waste
     # far more than the group rule allows), so each costs 2 x 0.004 s more; both requests finish together.
     assert b.records["finish"][0] - a.records["finish"][0] == pytest.approx(39 * 2 * 0.004, rel=1e-9)
+
+
+def test_block_table_breaks_reach_a_fitted_model():
+    """A model with a cost per break (a decode row's KV block not right after the one before it in the cache)
+    charges nothing for one sequence, whose prompt and decode blocks come off the pool in one run, and
+    charges two sequences decoding side by side, whose new blocks interleave."""
+    from sim.calibrate import FittedCost
+
+    cfg = SimConfig(replicas=1, scheduler=SchedulerConfig(block_size=16, max_num_batched_tokens=8192))
+    coefs = [0.010, 1e-4, 5e-4, 0, 1e-6, 0, 0, 0, 1e-7]
+    plain, per_break = FittedCost(coefs, 1_000_000), FittedCost(coefs + [0, 1e-3], 1_000_000)
+    assert per_break.uses_grouping
+    one = Workload.from_requests([Request(0, 0.0, 500, 200)], name="one")
+    assert simulate(one, cfg, cost=plain).records["finish"][0] == pytest.approx(
+        simulate(one, cfg, cost=per_break).records["finish"][0], rel=1e-12)
+    two = Workload.from_requests([Request(0, 0.0, 500, 200), Request(1, 0.0, 500, 200)], name="two")
+    a, b = simulate(two, cfg, cost=plain), simulate(two, cfg, cost=per_break)
+    extra = b.records["finish"][0] - a.records["finish"][0]
+    # each row takes ~12 new blocks over 200 tokens, alternating with the other row's: up to ~24 breaks a step
+    assert 0.0 < extra < 200 * 24 * 1e-3
