@@ -23,7 +23,10 @@
    prediction scaled by the pace of its steps against the cost model, before and after each cell, is the
    headline, the reference-shape check's beside it (sim.calibrate.loop_pace: the replicas' processes, shared
    cores and serving loop, where the reference shapes are timed alone in this process; in four full runs it
-   read the cells' pace better every time).
+   read the cells' pace better every time). The check is read by kind: decode-only steps scaled by its
+   decode steps' pace, steps with prefill tokens by its prefill and mixed steps' (sim.calibrate.kind_corrected;
+   the two moved apart by up to 5 % on some days, and the cells' steps with them); the single factor's
+   prediction is kept beside it.
    With `--repeat N` each cell runs N times on the executor; the errors are against the median of the runs,
    and the report adds how far one real run of a cell is from another (the floor under any prediction).
 3. Print the error table (the drift-corrected prediction when the check is on) with the median and worst
@@ -283,6 +286,8 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
          "aggregate_alone_drift": aggregate(rows, "errors_alone_drift"),
          **({"aggregate_loop_drift": aggregate(rows, "errors_loop_drift")}
             if rows and all("errors_loop_drift" in r for r in rows) else {}),
+         **({"aggregate_loop_kind": aggregate(rows, "errors_loop_kind")}
+            if rows and all(r.get("errors_loop_kind") for r in rows) else {}),
          **({"aggregate_reference_drift": aggregate(rows, "errors_reference_drift")}
             if rows and all(r.get("errors_reference_drift") for r in rows) else {}),
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
@@ -292,7 +297,9 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     from rich.table import Table
 
     ref_on = any(r["drift"] for r in rows)
-    loop_head = bool(rows) and all(r.get("headline") == "loop" for r in rows)  # runs before it: the reference check
+    # runs before the loop check led: the reference check; runs before it was read by kind: one loop factor
+    loop_head = bool(rows) and all(r.get("headline") in ("loop", "loop-kind") for r in rows)
+    kind_head = loop_head and all(r.get("headline") == "loop-kind" for r in rows)
     drift_on = ref_on or loop_head  # the table has a drift column
 
     def head_drift(r) -> dict | None:  # the headline check's factors
@@ -300,8 +307,10 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
 
     t = Table(title=f"sim vs executor: relative error (sim - real) / real, {len(rows)} cells, {replicas} "
                     f"replicas, {n_req} requests per cell"
-                    + ("; sim corrected by the loop drift check (drift: the calibration mix's steps against the cost "
-                       "model on the replicas, before/after the replay)" if loop_head else
+                    + ("; sim corrected by the loop drift check" + (", decode and prefill steps each by their own pace"
+                                                                    if kind_head else "")
+                       + " (drift: the calibration mix's steps against the cost model on the replicas, before/after "
+                       "the replay)" if loop_head else
                        "; sim drift-corrected (drift: the reference shapes' now / profiled, before/after the replay)"
                        if drift_on else ""), title_justify="left")
     for col in ("trace", "scheduler", "router", "load", "req/s"):
@@ -352,17 +361,19 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                   *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "", "")
         t.add_row("worst |error|, alone drift only", "", "", "", "",
                   *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "", "")
-    # beside the headline: the other check's prediction (the reference shapes' when the loop check leads)
-    other_key, other_lab, other_factor = (("errors_reference_drift", "reference-shape check", "drift") if loop_head
-                                          else ("errors_loop_drift", "loop drift", "loop_drift"))
-    other_on = bool(rows) and all(r.get(other_key) and r.get(other_factor) for r in rows)
-    agg_other = aggregate(rows, other_key) if other_on else None
-    if other_on:
-        t.add_row(f"median |error|, {other_lab}", "", "", "", "",
+    # beside the headline: the other checks' predictions (the reference shapes' and, when the loop check leads by
+    # kind, its single factor's)
+    others = ([("errors_loop_drift", "loop check, one factor", "loop_drift")] if kind_head else []) + (
+        [("errors_reference_drift", "reference-shape check", "drift")] if loop_head
+        else [("errors_loop_drift", "loop drift", "loop_drift")])
+    others = [(key, lab, fk, aggregate(rows, key)) for key, lab, fk in others
+              if rows and all(r.get(key) and r.get(fk) for r in rows)]
+    for key, lab, fk, agg_other in others:
+        t.add_row(f"median |error|, {lab}", "", "", "", "",
                   *(f"{agg_other[m]['median']:.1%}" for m, _ in METRICS),
-                  *([f"x{np.median([r[other_factor]['factor'] for r in rows]):.2f}"] if drift_on else []),
+                  *([f"x{np.median([r[fk]['factor'] for r in rows]):.2f}"] if drift_on else []),
                   "", "", "", "")
-        t.add_row(f"worst |error|, {other_lab}", "", "", "", "", *(f"{agg_other[m]['worst']:.1%}" for m, _ in METRICS),
+        t.add_row(f"worst |error|, {lab}", "", "", "", "", *(f"{agg_other[m]['worst']:.1%}" for m, _ in METRICS),
                   *([""] if drift_on else []), "", "", "", "")
     if drift_on:
         t.add_row("median |error|, uncorrected", "", "", "", "", *(f"{agg_raw[m]['median']:.1%}" for m, _ in METRICS),
@@ -385,7 +396,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
         con.print("drift correction, median |error| over cells (uncorrected -> corrected): "
                   + ", ".join(f"{lab} {agg_raw[m]['median']:.1%} -> {agg[m]['median']:.1%}" for m, lab in METRICS))
         if busy_on:
-            agg_busy = agg_other if loop_head and other_on else agg  # the reference-shape check with the busy one
+            ref_other = [a for key, _, _, a in others if key == "errors_reference_drift"]
+            agg_busy = ref_other[0] if loop_head and ref_other else agg  # the reference-shape check with the busy one
             scales = [r["drift"]["colocated"]["contention_scale"] for r in rows if r["drift"] and r["drift"]["colocated"]]
             con.print("co-located drift check: contention factors scaled by "
                       f"{min(scales):.2f}..{max(scales):.2f} (median {np.median(scales):.2f}); median |error| "
@@ -393,10 +405,12 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                       + ", ".join(f"{lab} {agg_alone[m]['median']:.1%} -> {agg_busy[m]['median']:.1%}"
                                   for m, lab in METRICS))
             con.print(f"targets, alone drift only: {targets(agg_alone)}")
-        con.print(f"targets, {'loop-drift-corrected (headline)' if loop_head else 'drift-corrected'}: {targets(agg)}")
-        if other_on:
-            of = [r[other_factor]["factor"] for r in rows]
-            con.print(f"targets, {other_lab} (x{min(of):.2f}..x{max(of):.2f}): {targets(agg_other)}")
+        head_lab = ("loop-drift-corrected by kind (headline)" if kind_head else
+                    "loop-drift-corrected (headline)" if loop_head else "drift-corrected")
+        con.print(f"targets, {head_lab}: {targets(agg)}")
+        for _, lab, fk, agg_other in others:
+            of = [r[fk]["factor"] for r in rows]
+            con.print(f"targets, {lab} (x{min(of):.2f}..x{max(of):.2f}): {targets(agg_other)}")
         con.print(f"targets, uncorrected: {targets(agg_raw)}")
     else:
         con.print(f"targets: {targets(agg)}")
@@ -412,6 +426,20 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     if misread:
         con.print("the cells' step pace against each check's factor, median |log(pace / factor)|: "
                   + ", ".join(f"{lab} {v:.1%}" for lab, v in misread.items()))
+
+    def kind_miss(kind: str, factor_of) -> float:  # the cells' steps of one kind against a loop factor
+        return finite_stat(np.median, [abs(math.log(r["step_kind_ratio"][kind] / factor_of(r))) for r in rows
+                                       if factor_of(r) and (r.get("step_kind_ratio") or {}).get(kind, 0) > 0])
+
+    if rows and all((r.get("loop_drift") or {}).get("decode_factor") for r in rows):
+        one = lambda r: r["loop_drift"]["factor"]  # noqa: E731
+        km = (kind_miss("decode", lambda r: r["loop_drift"]["decode_factor"]),
+              kind_miss("with_prefill", lambda r: r["loop_drift"]["with_prefill_factor"]),
+              kind_miss("decode", one), kind_miss("with_prefill", one))
+        if all(math.isfinite(v) for v in km):  # (a rescore without the run's step logs has no pace by kind)
+            con.print("by kind, median |log(pace / factor)| of the cells' decode-only steps and of their steps with "
+                      f"prefill tokens: loop check by kind {km[0]:.1%} and {km[1]:.1%}, one factor {km[2]:.1%} and "
+                      f"{km[3]:.1%}")
     paired = [r for r in rows if r.get("paired")]  # runs recorded before per-request pairing have none
     if paired:
         con.print("request by request (each cell's median sim / real - 1 over its requests; signed median over cells, "
@@ -453,7 +481,7 @@ def rescore(args: argparse.Namespace) -> int:
     from the run's kept step logs (steps/cellNN.0.csv) when there."""
     from executor.replay import read_steps, resolve_model
     from rich.console import Console
-    from sim.calibrate import drift_corrected, step_check
+    from sim.calibrate import drift_corrected, kind_corrected, loop_kind_factors, step_check
     from sim.calibrate_cli import fit_to_model, profile_model_ref, same_model
     from traces.report import summarize
 
@@ -495,14 +523,23 @@ def rescore(args: argparse.Namespace) -> int:
         sim, err = sim_a, err_a
         if dr and dr.get("colocated"):
             sim, err = errors_of(drift_corrected(base, dr["factor"], dr["colocated"]["factor"]))
-        err_ref, err_loop = err, None
-        if cell.get("loop_drift"):
-            sim_loop, err_loop = errors_of(drift_corrected(base, cell["loop_drift"]["factor"]))
+        err_ref, err_loop, err_kind, kf = err, None, None, None
+        lp = cell.get("loop_drift")
+        if lp:
+            sim_loop, err_loop = errors_of(drift_corrected(base, lp["factor"]))
+            kf = loop_kind_factors(lp.get("before_detail") or {}, lp.get("after_detail") or {})
+            if kf is not None:
+                sim_kind, err_kind = errors_of(kind_corrected(base, *kf))
         headline = args.headline or cell.get("headline", "reference")  # runs before the loop check led: reference
         if headline == "loop":
             if err_loop is None:
                 raise ValueError(f"{path}: cell {k + 1} has no loop drift check to lead with (--headline reference)")
             sim, err = sim_loop, err_loop
+        elif headline == "loop-kind":
+            if err_kind is None:
+                raise ValueError(f"{path}: cell {k + 1} has no loop drift check by kind to lead with (its checks' "
+                                 f"decode and with-prefill ratios were not recorded; --headline loop)")
+            sim, err = sim_kind, err_kind
         band = {m: ([cell["real"][m] * (1 + b) for b in cell["sampling_band_rel"][m]]
                     if cell.get("sampling_band_rel", {}).get(m) else None) for m, _ in METRICS}
         in_band = {m: (bool(band[m][0] - 1e-6 <= sim[m] <= band[m][1] + 1e-6) if band[m] else None)
@@ -519,6 +556,9 @@ def rescore(args: argparse.Namespace) -> int:
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if err_loop is not None:
             cell = {**cell, "errors_loop_drift": err_loop}
+        if err_kind is not None:
+            cell = {**cell, "errors_loop_kind": err_kind,
+                    "loop_drift": {**lp, "decode_factor": kf[0], "with_prefill_factor": kf[1]}}
         if cell.get("real_runs"):
             runs = cell["real_runs"]
             cell = {**cell, "errors_each_run": {m: [rel_error(sim[m], x, m) for x in runs[m]] for m, _ in METRICS},
@@ -591,9 +631,10 @@ def main() -> int:
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
-    ap.add_argument("--headline", choices=("reference", "loop"),
-                    help="with --rescore: which drift check's prediction leads (default: as the run recorded it; "
-                         "runs made before the loop drift check led: reference)")
+    ap.add_argument("--headline", choices=("reference", "loop", "loop-kind"),
+                    help="with --rescore: which drift check's prediction leads: the reference shapes', the loop "
+                         "check's single factor, or the loop check by kind (default: as the run recorded it; runs "
+                         "made before the loop drift check led: reference)")
     ap.add_argument("--rescore", metavar="RUN",
                     help="measure nothing: simulate the cells of a finished run (its --out directory or fidelity.json) "
                          "again with --profile and compare with its recorded real figures (a cost-model change "
@@ -692,8 +733,12 @@ def main() -> int:
                "errors_alone_drift": {m: ca[m]["rel_error"] for m, _ in METRICS},
                **({"errors_loop_drift": {m: res["comparison_loop_drift"]["metrics"][m]["rel_error"]
                                          for m, _ in METRICS},
+                   **({"errors_loop_kind": {m: res["comparison_loop_kind"]["metrics"][m]["rel_error"]
+                                            for m, _ in METRICS}} if res["comparison_loop_kind"] else {}),
                    "loop_drift": {"before": lp["before"]["factor"], "after": lp["after"]["factor"],
-                                  "factor": lp["factor"], "before_detail": lp["before"], "after_detail": lp["after"],
+                                  "factor": lp["factor"], "decode_factor": lp["decode_factor"],
+                                  "with_prefill_factor": lp["with_prefill_factor"],
+                                  "before_detail": lp["before"], "after_detail": lp["after"],
                                   "steps_real_over_corrected": lp["steps_real_over_corrected"]}}
                   if lp["enabled"] else {}),
                "in_sampling_band": {m: c[m].get("in_sampling_band") for m, _ in METRICS},
@@ -745,10 +790,14 @@ def main() -> int:
                                                        for m, lab in METRICS[:3]) + ")")
         if lp["enabled"]:  # the headline
             drift_txt += (f"; loop drift x{lp['before']['factor']:.3f} / x{lp['after']['factor']:.3f} -> "
-                          f"x{lp['factor']:.3f} (the headline"
+                          f"x{lp['factor']:.3f}"
+                          + (f", by kind decode x{lp['decode_factor']:.3f}, with prefill "
+                             f"x{lp['with_prefill_factor']:.3f} (the headline; with one factor: " + ", ".join(
+                                 f"{lab} {fmt_err(row['errors_loop_drift'][m])}" for m, lab in METRICS[:3]) + ")"
+                             if res["headline"] == "loop-kind" else " (the headline)")
                           + ("; with the reference-shape check's instead: " + ", ".join(
                               f"{lab} {fmt_err(row['errors_reference_drift'][m])}" for m, lab in METRICS[:3])
-                             if row["drift"] else "") + ")")
+                             if row["drift"] else ""))
         print(f"[{k + 1}/{len(cells)}] {tr} {sc} {ro} {ld} ({row['rate']:.2f} req/s): "
               + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" + ("*" if row["in_sampling_band"][m] else "")
                           for m, lab in METRICS)

@@ -1759,6 +1759,28 @@ def drift_corrected(cost: Any, factor: float, busy_factor: float | None = None) 
     return scaled(cost.with_overhead(0.0), factor).with_overhead(cost.step_overhead_s)
 
 
+def kind_corrected(cost: Any, decode_factor: float, with_prefill_factor: float) -> Any:
+    """`cost` with its decode-only steps' forward time `decode_factor` times as long and its steps with prefill
+    tokens' `with_prefill_factor` times: the loop drift check read by kind (`loop_pace`'s "decode" and
+    "with_prefill" ratios). Decode steps (memory-bound: the weights and the KV cache streamed every few
+    milliseconds) and prefill steps (compute-bound) do not slow down alike when the machine's speed moves; on
+    this project's CPU the checks' decode ratio ran up to 5 % above their prefill ratio on one day and level
+    with it on another. It is `drift_corrected(cost, decode_factor)` with the serving-loop prefill factor
+    (FittedCost.prefill_factor, which multiplies every step with prefill tokens) times
+    with_prefill_factor / decode_factor; equal factors give `drift_corrected` exactly."""
+    d = _drift_factor(decode_factor, "decode factor")
+    p = _drift_factor(with_prefill_factor, "with-prefill factor")
+    out = drift_corrected(cost, d)
+    if p == d:
+        return out
+    composite = hasattr(out, "with_base") and hasattr(out, "base")  # a co-located model over the alone fit
+    base = out.base if composite else out
+    if not isinstance(base, FittedCost):
+        raise TypeError(f"kind_corrected needs a FittedCost underneath, got {type(base).__name__}")
+    base = base.with_prefill_factor(base.prefill_factor * p / d)
+    return out.with_base(base) if composite else base
+
+
 def neighbour_share(workload: Any, cfg: Any, profile: Profile, iters: int = 6,
                     tol: float = 0.01) -> tuple[float, FittedCost]:
     """For replicas that slow each other down (a profile with a busy-neighbour measurement), the share u of
@@ -2046,3 +2068,17 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
             "decode": chk["decode_only"]["busy_ratio"], "with_prefill": chk["with_prefill"]["busy_ratio"],
             "decode_steps": chk["decode_only"]["steps"], "with_prefill_steps": chk["with_prefill"]["steps"],
             "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0}
+
+
+def loop_kind_factors(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The loop drift check by kind, from its two checks (`loop_pace` results, or their records): the geometric
+    means of their decode-only and with-prefill ratios, for `kind_corrected`. None when either check lacks a
+    finite, positive ratio of either kind (a check recorded before they were kept, or a calibration replay with
+    no step of one kind): the single factor then stands."""
+    out = []
+    for key in ("decode", "with_prefill"):
+        v = [b.get(key) if isinstance(b, Mapping) else None for b in (before, after)]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in v):
+            return None
+        out.append(math.sqrt(v[0] * v[1]))
+    return out[0], out[1]

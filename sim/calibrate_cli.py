@@ -600,16 +600,20 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     the real run(s) (outside the reference-shape checks), replay a short calibration mix on the same replicas
     (sim.calibrate.loop_pace: the pace of the replicas' own steps against the cost model, their processes,
     shared cores and serving loop included) and simulate again with the forward time scaled by the geometric
-    mean of the two: "comparison_loop_drift", "loop_drift". That prediction is then the headline
-    ("comparison", "sim", "paired"; "headline": "loop"), and the reference-shape check's (or, with that check
-    off, the uncorrected one) is kept as "comparison_reference_drift". loop_before: a check already taken
-    right before this call (a previous run's "after"), used instead of a new one."""
+    mean of the two: "comparison_loop_drift", "loop_drift". Read by kind as well (sim.calibrate.kind_corrected:
+    decode-only steps scaled by the geometric mean of the two checks' decode ratios, steps with prefill tokens
+    by that of their with-prefill ratios; "comparison_loop_kind", "loop_drift" "decode_factor" and
+    "with_prefill_factor"). That prediction is then the headline ("comparison", "sim", "paired"; "headline":
+    "loop-kind"; "loop", the single factor's, where a check has no ratio of one kind), and the reference-shape
+    check's (or, with that check off, the uncorrected one) is kept as "comparison_reference_drift".
+    loop_before: a check already taken right before this call (a previous run's "after"), used instead of a
+    new one."""
     import numpy as np
 
     from executor.replay import read_steps, resolve_model, run_workload
     from sim.calibrate import (
-        compare, drift_corrected, drift_reference_shapes, loop_pace, neighbour_share, paired_errors,
-        read_profile_file, sampling_bands, settled_drift, step_check,
+        compare, drift_corrected, drift_reference_shapes, kind_corrected, loop_kind_factors, loop_pace,
+        neighbour_share, paired_errors, read_profile_file, sampling_bands, settled_drift, step_check,
     )
     from sim.cluster import simulate
     from sim.config import flatten
@@ -720,7 +724,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 "after": busy_after,
                 "steps_real_over_corrected": [step_check(fwd, lg, contention=fwd).get("busy_ratio") for lg in logs]}
     loop: dict[str, Any] = {"enabled": False}
-    cmp_loop = None
+    cmp_loop = cmp_kind = None
     cmp_ref = cmp  # the reference-shape check's prediction (the uncorrected one with that check off)
     headline = "reference" if drift["enabled"] else "uncorrected"
     if loop_b is not None:
@@ -730,7 +734,14 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         loop_sum = summarize(loop_res, cfg.slo)
         cmp = cmp_loop = compare(loop_sum, reals, bands)
         head_res, sim_sum, headline = loop_res, loop_sum, "loop"
+        kf = loop_kind_factors(loop_b, loop_a)
+        if kf is not None:  # decode and prefill steps each at their own pace
+            kind_res = simulate(w, cfg, cost=kind_corrected(cost, *kf))
+            kind_sum = summarize(kind_res, cfg.slo)
+            cmp = cmp_kind = compare(kind_sum, reals, bands)
+            head_res, sim_sum, headline = kind_res, kind_sum, "loop-kind"
         loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a,
+                "decode_factor": kf[0] if kf else None, "with_prefill_factor": kf[1] if kf else None,
                 "before_shared": loop_before is not None,
                 "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
     # Attribution: the simulator again, told how fast the machine actually ran its steps. If this agrees
@@ -787,6 +798,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     return {"headline": headline, "comparison": cmp, "comparison_reference_drift": cmp_ref,
             "comparison_uncorrected": cmp_raw, "drift": drift,
             "comparison_alone_drift": cmp_alone, "loop_drift": loop, "comparison_loop_drift": cmp_loop,
+            "comparison_loop_kind": cmp_kind,
             "paired": [paired_errors(head_res.records, rr) for rr in real_records],
             # the executor against itself: each later real run's requests over the first run's
             "paired_real": [paired_errors(rr, real_records[0]) for rr in real_records[1:]],
@@ -821,7 +833,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     lp = out["loop_drift"]
     title = (f"twinfer validate: {out['workload']}, {out['requests']:,} requests, {cfg.replicas} replica(s), "
              f"router {cfg.router}, {cfg.scheduler.kind} scheduler; sim {Path(out['profile']).name}"
-             + (f" (loop-drift-corrected x{lp['factor']:.3f})" if out["headline"] == "loop" else
+             + (f" (loop-drift-corrected: decode x{lp['decode_factor']:.3f}, with prefill "
+                f"x{lp['with_prefill_factor']:.3f})" if out["headline"] == "loop-kind" else
+                f" (loop-drift-corrected x{lp['factor']:.3f})" if out["headline"] == "loop" else
                 f" (drift-corrected x{dr['factor']:.3f})" if dr["enabled"] else "")
              + f" vs executor {out['model']} on {out['device']} ({out['threads']} thread(s))")
     _console().print(render_comparison(c, title=title))
@@ -854,8 +868,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if lp["enabled"]:
         _console().print(f"loop drift check (the headline): the calibration mix's steps ran "
                          f"{lp['before']['factor']:.3f} x the cost model before the real run(s) and "
-                         f"{lp['after']['factor']:.3f} x after; the simulator's forward time scaled by "
-                         f"{lp['factor']:.3f} (geometric mean)")
+                         f"{lp['after']['factor']:.3f} x after"
+                         + (f"; by kind, decode {lp['before']['decode']:.3f} / {lp['after']['decode']:.3f} and "
+                            f"with prefill {lp['before']['with_prefill']:.3f} / {lp['after']['with_prefill']:.3f}: "
+                            f"the simulator's decode steps scaled by {lp['decode_factor']:.3f} and its steps with "
+                            f"prefill tokens by {lp['with_prefill_factor']:.3f} (geometric means)"
+                            if out["headline"] == "loop-kind" else
+                            f"; the simulator's forward time scaled by {lp['factor']:.3f} (geometric mean)"))
+        if out["headline"] == "loop-kind":
+            _console().print(f"with one loop factor for every step instead (x{lp['factor']:.3f}): "
+                             f"{_p50_errors(out['comparison_loop_drift'])}")
         if dr["enabled"]:
             _console().print(f"with the reference-shape check's correction instead (x{dr['factor']:.3f}): "
                              f"{_p50_errors(out['comparison_reference_drift'])}")
@@ -865,7 +887,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              f"prediction for their shapes (median step {sc['median_ratio']:.2f} x, p10..p90 "
                              f"{sc['p10_ratio']:.2f}..{sc['p90_ratio']:.2f})"
                              + (f"; {sc['busy_ratio'] / lp['factor']:.2f} x the loop-drift-corrected one"
-                                if out["headline"] == "loop" else
+                                if out["headline"] in ("loop", "loop-kind") else
                                 f"; {sc['busy_ratio'] / dr['factor']:.2f} x the drift-corrected one"
                                 if dr["enabled"] else "")
                              + "; by kind: " + ", ".join(

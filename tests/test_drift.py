@@ -14,8 +14,8 @@ import pytest
 
 from sim.calibrate import (
     DRIFT_ROLES, FittedCost, GridPoint, Measurement, Profile, _point_from_label, default_grid, drift_corrected,
-    drift_reference_shapes, grid_blocks_needed, grid_row_points, measure_drift, profile_from_measurements,
-    save_profile_file,
+    drift_reference_shapes, grid_blocks_needed, grid_row_points, kind_corrected, loop_factors, loop_kind_factors,
+    measure_drift, profile_from_measurements, save_profile_file,
 )
 from sim.contention import ContentionCost
 from sim.cost import StepFeatures, plan_features
@@ -220,6 +220,47 @@ def test_drift_corrected_scales_the_forward_time_not_the_loop_gap():
             drift_corrected(cost, bad)
 
 
+def test_kind_corrected_scales_decode_and_prefill_steps_each_by_their_own_factor():
+    """The loop check read by kind: decode-only steps x the decode factor, steps with prefill tokens (prefill
+    and mixed) x the with-prefill factor, the profile's serving-loop prefill factor kept on top; the loop's
+    gap unscaled. Equal factors are drift_corrected exactly; co-located models keep their table."""
+    cost = FittedCost([0.010, 1e-4, 2e-3, 0, 0, 0, 0], 10_000, name="c", step_overhead_s=0.0005,
+                      prefill_factor=1.05)
+    log = {"prefill_tokens": np.array([0, 100, 100]), "decode_seqs": np.array([4, 0, 2]),
+           "start": np.array([0.0, 0.1, 0.2]), "duration": np.array([0.02, 0.02, 0.02]),
+           "replica": np.zeros(3, np.int64)}
+    got = kind_corrected(cost, 1.2, 0.9)
+    dec = StepFeatures(0, 4, 0.0, 400, 4)
+    assert got.step_time(dec) == pytest.approx(0.018 * 1.2 + 0.0005)  # the forward time x the decode factor
+    # a step with prefill tokens: forward x 1.2 x (1.05 x 0.9 / 1.2) = forward x 1.05 x 0.9
+    assert got.prefill_factor == pytest.approx(1.05 * 0.9 / 1.2)
+    assert list(loop_factors(got, log) * 1.2) == pytest.approx([1.2, 1.05 * 0.9, 1.05 * 0.9])
+    run = got.decode_run(dec)
+    assert run.elapsed(10) == pytest.approx(10 * (0.018 * 1.2 + 0.0005))
+    same = kind_corrected(cost, 1.1, 1.1)
+    ref = drift_corrected(cost, 1.1)
+    assert same.step_time(dec) == ref.step_time(dec) and same.prefill_factor == ref.prefill_factor == 1.05
+    cc = ContentionCost(cost, {"prefill": {"decode": 1.5}})
+    gc = kind_corrected(cc, 1.2, 0.9)
+    assert isinstance(gc, ContentionCost) and gc.table == cc.table
+    assert gc.base.step_time(dec) == got.step_time(dec) and gc.prefill_factor == pytest.approx(got.prefill_factor)
+    assert cc.prefill_factor == 1.05 and cc.base.step_time(dec) == pytest.approx(0.0185)  # untouched
+    for bad in (0.0, -1.0, math.nan, "x"):
+        with pytest.raises(ValueError, match="decode factor"):
+            kind_corrected(cost, bad, 1.0)
+        with pytest.raises(ValueError, match="with-prefill factor"):
+            kind_corrected(cost, 1.0, bad)
+
+
+def test_loop_kind_factors_are_the_geometric_means_of_the_two_checks_by_kind():
+    b = {"factor": 1.1, "decode": 1.2, "with_prefill": 1.0}
+    a = {"factor": 1.3, "decode": 1.5, "with_prefill": 1.1}
+    assert loop_kind_factors(b, a) == pytest.approx((math.sqrt(1.2 * 1.5), math.sqrt(1.0 * 1.1)))
+    # a check recorded before the kinds were kept, or with no step of one kind: no reading by kind
+    for bad in ({"factor": 1.1}, {**b, "decode": math.nan}, {**b, "with_prefill": 0.0}, {**b, "decode": None}):
+        assert loop_kind_factors(bad, a) is None and loop_kind_factors(a, bad) is None
+
+
 def test_drift_corrected_keeps_the_contention_factors_on_top():
     base = FittedCost([0.010, 0.001, 0.002, 0, 0, 0, 0], 100_000, name="alone", step_overhead_s=0.001)
     cc = ContentionCost(base, {"prefill": {"decode": 1.5}})
@@ -259,7 +300,8 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
                     truth: object = None, busy: tuple[float, ...] = (), loop: tuple[float, ...] = ()):
     """run_validate with a stand-in executor (the simulator with step times `truth_factor` x the profile's,
     or the cost model `truth`) and a stand-in drift check (1.1 before, 1.3 after; `busy`: the co-located
-    check's factors in order; `loop`: the loop drift check's); returns (run, events)."""
+    check's factors in order; `loop`: the loop drift check's, each a factor or a whole check's record);
+    returns (run, events)."""
     pytest.importorskip("torch")
     import sim.calibrate
     import sim.calibrate_cli
@@ -303,7 +345,8 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
 
     def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False):
         events.append("loop")
-        return {"factor": next(loop_it), "replicas": replicas, "contention": contention}
+        f = next(loop_it)
+        return {**(f if isinstance(f, dict) else {"factor": f}), "replicas": replicas, "contention": contention}
 
     monkeypatch.setattr(sim.calibrate, "loop_pace", fake_loop)
     path = save_profile_file(prof, tmp_path / "p.toml")
@@ -433,6 +476,30 @@ def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monk
     run, events = _validate_setup(tmp_path, monkeypatch, prof, level, loop=(1.2, 1.5))
     out = run(False, loop_drift_check=None)
     assert events == ["loop", "run", "loop"] and out["headline"] == "loop"
+
+
+def test_validate_reads_the_loop_check_by_kind(tmp_path, monkeypatch):
+    """Checks that record their decode and with-prefill ratios: the headline scales each kind of step by its
+    own geometric mean (a stand-in executor whose decode steps run 1.2-1.5 x the model and its prefill steps
+    1.0-1.1 x is predicted exactly); the single factor's prediction, kept beside it, is not."""
+    prof = synthetic_profile(max_context=1024)
+    b = {"factor": 1.15, "decode": 1.2, "with_prefill": 1.0}
+    a = {"factor": 1.4, "decode": 1.5, "with_prefill": 1.1}
+    fd, fw = math.sqrt(1.2 * 1.5), math.sqrt(1.0 * 1.1)
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, truth=kind_corrected(prof.cost, fd, fw),
+                                  loop=(b, a))
+    out = run(False, loop_drift_check=True)
+    lp = out["loop_drift"]
+    assert out["headline"] == "loop-kind" and out["comparison"] is out["comparison_loop_kind"]
+    assert lp["decode_factor"] == pytest.approx(fd) and lp["with_prefill_factor"] == pytest.approx(fw)
+    assert lp["factor"] == pytest.approx(math.sqrt(1.15 * 1.4))
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
+        assert out["comparison"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    # one factor (1.27) for every step: the steps with prefill tokens too slow, and with them TTFT and (most of
+    # this workload's tokens come out of mixed steps) TPOT
+    one = out["comparison_loop_drift"]["metrics"]
+    assert one["ttft.p50"]["rel_error"] > 0.05 and one["tpot.p50"]["rel_error"] > 0.05
+    assert all(out["paired"][0][m]["median"] == pytest.approx(0.0, abs=1e-9) for m in ("ttft", "tpot", "e2e"))
 
 
 def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):

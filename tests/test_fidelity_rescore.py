@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.calibrate import drift_corrected, save_profile_file, scaled
+from sim.calibrate import drift_corrected, kind_corrected, save_profile_file, scaled
 from sim.calibrate_cli import fit_to_model
 from sim.cluster import simulate
 from traces.report import summarize
@@ -30,10 +30,11 @@ def fidelity_module():
 SETTINGS = {"requests": 16, "offset": 1000, "length_scale": 1.0, "replicas": 2, "num_blocks": 4096, "model": "tiny"}
 
 
-def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = None) -> dict:
+def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = None, truth=None,
+                 loop_detail: tuple[dict, dict] | None = None) -> dict:
     """A run whose "real" figures are what the profile's co-location model predicts on a machine `drift` x
-    slower than profiled, with that drift recorded, one cell per trace; `loop`: a loop drift check's factor
-    recorded besides."""
+    slower than profiled (or what the model `truth` predicts), with that drift recorded, one cell per trace;
+    `loop`: a loop drift check's factor recorded besides, `loop_detail` its two checks' records."""
     cells = []
     cost = prof.contention_cost()
     for tr in ("azure-conv", "azure-code"):
@@ -41,7 +42,7 @@ def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = N
         cfg = fid.cell_config("chunked-512", "round_robin", 2, prof_path, SETTINGS["num_blocks"])
         sat = fid.saturation_rate(w0, cfg, cost)
         w, _ = fit_to_model(fid.at_rate(w0, fid.LOADS["70%"] * sat), 1024)
-        sm = summarize(simulate(w, cfg, cost=drift_corrected(cost, drift)), cfg.slo)
+        sm = summarize(simulate(w, cfg, cost=truth if truth is not None else drift_corrected(cost, drift)), cfg.slo)
         real = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in fid.METRICS}
         cells.append({"trace": tr, "scheduler": "chunked-512", "router": "round_robin", "load": "70%",
                       "saturation_rate": sat, "rate": (len(w) - 1) / w.span, "requests": len(w),
@@ -49,7 +50,9 @@ def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = N
                       "real": real, "errors": {m: 0.0 for m, _ in fid.METRICS},
                       "sampling_band_rel": {m: [-0.05, 0.05] for m, _ in fid.METRICS},
                       "niced_load_during": 0.0,
-                      **({"loop_drift": {"before": loop, "after": loop, "factor": loop}} if loop else {})})
+                      **({"loop_drift": {"before": loop, "after": loop, "factor": loop,
+                                         **({"before_detail": loop_detail[0], "after_detail": loop_detail[1]}
+                                            if loop_detail else {})}} if loop else {})})
     return {"profile": prof_path, "drift_check": True, "settings": SETTINGS, "cells": cells}
 
 
@@ -101,6 +104,45 @@ def test_rescore_reproduces_the_recorded_errors_and_judges_another_profile(tmp_p
     for c in other["cells"]:
         assert 0.05 < c["errors"]["tpot.p50"] < 0.3 and 0.05 < c["errors"]["e2e.p50"] < 0.3
         assert not c["in_sampling_band"]["tpot.p50"]
+
+
+def test_rescore_reads_the_loop_check_by_kind(tmp_path, monkeypatch, capsys):
+    """A run whose loop checks recorded their decode and with-prefill ratios, on a machine whose decode steps
+    ran 1.3 x the model and its prefill steps 1.0 x: by kind (the headline as recorded) the real figures
+    exactly; one factor for both kinds is off, and shown beside it. A run whose checks kept no ratio by kind
+    cannot lead with it."""
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    detail = {"factor": 1.2, "decode": 1.3, "with_prefill": 1.0}
+    run = recorded_run(fid, path, prof, 1.25, loop=1.2, truth=kind_corrected(prof.contention_cost(), 1.3, 1.0),
+                       loop_detail=(detail, detail))
+    for c in run["cells"]:
+        c["headline"] = "loop-kind"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(run))
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", path,
+                                      "--out", str(tmp_path / "out")])
+    assert fid.main() == 0
+    res = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    for c in res["cells"]:
+        assert c["headline"] == "loop-kind" and c["errors"] == c["errors_loop_kind"]
+        assert all(abs(e) < 1e-9 for e in c["errors"].values()), c["errors"]
+        assert c["loop_drift"]["decode_factor"] == pytest.approx(1.3)
+        assert c["loop_drift"]["with_prefill_factor"] == pytest.approx(1.0)
+        assert c["errors_loop_drift"]["ttft.p50"] > 0.02  # prefill steps read 1.2 x: too slow
+    assert res["aggregate"] == res["aggregate_loop_kind"]
+    out = capsys.readouterr().out
+    assert "targets, loop-drift-corrected by kind (headline): median p50 error <= 5%: met" in out
+    assert "targets, loop check, one factor (x1.20..x1.20): median p50 error <= 5%: MISSED" in out
+    assert "targets, reference-shape check (x1.25..x1.25)" in out
+    assert "by kind, median |log(pace / factor)|" not in out  # no step logs kept: no pace by kind to read
+    bare = recorded_run(fid, path, prof, 1.25, loop=1.2)
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "bare.json"), "--profile", path,
+                                      "--headline", "loop-kind"])
+    with pytest.raises(ValueError, match="cell 1 has no loop drift check by kind to lead with"):
+        fid.main()
 
 
 def test_rescore_refuses_a_different_workload(tmp_path, monkeypatch):
