@@ -23,10 +23,9 @@
    prediction scaled by the pace of its steps against the cost model, before and after each cell, is the
    headline, the reference-shape check's beside it (sim.calibrate.loop_pace: the replicas' processes, shared
    cores and serving loop, where the reference shapes are timed alone in this process; in four full runs it
-   read the cells' pace better every time). The check is read by kind: decode-only steps scaled by its
-   decode steps' pace, steps with prefill tokens by its prefill and mixed steps' (sim.calibrate.kind_corrected;
-   the two moved apart by up to 5 % on some days, and the cells' steps with them); the single factor's
-   prediction is kept beside it.
+   read the cells' pace better every time). The check read by kind is reported beside it: decode-only steps
+   scaled by its decode steps' pace, steps with prefill tokens by its prefill and mixed steps'
+   (sim.calibrate.kind_corrected); rescored over nine full runs it did no better than the single factor.
    With `--repeat N` each cell runs N times on the executor; the errors are against the median of the runs,
    and the report adds how far one real run of a cell is from another (the floor under any prediction).
 3. Print the error table (the drift-corrected prediction when the check is on) with the median and worst
@@ -133,6 +132,12 @@ def saturation_rate(w: Workload, cfg: SimConfig, cost) -> float:
 def at_rate(w: Workload, rate: float) -> Workload:
     base = (len(w) - 1) / max(w.span, 1e-9)
     return transforms.scale_rate(w, rate / base)
+
+
+def tokens_of(w: Workload) -> list[int]:
+    """A cell's prompt and output tokens in all: with the request count and rate, what --rescore checks a
+    rebuilt workload against."""
+    return [int(np.sum(w.input_tokens)), int(np.sum(w.output_tokens))]
 
 
 def cell_config(sched: str, router: str, replicas: int, profile: str, num_blocks: int) -> SimConfig:
@@ -361,11 +366,13 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                   *(f"{agg_alone[m]['median']:.1%}" for m, _ in METRICS), "", "", "", "", "")
         t.add_row("worst |error|, alone drift only", "", "", "", "",
                   *(f"{agg_alone[m]['worst']:.1%}" for m, _ in METRICS), "", "", "", "", "")
-    # beside the headline: the other checks' predictions (the reference shapes' and, when the loop check leads by
-    # kind, its single factor's)
-    others = ([("errors_loop_drift", "loop check, one factor", "loop_drift")] if kind_head else []) + (
-        [("errors_reference_drift", "reference-shape check", "drift")] if loop_head
-        else [("errors_loop_drift", "loop drift", "loop_drift")])
+    # beside the headline: the other checks' predictions (the reference shapes', the loop check's single factor
+    # or by kind, whichever does not lead)
+    others = ([("errors_loop_drift", "loop check, one factor", "loop_drift")] if kind_head else
+              [("errors_loop_kind", "loop check by kind", "loop_drift")] if loop_head else
+              [("errors_loop_drift", "loop drift", "loop_drift"), ("errors_loop_kind", "loop check by kind",
+                                                                   "loop_drift")])
+    others += [("errors_reference_drift", "reference-shape check", "drift")] if loop_head else []
     others = [(key, lab, fk, aggregate(rows, key)) for key, lab, fk in others
               if rows and all(r.get(key) and r.get(fk) for r in rows)]
     for key, lab, fk, agg_other in others:
@@ -503,14 +510,25 @@ def rescore(args: argparse.Namespace) -> int:
     for k, cell in enumerate(run["cells"]):
         tr = cell["trace"]
         if tr not in slices:
+            full = SHARED / f"{TRACES[tr]}.csv"
+            if not cell.get("slice") and st["offset"] > 0 and not full.is_file():  # (runs before slices were kept)
+                # trace_slice would fall back to the vendored head: other requests, the same count
+                raise ValueError(f"{path}: cell {k + 1}: the run's {tr} slice starts at request {st['offset']} of "
+                                 f"{full}, which is not here; rescore where the run's traces are")
             slices[tr] = trace_slice(tr, st["requests"], st["offset"], mcfg.max_position, st["length_scale"])
+            if cell.get("slice") and cell["slice"] != slices[tr].name:
+                raise ValueError(f"{path}: cell {k + 1}: the run replayed {cell['slice']}, these settings rebuild "
+                                 f"{slices[tr].name}: different trace files or settings")
         w = at_rate(slices[tr], LOADS[cell["load"]] * cell["saturation_rate"])
         cfg = cell_config(cell["scheduler"], cell["router"], st["replicas"], args.profile, st["num_blocks"])
         w, _ = fit_to_model(w, mcfg.max_position)
-        if len(w) != cell["requests"] or not math.isclose((len(w) - 1) / w.span, cell["rate"], rel_tol=1e-9):
+        if (len(w) != cell["requests"] or not math.isclose((len(w) - 1) / w.span, cell["rate"], rel_tol=1e-9)
+                or cell.get("tokens", tokens_of(w)) != tokens_of(w)):
             raise ValueError(f"{path}: cell {k + 1}: the rebuilt workload ({len(w)} requests at "
-                             f"{(len(w) - 1) / w.span:.4f} req/s) is not the one that ran ({cell['requests']} at "
-                             f"{cell['rate']:.4f}): different trace files or settings")
+                             f"{(len(w) - 1) / w.span:.4f} req/s, {tokens_of(w)} prompt and output tokens) is not the "
+                             f"one that ran ({cell['requests']} at {cell['rate']:.4f}"
+                             + (f", {cell['tokens']}" if cell.get("tokens") else "")
+                             + "): different trace files or settings")
         dr = cell.get("drift")
 
         def errors_of(cost) -> tuple[dict, dict]:
@@ -689,8 +707,10 @@ def main() -> int:
     cost = (prof.contention_cost() if args.replicas > 1 else None) or prof.cost_at(1.0)
 
     cells = []
+    w0_names = {}  # each trace's slice, "azure-conv[1000:1048]": which requests ran (rescore checks it)
     for tr in traces:
         w0 = trace_slice(tr, n_req, args.offset, mcfg.max_position, args.length_scale)
+        w0_names[tr] = w0.name
         for sc in scheds:
             for ro in routers:
                 cfg = cell_config(sc, ro, args.replicas, prof_path, args.num_blocks)
@@ -723,7 +743,7 @@ def main() -> int:
         chk = median_check(res["step_check"])
         dr = res["drift"]
         row = {"trace": tr, "scheduler": sc, "router": ro, "load": ld, "rate": (len(w) - 1) / w.span,
-               "saturation_rate": sat, "requests": len(w), "loadavg_1m": [load0, os.getloadavg()[0]],
+               "saturation_rate": sat, "requests": len(w), "slice": w0_names[tr], "tokens": tokens_of(w), "loadavg_1m": [load0, os.getloadavg()[0]],
                "other_load_before": other, "waited_s": waited, "niced_load_during": niced,
                "cost_model": res["cost_model"],
                "errors": {m: c[m]["rel_error"] for m, _ in METRICS},
@@ -791,13 +811,14 @@ def main() -> int:
         if lp["enabled"]:  # the headline
             drift_txt += (f"; loop drift x{lp['before']['factor']:.3f} / x{lp['after']['factor']:.3f} -> "
                           f"x{lp['factor']:.3f}"
-                          + (f", by kind decode x{lp['decode_factor']:.3f}, with prefill "
-                             f"x{lp['with_prefill_factor']:.3f} (the headline; with one factor: " + ", ".join(
-                                 f"{lab} {fmt_err(row['errors_loop_drift'][m])}" for m, lab in METRICS[:3]) + ")"
-                             if res["headline"] == "loop-kind" else " (the headline)")
+                          + " (the headline"
+                          + (f"; by kind, decode x{lp['decode_factor']:.3f} and with prefill "
+                             f"x{lp['with_prefill_factor']:.3f}: " + ", ".join(
+                                 f"{lab} {fmt_err(row['errors_loop_kind'][m])}" for m, lab in METRICS[:3])
+                             if row.get("errors_loop_kind") else "")
                           + ("; with the reference-shape check's instead: " + ", ".join(
                               f"{lab} {fmt_err(row['errors_reference_drift'][m])}" for m, lab in METRICS[:3])
-                             if row["drift"] else ""))
+                             if row["drift"] else "") + ")")
         print(f"[{k + 1}/{len(cells)}] {tr} {sc} {ro} {ld} ({row['rate']:.2f} req/s): "
               + ", ".join(f"{lab} {fmt_err(row['errors'][m])}" + ("*" if row["in_sampling_band"][m] else "")
                           for m, lab in METRICS)

@@ -629,7 +629,7 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
     assert "drift check: the profile's" in text and "without the drift correction: median |error|" in text
     assert "with the reference-shape check's correction instead" in text
     d = json.loads(out.read_text())
-    assert d["headline"] == "loop-kind" and d["loop_drift"]["enabled"]  # the loop check too, by default on the CPU
+    assert d["headline"] == "loop" and d["loop_drift"]["enabled"]  # the loop check too, by default on the CPU
     assert d["comparison_reference_drift"] != d["comparison_uncorrected"]
     dr = d["drift"]
     assert dr["enabled"] and dr["factor"] == pytest.approx(math.sqrt(dr["before"]["factor"] * dr["after"]["factor"]))
@@ -648,7 +648,7 @@ def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
                  "--no-progress", "--no-drift-check", "--loop-drift-check"]) == 0
     text = capsys.readouterr().out
     assert "loop drift check (the headline): the calibration mix's steps ran" in text
-    assert "with one loop factor for every step instead" in text
+    assert "read by kind instead (decode " in text
     d = json.loads(out.read_text())
     lp = d["loop_drift"]
     assert lp["enabled"] and not lp["before_shared"]
@@ -657,11 +657,11 @@ def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
         assert check["requests"] == 24 and check["steps"] == check["decode_steps"] + check["with_prefill_steps"]
         assert check["decode_steps"] > 0 and check["with_prefill_steps"] > 0 and check["factor"] > 0
     assert lp["steps_real_over_corrected"][0] == pytest.approx(d["step_check"][0]["busy_ratio"] / lp["factor"])
-    # read by kind: each kind's geometric mean over the two checks leads
+    # read by kind (beside the headline): each kind's geometric mean over the two checks
     for kind, key in (("decode", "decode_factor"), ("with_prefill", "with_prefill_factor")):
         assert lp[key] == pytest.approx(math.sqrt(lp["before"][kind] * lp["after"][kind]))
-    assert d["drift"] == {"enabled": False} and d["headline"] == "loop-kind"
-    assert d["comparison_loop_kind"] == d["comparison"] != d["comparison_loop_drift"]
+    assert d["drift"] == {"enabled": False} and d["headline"] == "loop"
+    assert d["comparison_loop_drift"] == d["comparison"] != d["comparison_loop_kind"]
     assert d["comparison_reference_drift"] == d["comparison_uncorrected"]  # with the reference-shape check off
     assert d["comparison"]["metrics"]["e2e.p50"]["sim"] != d["comparison_uncorrected"]["metrics"]["e2e.p50"]["sim"]
 

@@ -479,9 +479,10 @@ def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monk
 
 
 def test_validate_reads_the_loop_check_by_kind(tmp_path, monkeypatch):
-    """Checks that record their decode and with-prefill ratios: the headline scales each kind of step by its
-    own geometric mean (a stand-in executor whose decode steps run 1.2-1.5 x the model and its prefill steps
-    1.0-1.1 x is predicted exactly); the single factor's prediction, kept beside it, is not."""
+    """Checks that record their decode and with-prefill ratios: beside the headline (one factor for every
+    step), the prediction that scales each kind of step by its own geometric mean. A stand-in executor whose
+    decode steps run 1.2-1.5 x the model and its prefill steps 1.0-1.1 x is predicted exactly by it, not by
+    the single factor."""
     prof = synthetic_profile(max_context=1024)
     b = {"factor": 1.15, "decode": 1.2, "with_prefill": 1.0}
     a = {"factor": 1.4, "decode": 1.5, "with_prefill": 1.1}
@@ -490,16 +491,19 @@ def test_validate_reads_the_loop_check_by_kind(tmp_path, monkeypatch):
                                   loop=(b, a))
     out = run(False, loop_drift_check=True)
     lp = out["loop_drift"]
-    assert out["headline"] == "loop-kind" and out["comparison"] is out["comparison_loop_kind"]
+    assert out["headline"] == "loop" and out["comparison"] is out["comparison_loop_drift"]
     assert lp["decode_factor"] == pytest.approx(fd) and lp["with_prefill_factor"] == pytest.approx(fw)
     assert lp["factor"] == pytest.approx(math.sqrt(1.15 * 1.4))
     for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
-        assert out["comparison"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+        assert out["comparison_loop_kind"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
     # one factor (1.27) for every step: the steps with prefill tokens too slow, and with them TTFT and (most of
     # this workload's tokens come out of mixed steps) TPOT
-    one = out["comparison_loop_drift"]["metrics"]
+    one = out["comparison"]["metrics"]
     assert one["ttft.p50"]["rel_error"] > 0.05 and one["tpot.p50"]["rel_error"] > 0.05
-    assert all(out["paired"][0][m]["median"] == pytest.approx(0.0, abs=1e-9) for m in ("ttft", "tpot", "e2e"))
+    # a check with no ratio of one kind: no reading by kind
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=({"factor": 1.1}, a))
+    out = run(False, loop_drift_check=True)
+    assert out["comparison_loop_kind"] is None and out["loop_drift"]["decode_factor"] is None
 
 
 def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):

@@ -44,7 +44,8 @@ def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = N
         w, _ = fit_to_model(fid.at_rate(w0, fid.LOADS["70%"] * sat), 1024)
         sm = summarize(simulate(w, cfg, cost=truth if truth is not None else drift_corrected(cost, drift)), cfg.slo)
         real = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in fid.METRICS}
-        cells.append({"trace": tr, "scheduler": "chunked-512", "router": "round_robin", "load": "70%",
+        cells.append({"trace": tr, "slice": w0.name, "tokens": fid.tokens_of(w),
+                      "scheduler": "chunked-512", "router": "round_robin", "load": "70%",
                       "saturation_rate": sat, "rate": (len(w) - 1) / w.span, "requests": len(w),
                       "drift": {"before": drift, "after": drift, "factor": drift, "colocated": None},
                       "real": real, "errors": {m: 0.0 for m, _ in fid.METRICS},
@@ -154,6 +155,18 @@ def test_rescore_refuses_a_different_workload(tmp_path, monkeypatch):
     (tmp_path / "fidelity.json").write_text(json.dumps(run))
     monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "fidelity.json"), "--profile", path])
     with pytest.raises(ValueError, match="cell 1: the rebuilt workload .* is not the one that ran"):
+        fid.main()
+    # the same count and rate of other requests (another trace file): told apart by the recorded slice and tokens
+    run = recorded_run(fid, path, prof, 1.0)
+    (tmp_path / "fidelity.json").write_text(json.dumps(run))
+    assert fid.main() == 0  # recorded as rebuilt: accepted
+    run["cells"][1]["tokens"] = [t + 1 for t in run["cells"][1]["tokens"]]
+    (tmp_path / "fidelity.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"cell 2: the rebuilt workload .* prompt and output tokens\) is not the one"):
+        fid.main()
+    run["cells"][1]["slice"] = "azure-code[0:16]"
+    (tmp_path / "fidelity.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"cell 2: the run replayed azure-code\[0:16\], these settings rebuild "):
         fid.main()
 
 
