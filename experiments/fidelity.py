@@ -285,7 +285,8 @@ def settings_of(args: argparse.Namespace, n_req: int) -> dict:
 
 def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: list[dict], **extra) -> None:
     (out_dir / "fidelity.json").write_text(json.dumps(
-        {"profile": prof_path, "drift_check": args.drift_check, "settings": settings_of(args, args.n_req), **extra,
+        {"profile": prof_path, "drift_check": args.drift_check, "loop_mix": getattr(args, "loop_mix", None),
+         "settings": settings_of(args, args.n_req), **extra,
          "cells": rows, "aggregate": aggregate(rows, "errors"),
          "aggregate_uncorrected": aggregate(rows, "errors_uncorrected"),
          "aggregate_alone_drift": aggregate(rows, "errors_alone_drift"),
@@ -646,6 +647,10 @@ def main() -> int:
                          "after each cell: the headline, with the reference-shape check's prediction beside it (one "
                          "check serves as one cell's after and the next one's before; default: on for the CPU, "
                          "off for CUDA, as `twinfer validate`)")
+    ap.add_argument("--loop-mix", choices=("calibration", "workload"), default="calibration",
+                    help="the loop drift check's requests: 'calibration' (default), log-uniform lengths, nothing from "
+                         "the traces; 'workload', lengths drawn from the cell's trace slice (the same requests for "
+                         "every cell of a trace, so one check still serves two cells of the same trace)")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
@@ -724,14 +729,18 @@ def main() -> int:
 
     rows = []
     loop_prev = None  # the loop drift check after the previous cell: this cell's before
+    prev_trace = None
     for k, (tr, sc, ro, ld, sat, w, cfg) in enumerate(cells):
+        if args.loop_mix == "workload" and tr != prev_trace:
+            loop_prev = None  # another trace's mix
+        prev_trace = tr
         other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
         t0 = cpu_times()
         res = run_validate(w, cfg, prof_path, args.model, args.device, args.repeat, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
-                           loop_drift_check=args.loop_drift_check,
+                           loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix,
                            loop_before=loop_prev if waited <= 10 else None)  # stale after a wait for quiet
         lp = res["loop_drift"]
         loop_prev = lp["after"] if lp["enabled"] else None
@@ -756,7 +765,7 @@ def main() -> int:
                    **({"errors_loop_kind": {m: res["comparison_loop_kind"]["metrics"][m]["rel_error"]
                                             for m, _ in METRICS}} if res["comparison_loop_kind"] else {}),
                    "loop_drift": {"before": lp["before"]["factor"], "after": lp["after"]["factor"],
-                                  "factor": lp["factor"], "decode_factor": lp["decode_factor"],
+                                  "factor": lp["factor"], "mix": lp["mix"], "decode_factor": lp["decode_factor"],
                                   "with_prefill_factor": lp["with_prefill_factor"],
                                   "before_detail": lp["before"], "after_detail": lp["after"],
                                   "steps_real_over_corrected": lp["steps_real_over_corrected"]}}

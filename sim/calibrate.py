@@ -1983,10 +1983,11 @@ class _LogUniformLengths:
 
 
 def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, block_size: int = 16,
-               device: str = "cpu", seed: int = 0, requests: int = 80) -> dict[str, np.ndarray]:
-    """Replay a calibration mix (Poisson arrivals, `_LogUniformLengths`, chunked prefill with a 512-token budget,
-    round robin) on the executor's real-time replay, at a rate `cost` says loads the replicas moderately, and
-    return its step log: prefill, mixed and decode steps interleaved within the same seconds."""
+               device: str = "cpu", seed: int = 0, requests: int = 80, lengths: Any = None) -> dict[str, np.ndarray]:
+    """Replay a calibration mix (Poisson arrivals, `_LogUniformLengths` or the sampler `lengths` (anything with
+    `sample(n, rng) -> (inputs, outputs)`, e.g. traces.synth.fit_lengths of a workload), chunked prefill with a
+    512-token budget, round robin) on the executor's real-time replay, at a rate `cost` says loads the replicas
+    moderately, and return its step log: prefill, mixed and decode steps interleaved within the same seconds."""
     import tempfile
 
     from executor.replay import read_steps, run_workload
@@ -1994,7 +1995,7 @@ def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, blo
     from sim.config import SimConfig
     from traces.synth import synthesize
 
-    lengths = _LogUniformLengths()
+    lengths = lengths if lengths is not None else _LogUniformLengths()
     probe = lengths.sample(2000, np.random.default_rng(seed + 7))
     p_in, p_out = float(np.mean(probe[0])), float(np.mean(probe[1]))
     per_req = (cost.step_time(StepFeatures(int(p_in), 0, p_in * (p_in + 1) / 2, 0, 1))
@@ -2049,25 +2050,28 @@ LOOP_CHECK_SEED = 1009  # the same calibration mix every time, so two checks dif
 
 def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, block_size: int = 16,
               device: str = "cpu", contention: bool = False, requests: int = LOOP_CHECK_REQUESTS,
-              seed: int = LOOP_CHECK_SEED) -> dict[str, Any]:
+              seed: int = LOOP_CHECK_SEED, lengths: Any = None) -> dict[str, Any]:
     """The serving loop's drift check: replay a short calibration mix (`mix_replay`: nothing from the traces
     being validated) on `replicas` replicas of the executor and read how long its steps took against
     `forward`'s prediction for each (the fit's forward time with its serving-loop terms; with `contention`,
     each step slowed by what the other replicas had in progress, as `step_check` does). `factor` is that
     busy-time ratio: the pace of the machine as the replicas see it (their processes, their shared cores,
     their serving loop) at the time of the check, where the reference-shape check (`measure_drift`) times
-    forward passes alone in one process."""
+    forward passes alone in one process. `lengths`: the mix's prompt and output lengths (`mix_replay`; None:
+    the log-uniform calibration mix); "mix" in the result names them."""
     if requests < 4:
         raise ValueError(f"loop drift check: requests={requests} is out of range; allowed: >= 4")
     t0 = time.perf_counter()
-    steps = mix_replay(model_config, replicas, num_blocks, forward, block_size, device, seed, requests)
+    steps = mix_replay(model_config, replicas, num_blocks, forward, block_size, device, seed, requests,
+                       **({"lengths": lengths} if lengths is not None else {}))
     chk = step_check(forward, steps, contention=forward if contention else None)
     if not chk.get("steps"):
         raise RuntimeError(f"loop drift check: the calibration replay ({requests} requests) logged no step")
     return {"factor": chk["busy_ratio"], "median_ratio": chk["median_ratio"], "steps": chk["steps"],
             "decode": chk["decode_only"]["busy_ratio"], "with_prefill": chk["with_prefill"]["busy_ratio"],
             "decode_steps": chk["decode_only"]["steps"], "with_prefill_steps": chk["with_prefill"]["steps"],
-            "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0}
+            "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0,
+            "mix": getattr(lengths, "source", type(lengths).__name__) if lengths is not None else "calibration"}
 
 
 def loop_kind_factors(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[float, float] | None:

@@ -122,6 +122,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "beside it. On by default where the drift check is (the CPU): in four 24-cell fidelity "
                         "runs it read the cells' step pace better every time (median miss 3.5-4.1 %% against "
                         "3.9-6.9 %%)")
+    g.add_argument("--loop-mix", choices=("calibration", "workload"), default="calibration",
+                   help="the loop drift check's requests: 'calibration' (default), 24 of log-uniform lengths, "
+                        "nothing from the workload; 'workload', 24 whose prompt and output lengths are drawn from "
+                        "the workload's own (a fixed seed), so the check reads the pace of the workload's mix of "
+                        "step shapes (the model's error differs by a few percent from one mix to another)")
     o = v.add_argument_group("output")
     o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
     o.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -577,10 +582,13 @@ def default_drift_check(device: str) -> bool:
     return not str(device).startswith("cuda")
 
 
+LOOP_MIXES = ("calibration", "workload")  # the loop drift check's request mix (run_validate's loop_mix)
+
+
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
                  busy_drift_check: bool = False, loop_drift_check: bool | None = None,
-                 loop_before: dict[str, Any] | None = None) -> dict[str, Any]:
+                 loop_before: dict[str, Any] | None = None, loop_mix: str = "calibration") -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
 
@@ -607,8 +615,12 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     decode ratios, steps with prefill tokens by that of their with-prefill ratios; "comparison_loop_kind",
     "loop_drift" "decode_factor" and "with_prefill_factor"; None where a check has no ratio of one kind): over
     nine full fidelity runs on this project's CPU it did no better than the single factor (README).
-    loop_before: a check already taken right before this call (a previous run's "after"), used instead of a
-    new one."""
+    loop_before: a check already taken right before this call (a previous run's "after", with the same
+    loop_mix), used instead of a new one. loop_mix (LOOP_MIXES): "calibration", 24 requests of log-uniform
+    lengths, nothing from the workload; "workload", 24 requests whose (prompt, output) pairs are drawn from
+    the workload's own (traces.synth.fit_lengths, a fixed seed: the same requests every check), so the check
+    runs the workload's mix of step shapes and reads the pace of those (no arrival time, outcome or
+    measurement of the workload's is used)."""
     import numpy as np
 
     from executor.replay import read_steps, resolve_model, run_workload
@@ -622,6 +634,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
 
     if repeat < 1:
         raise ValueError(f"--repeat={repeat} is out of range; allowed: >= 1")
+    if loop_mix not in LOOP_MIXES:
+        raise ValueError(f"--loop-mix={loop_mix!r} is not one of: {', '.join(LOOP_MIXES)}")
     prof = read_profile_file(profile_path)
     cost = prof.cost
     mname = model_config or profile_model_ref(prof)
@@ -667,7 +681,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     colocated = drift_check and busy_drift_check and busy_skip is None
 
     def check_loop() -> dict[str, Any]:
-        return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None)
+        from traces.synth import fit_lengths
+
+        return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None,
+                         **({"lengths": fit_lengths(w)} if loop_mix == "workload" else {}))
 
     loop_b = (loop_before or check_loop()) if loop_drift_check else None
     probe = drift_before = busy_before = None
@@ -738,7 +755,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         kf = loop_kind_factors(loop_b, loop_a)
         if kf is not None:  # decode and prefill steps each at their own pace: beside the headline
             cmp_kind = compare(summarize(simulate(w, cfg, cost=kind_corrected(cost, *kf)), cfg.slo), reals, bands)
-        loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a,
+        loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a, "mix": loop_mix,
                 "decode_factor": kf[0] if kf else None, "with_prefill_factor": kf[1] if kf else None,
                 "before_shared": loop_before is not None,
                 "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
@@ -819,7 +836,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     w = load_workload(args)
     out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
                        drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
-                       loop_drift_check=args.loop_drift_check)
+                       loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")

@@ -343,10 +343,11 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
     monkeypatch.setattr(sim.calibrate_cli, "colocated_drift", fake_colocated)
     loop_it = iter(loop)
 
-    def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False):
+    def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False, lengths=None):
         events.append("loop")
         f = next(loop_it)
-        return {**(f if isinstance(f, dict) else {"factor": f}), "replicas": replicas, "contention": contention}
+        return {**(f if isinstance(f, dict) else {"factor": f}), "replicas": replicas, "contention": contention,
+                "lengths": lengths}
 
     monkeypatch.setattr(sim.calibrate, "loop_pace", fake_loop)
     path = save_profile_file(prof, tmp_path / "p.toml")
@@ -506,6 +507,27 @@ def test_validate_reads_the_loop_check_by_kind(tmp_path, monkeypatch):
     assert out["comparison_loop_kind"] is None and out["loop_drift"]["decode_factor"] is None
 
 
+def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch):
+    """--loop-mix workload: the check's requests draw their (prompt, output) pairs from the workload being
+    validated (nothing else of it); the default mix borrows nothing; an unknown mix is refused up front."""
+    prof = synthetic_profile(max_context=1024)
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    out = run(False, loop_drift_check=True, loop_mix="workload")
+    lp = out["loop_drift"]
+    assert lp["mix"] == "workload" and events == ["loop", "run", "loop"]
+    pairs = {(40 + 20 * (i % 3), 12) for i in range(24)}  # the stand-in workload's
+    for check in (lp["before"], lp["after"]):
+        inp, outp = check["lengths"].sample(200, np.random.default_rng(0))
+        assert set(zip(inp.tolist(), outp.tolist())) == pairs
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    out = run(False, loop_drift_check=True)
+    assert out["loop_drift"]["mix"] == "calibration" and out["loop_drift"]["before"]["lengths"] is None
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    with pytest.raises(ValueError, match="--loop-mix='trace' is not one of: calibration, workload"):
+        run(False, loop_drift_check=True, loop_mix="trace")
+    assert events == []
+
+
 def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):
     """loop_pace replays the same calibration mix every time (one seed) and returns its steps' busy time over
     the cost model's prediction, serving-loop terms and contention included, overall and by kind."""
@@ -539,7 +561,7 @@ def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(m
     busy = pred * np.where(pt > 0, 1.6, 1.2)
     assert a["factor"] == pytest.approx(busy.sum() / pred.sum()) and 1.2 < a["factor"] < 1.6
     assert a["steps"] == n and a["decode_steps"] == 32 and a["with_prefill_steps"] == 8
-    assert b["factor"] == a["factor"]
+    assert b["factor"] == a["factor"] and a["mix"] == "calibration"
     with pytest.raises(ValueError, match="requests=2"):
         loop_pace("tiny", 2, 512, cost, requests=2)
 
