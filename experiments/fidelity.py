@@ -19,7 +19,8 @@
    two busy cores slow each other moves by itself (measured: the same plans 20-35 % slower on one day
    while the alone check read 0.87-1.12). The alone-only correction is kept next to it.
    With the loop drift check (`--loop-drift-check`, on by default where the drift check is: the CPU), a
-   short calibration mix (nothing from the traces) is replayed on the replicas between cells, and the
+   short mix of requests with the cell's trace's prompt and output lengths (`--loop-mix workload`; none of
+   its arrival times or outcomes) is replayed on the replicas between cells, and the
    prediction scaled by the pace of its steps against the cost model, before and after each cell, is the
    headline, the reference-shape check's beside it (sim.calibrate.loop_pace: the replicas' processes, shared
    cores and serving loop, where the reference shapes are timed alone in this process; in four full runs it
@@ -647,10 +648,11 @@ def main() -> int:
                          "after each cell: the headline, with the reference-shape check's prediction beside it (one "
                          "check serves as one cell's after and the next one's before; default: on for the CPU, "
                          "off for CUDA, as `twinfer validate`)")
-    ap.add_argument("--loop-mix", choices=("calibration", "workload"), default="calibration",
-                    help="the loop drift check's requests: 'calibration' (default), log-uniform lengths, nothing from "
-                         "the traces; 'workload', lengths drawn from the cell's trace slice (the same requests for "
-                         "every cell of a trace, so one check still serves two cells of the same trace)")
+    ap.add_argument("--loop-mix", choices=("workload", "calibration"), default="workload",
+                    help="the loop drift check's requests: 'workload' (default), lengths drawn from the cell's trace "
+                         "slice (the same requests for every cell of a trace, so one check still serves two cells of "
+                         "the same trace); 'calibration', log-uniform lengths, nothing from the traces (the default "
+                         "up to run T)")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")

@@ -508,11 +508,12 @@ def test_validate_reads_the_loop_check_by_kind(tmp_path, monkeypatch):
 
 
 def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch):
-    """--loop-mix workload: the check's requests draw their (prompt, output) pairs from the workload being
-    validated (nothing else of it); the default mix borrows nothing; an unknown mix is refused up front."""
+    """--loop-mix workload (the default): the check's requests draw their (prompt, output) pairs from the
+    workload being validated (nothing else of it); the calibration mix borrows nothing; an unknown mix is
+    refused up front."""
     prof = synthetic_profile(max_context=1024)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    out = run(False, loop_drift_check=True, loop_mix="workload")
+    out = run(False, loop_drift_check=True)
     lp = out["loop_drift"]
     assert lp["mix"] == "workload" and events == ["loop", "run", "loop"]
     pairs = {(40 + 20 * (i % 3), 12) for i in range(24)}  # the stand-in workload's
@@ -520,10 +521,10 @@ def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch)
         inp, outp = check["lengths"].sample(200, np.random.default_rng(0))
         assert set(zip(inp.tolist(), outp.tolist())) == pairs
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    out = run(False, loop_drift_check=True)
+    out = run(False, loop_drift_check=True, loop_mix="calibration")
     assert out["loop_drift"]["mix"] == "calibration" and out["loop_drift"]["before"]["lengths"] is None
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    with pytest.raises(ValueError, match="--loop-mix='trace' is not one of: calibration, workload"):
+    with pytest.raises(ValueError, match="--loop-mix='trace' is not one of: workload, calibration"):
         run(False, loop_drift_check=True, loop_mix="trace")
     assert events == []
 
