@@ -754,7 +754,8 @@ def main() -> int:
         chk = median_check(res["step_check"])
         dr = res["drift"]
         row = {"trace": tr, "scheduler": sc, "router": ro, "load": ld, "rate": (len(w) - 1) / w.span,
-               "saturation_rate": sat, "requests": len(w), "slice": w0_names[tr], "tokens": tokens_of(w), "loadavg_1m": [load0, os.getloadavg()[0]],
+               "saturation_rate": sat, "requests": len(w), "slice": w0_names[tr], "tokens": tokens_of(w),
+               "loadavg_1m": [load0, os.getloadavg()[0]],
                "other_load_before": other, "waited_s": waited, "niced_load_during": niced,
                "cost_model": res["cost_model"],
                "errors": {m: c[m]["rel_error"] for m, _ in METRICS},
