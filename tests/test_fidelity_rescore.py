@@ -57,6 +57,16 @@ def recorded_run(fid, prof_path: str, prof, drift: float, loop: float | None = N
     return {"profile": prof_path, "drift_check": True, "settings": SETTINGS, "cells": cells}
 
 
+def rescore_run(fid, monkeypatch, tmp_path, run: dict, profile: str) -> dict:
+    """Write `run` as tmp_path/run/fidelity.json, rescore it with `profile` into tmp_path/out, return the result."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(run))
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", profile,
+                                      "--out", str(tmp_path / "out")])
+    assert fid.main() == 0
+    return json.loads((tmp_path / "out" / "fidelity.json").read_text())
+
+
 def test_rescore_reproduces_the_recorded_errors_and_judges_another_profile(tmp_path, monkeypatch, capsys):
     fid = fidelity_module()
     prof = busy_profile(1.2)
@@ -120,12 +130,7 @@ def test_rescore_reads_the_loop_check_by_kind(tmp_path, monkeypatch, capsys):
                        loop_detail=(detail, detail))
     for c in run["cells"]:
         c["headline"] = "loop-kind"
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(run))
-    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", path,
-                                      "--out", str(tmp_path / "out")])
-    assert fid.main() == 0
-    res = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    res = rescore_run(fid, monkeypatch, tmp_path, run, path)
     for c in res["cells"]:
         assert c["headline"] == "loop-kind" and c["errors"] == c["errors_loop_kind"]
         assert all(abs(e) < 1e-9 for e in c["errors"].values()), c["errors"]
@@ -194,12 +199,7 @@ def test_rescore_of_a_repeated_run_reports_the_executor_against_itself(tmp_path,
     for c in run["cells"]:
         c["real_runs"] = {m: [v * 0.95, v * 1.05] for m, v in c["real"].items()}
         c["paired_real"] = {"ttft": 0.1, "tpot": -0.02, "e2e": 0.03}
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "fidelity.json").write_text(json.dumps(run))
-    monkeypatch.setattr(sys, "argv", ["fidelity.py", "--rescore", str(tmp_path / "run"), "--profile", path,
-                                      "--out", str(tmp_path / "out")])
-    assert fid.main() == 0
-    res = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    res = rescore_run(fid, monkeypatch, tmp_path, run, path)
     for c in res["cells"]:
         assert all(abs(e) < 1e-9 for e in c["errors"].values())
         assert c["errors_each_run"]["e2e.p50"] == pytest.approx([1 / 0.95 - 1, 1 / 1.05 - 1])
