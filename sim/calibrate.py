@@ -1767,7 +1767,9 @@ def kind_corrected(cost: Any, decode_factor: float, with_prefill_factor: float) 
     this project's CPU the checks' decode ratio ran up to 5 % above their prefill ratio on one day and level
     with it on another. It is `drift_corrected(cost, decode_factor)` with the serving-loop prefill factor
     (FittedCost.prefill_factor, which multiplies every step with prefill tokens) times
-    with_prefill_factor / decode_factor; equal factors give `drift_corrected` exactly."""
+    with_prefill_factor / decode_factor; equal factors give `drift_corrected` exactly. Reported beside the
+    single factor's prediction, not instead of it: rescored over nine full fidelity runs it was better in
+    three and worse on average (README, run S)."""
     d = _drift_factor(decode_factor, "decode factor")
     p = _drift_factor(with_prefill_factor, "with-prefill factor")
     out = drift_corrected(cost, d)
