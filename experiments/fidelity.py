@@ -316,7 +316,7 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                     f"replicas, {n_req} requests per cell"
                     + ("; sim corrected by the loop drift check" + (", decode and prefill steps each by their own pace"
                                                                     if kind_head else "")
-                       + " (drift: the calibration mix's steps against the cost model on the replicas, before/after "
+                       + " (drift: the loop check's steps against the cost model on the replicas, before/after "
                        "the replay)" if loop_head else
                        "; sim drift-corrected (drift: the reference shapes' now / profiled, before/after the replay)"
                        if drift_on else ""), title_justify="left")
