@@ -86,6 +86,7 @@ sys.path.insert(0, str(ROOT))
 
 from policies.scheduler import SchedulerConfig  # noqa: E402
 from sim.calibrate import SAMPLING_LEVEL, read_profile_file, save_profile_file  # noqa: E402
+from sim.calibrate_cli import LOOP_MIXES  # noqa: E402
 from sim.cluster import simulate  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from traces import transforms  # noqa: E402
@@ -295,6 +296,8 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
             if rows and all("errors_loop_drift" in r for r in rows) else {}),
          **({"aggregate_loop_kind": aggregate(rows, "errors_loop_kind")}
             if rows and all(r.get("errors_loop_kind") for r in rows) else {}),
+         **({"aggregate_loop_also": aggregate(rows, "errors_loop_also"), "loop_also": rows[0]["loop_also"]["mix"]}
+            if rows and all(r.get("errors_loop_also") for r in rows) else {}),
          **({"aggregate_reference_drift": aggregate(rows, "errors_reference_drift")}
             if rows and all(r.get("errors_reference_drift") for r in rows) else {}),
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
@@ -374,6 +377,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
               [("errors_loop_kind", "loop check by kind", "loop_drift")] if loop_head else
               [("errors_loop_drift", "loop drift", "loop_drift"), ("errors_loop_kind", "loop check by kind",
                                                                    "loop_drift")])
+    also_mix = (rows[0].get("loop_also") or {}).get("mix") if rows else None
+    others += [("errors_loop_also", f"loop check, {also_mix} mix", "loop_also")] if loop_head and also_mix else []
     others += [("errors_reference_drift", "reference-shape check", "drift")] if loop_head else []
     others = [(key, lab, fk, aggregate(rows, key)) for key, lab, fk in others
               if rows and all(r.get(key) and r.get(fk) for r in rows)]
@@ -430,7 +435,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
 
     misread = {lab: pace_miss(f) for lab, f in (
         ("reference-shape check", lambda r: (r["drift"] or {}).get("factor")),
-        ("loop check", lambda r: (r.get("loop_drift") or {}).get("factor")))}
+        ("loop check", lambda r: (r.get("loop_drift") or {}).get("factor")),
+        (f"loop check, {also_mix} mix", lambda r: (r.get("loop_also") or {}).get("factor")))}
     misread = {lab: v for lab, v in misread.items() if math.isfinite(v)}
     if misread:
         con.print("the cells' step pace against each check's factor, median |log(pace / factor)|: "
@@ -576,6 +582,8 @@ def rescore(args: argparse.Namespace) -> int:
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if err_loop is not None:
             cell = {**cell, "errors_loop_drift": err_loop}
+        if cell.get("loop_also"):  # a second check's mix, its prediction again with this profile
+            cell = {**cell, "errors_loop_also": errors_of(drift_corrected(base, cell["loop_also"]["factor"]))[1]}
         if err_kind is not None:
             cell = {**cell, "errors_loop_kind": err_kind,
                     "loop_drift": {**lp, "decode_factor": kf[0], "with_prefill_factor": kf[1]}}
@@ -648,11 +656,15 @@ def main() -> int:
                          "after each cell: the headline, with the reference-shape check's prediction beside it (one "
                          "check serves as one cell's after and the next one's before; default: on for the CPU, "
                          "off for CUDA, as `twinfer validate`)")
-    ap.add_argument("--loop-mix", choices=("workload", "calibration"), default="workload",
+    ap.add_argument("--loop-mix", choices=LOOP_MIXES, default="workload",
                     help="the loop drift check's requests: 'workload' (default), lengths drawn from the cell's trace "
                          "slice (the same requests for every cell of a trace, so one check still serves two cells of "
-                         "the same trace); 'calibration', log-uniform lengths, nothing from the traces (the default "
-                         "up to run T)")
+                         "the same trace); 'cell', those lengths replayed under the cell's scheduler, router and "
+                         "rate (each cell its own two checks: about 10 min more per run); 'calibration', "
+                         "log-uniform lengths, nothing from the traces (the default up to run T)")
+    ap.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
+                    help="a second loop drift check with this mix, before and after every cell (never shared), its "
+                         "prediction and pace reading reported beside the headline's: two mixes on the same cells")
     ap.add_argument("--group-nice", default="-19",
                     help="this session's autogroup nice (its replica processes share it), so other sessions' "
                          "niced work yields to the measurements (default -19; 'keep': leave it)")
@@ -733,8 +745,8 @@ def main() -> int:
     loop_prev = None  # the loop drift check after the previous cell: this cell's before
     prev_trace = None
     for k, (tr, sc, ro, ld, sat, w, cfg) in enumerate(cells):
-        if args.loop_mix == "workload" and tr != prev_trace:
-            loop_prev = None  # another trace's mix
+        if (args.loop_mix == "workload" and tr != prev_trace) or args.loop_mix == "cell":
+            loop_prev = None  # another trace's mix, or (cell) another configuration and rate
         prev_trace = tr
         other, waited = wait_quiet(args.quiet, args.max_wait)
         load0 = os.getloadavg()[0]
@@ -742,7 +754,7 @@ def main() -> int:
         res = run_validate(w, cfg, prof_path, args.model, args.device, args.repeat, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
-                           loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix,
+                           loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also,
                            loop_before=loop_prev if waited <= 10 else None)  # stale after a wait for quiet
         lp = res["loop_drift"]
         loop_prev = lp["after"] if lp["enabled"] else None
@@ -767,6 +779,12 @@ def main() -> int:
                                          for m, _ in METRICS},
                    **({"errors_loop_kind": {m: res["comparison_loop_kind"]["metrics"][m]["rel_error"]
                                             for m, _ in METRICS}} if res["comparison_loop_kind"] else {}),
+                   **({"errors_loop_also": {m: res["comparison_loop_also"]["metrics"][m]["rel_error"]
+                                            for m, _ in METRICS},
+                       "loop_also": {"mix": lp["also"]["mix"], "before": lp["also"]["before"]["factor"],
+                                     "after": lp["also"]["after"]["factor"], "factor": lp["also"]["factor"],
+                                     "before_detail": lp["also"]["before"], "after_detail": lp["also"]["after"]}}
+                      if lp.get("also") else {}),
                    "loop_drift": {"before": lp["before"]["factor"], "after": lp["after"]["factor"],
                                   "factor": lp["factor"], "mix": lp["mix"], "decode_factor": lp["decode_factor"],
                                   "with_prefill_factor": lp["with_prefill_factor"],
@@ -828,6 +846,10 @@ def main() -> int:
                              f"x{lp['with_prefill_factor']:.3f}: " + ", ".join(
                                  f"{lab} {fmt_err(row['errors_loop_kind'][m])}" for m, lab in METRICS[:3])
                              if row.get("errors_loop_kind") else "")
+                          + (f"; with a {row['loop_also']['mix']} mix check (x{row['loop_also']['before']:.3f} / "
+                             f"x{row['loop_also']['after']:.3f}) instead: " + ", ".join(
+                                 f"{lab} {fmt_err(row['errors_loop_also'][m])}" for m, lab in METRICS[:3])
+                             if row.get("loop_also") else "")
                           + ("; with the reference-shape check's instead: " + ", ".join(
                               f"{lab} {fmt_err(row['errors_reference_drift'][m])}" for m, lab in METRICS[:3])
                              if row["drift"] else "") + ")")

@@ -1985,11 +1985,15 @@ class _LogUniformLengths:
 
 
 def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, block_size: int = 16,
-               device: str = "cpu", seed: int = 0, requests: int = 80, lengths: Any = None) -> dict[str, np.ndarray]:
+               device: str = "cpu", seed: int = 0, requests: int = 80, lengths: Any = None,
+               cfg: Any = None, rate: float | None = None) -> dict[str, np.ndarray]:
     """Replay a calibration mix (Poisson arrivals, `_LogUniformLengths` or the sampler `lengths` (anything with
     `sample(n, rng) -> (inputs, outputs)`, e.g. traces.synth.fit_lengths of a workload), chunked prefill with a
     512-token budget, round robin) on the executor's real-time replay, at a rate `cost` says loads the replicas
-    moderately, and return its step log: prefill, mixed and decode steps interleaved within the same seconds."""
+    moderately, and return its step log: prefill, mixed and decode steps interleaved within the same seconds.
+    `cfg` (a SimConfig): its scheduler, router, replicas and KV blocks instead (`replicas`, `num_blocks` and
+    `block_size` are then ignored); `rate` (requests/s): that Poisson rate instead."""
+    import dataclasses
     import tempfile
 
     from executor.replay import read_steps, run_workload
@@ -1997,15 +2001,22 @@ def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, blo
     from sim.config import SimConfig
     from traces.synth import synthesize
 
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"calibration replay: rate={rate!r} is out of range; allowed: a finite rate > 0 requests/s")
     lengths = lengths if lengths is not None else _LogUniformLengths()
     probe = lengths.sample(2000, np.random.default_rng(seed + 7))
     p_in, p_out = float(np.mean(probe[0])), float(np.mean(probe[1]))
     per_req = (cost.step_time(StepFeatures(int(p_in), 0, p_in * (p_in + 1) / 2, 0, 1))
                + p_out * cost.step_time(StepFeatures(0, 4, 0.0, int(4 * (p_in + p_out / 2)), 4)) / 4)
-    rate = 0.6 * replicas / per_req
+    if cfg is not None:
+        replicas = cfg.replicas
+        cfg = dataclasses.replace(cfg, seed=seed)
+    else:
+        cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
+                        scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False,
+                                                  max_num_batched_tokens=512))
+    rate = rate if rate is not None else 0.6 * replicas / per_req
     w = synthesize(requests, rate, lengths=lengths, seed=seed, name="loop-mix")
-    cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
-                    scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False, max_num_batched_tokens=512))
     with tempfile.TemporaryDirectory(prefix="twinfer-mix-") as tmp:
         run_workload(w, cfg, model_config=model_config, device=device, out=tmp,
                      max_duration=float(w.arrival[-1]) + 60 * per_req + 60.0)
@@ -2052,7 +2063,8 @@ LOOP_CHECK_SEED = 1009  # the same calibration mix every time, so two checks dif
 
 def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, block_size: int = 16,
               device: str = "cpu", contention: bool = False, requests: int = LOOP_CHECK_REQUESTS,
-              seed: int = LOOP_CHECK_SEED, lengths: Any = None) -> dict[str, Any]:
+              seed: int = LOOP_CHECK_SEED, lengths: Any = None, cfg: Any = None,
+              rate: float | None = None) -> dict[str, Any]:
     """The serving loop's drift check: replay a short calibration mix (`mix_replay`: nothing from the traces
     being validated) on `replicas` replicas of the executor and read how long its steps took against
     `forward`'s prediction for each (the fit's forward time with its serving-loop terms; with `contention`,
@@ -2060,12 +2072,14 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
     busy-time ratio: the pace of the machine as the replicas see it (their processes, their shared cores,
     their serving loop) at the time of the check, where the reference-shape check (`measure_drift`) times
     forward passes alone in one process. `lengths`: the mix's prompt and output lengths (`mix_replay`; None:
-    the log-uniform calibration mix); "mix" in the result names them."""
+    the log-uniform calibration mix); "mix" in the result names them. `cfg` and `rate`: the replay's
+    configuration (scheduler, router, replicas) and arrival rate instead of the calibration defaults
+    (`mix_replay`): the "cell" mix of `twinfer validate`, the validated run's own."""
     if requests < 4:
         raise ValueError(f"loop drift check: requests={requests} is out of range; allowed: >= 4")
     t0 = time.perf_counter()
     steps = mix_replay(model_config, replicas, num_blocks, forward, block_size, device, seed, requests,
-                       **({"lengths": lengths} if lengths is not None else {}))
+                       **({"lengths": lengths} if lengths is not None else {}), cfg=cfg, rate=rate)
     chk = step_check(forward, steps, contention=forward if contention else None)
     if not chk.get("steps"):
         raise RuntimeError(f"loop drift check: the calibration replay ({requests} requests) logged no step")
@@ -2073,7 +2087,11 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
             "decode": chk["decode_only"]["busy_ratio"], "with_prefill": chk["with_prefill"]["busy_ratio"],
             "decode_steps": chk["decode_only"]["steps"], "with_prefill_steps": chk["with_prefill"]["steps"],
             "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0,
-            "mix": getattr(lengths, "source", type(lengths).__name__) if lengths is not None else "calibration"}
+            "mix": getattr(lengths, "source", type(lengths).__name__) if lengths is not None else "calibration",
+            **({"rate": rate} if rate is not None else {}),
+            **({"chunked_prefill": cfg.scheduler.chunked_prefill,
+                "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens, "router": cfg.router}
+               if cfg is not None else {})}
 
 
 def loop_kind_factors(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[float, float] | None:

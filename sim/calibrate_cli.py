@@ -122,12 +122,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "beside it. On by default where the drift check is (the CPU): in four 24-cell fidelity "
                         "runs it read the cells' step pace better every time (median miss 3.5-4.1 %% against "
                         "3.9-6.9 %%)")
-    g.add_argument("--loop-mix", choices=("workload", "calibration"), default="workload",
+    g.add_argument("--loop-mix", choices=LOOP_MIXES, default="workload",
                    help="the loop drift check's requests: 'workload' (default), 24 whose prompt and output lengths "
                         "are drawn from the workload's own (a fixed seed; none of its arrival times or outcomes), "
                         "so the check reads the pace of the workload's mix of step shapes (the model's error "
-                        "differs by a few percent from one mix to another); 'calibration', 24 of log-uniform "
-                        "lengths, nothing from the workload")
+                        "differs by a few percent from one mix to another); 'cell', the same lengths replayed "
+                        "the way the workload is: its scheduler, router and mean arrival rate (Poisson), so the "
+                        "check's batch sizes and co-location follow the workload's too (slower at light load: "
+                        "24 requests at its rate); 'calibration', 24 of log-uniform lengths at 60 %% of "
+                        "capacity, nothing from the workload")
+    g.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
+                   help="with the loop drift check: run a second check with this mix before and after as well, "
+                        "and report its prediction beside the headline (a comparison of two mixes on the same "
+                        "real runs)")
     o = v.add_argument_group("output")
     o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
     o.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -583,13 +590,14 @@ def default_drift_check(device: str) -> bool:
     return not str(device).startswith("cuda")
 
 
-LOOP_MIXES = ("workload", "calibration")  # the loop drift check's request mix (run_validate's loop_mix)
+LOOP_MIXES = ("workload", "cell", "calibration")  # the loop drift check's request mix (run_validate's loop_mix)
 
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
                  busy_drift_check: bool = False, loop_drift_check: bool | None = None,
-                 loop_before: dict[str, Any] | None = None, loop_mix: str = "workload") -> dict[str, Any]:
+                 loop_before: dict[str, Any] | None = None, loop_mix: str = "workload",
+                 loop_also: str | None = None) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
 
@@ -622,7 +630,13 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     same requests every check), so the check runs the workload's mix of step shapes and reads the pace of
     those (no arrival time, outcome or measurement of the workload's is used); "calibration", 24 requests of
     log-uniform lengths, nothing from the workload (the default up to fidelity run T: its step shapes are not
-    the workload's, and the model's error differed between the two mixes by 2-6 % per trace)."""
+    the workload's, and the model's error differed between the two mixes by 2-6 % per trace); "cell", the
+    workload mix's lengths replayed under `cfg` (scheduler, router, replicas) at the workload's mean arrival
+    rate as Poisson arrivals, so the check also has the workload's batch sizes and co-location (a check of
+    one configuration does not serve another's: loop_before must come from the same cfg and rate).
+    loop_also (a mix of LOOP_MIXES, with the loop check on): a second check of that mix, before the first one
+    and after it, its prediction kept as "comparison_loop_also" and loop_drift["also"]: two mixes compared on
+    the same real runs."""
     import numpy as np
 
     from executor.replay import read_steps, resolve_model, run_workload
@@ -638,6 +652,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         raise ValueError(f"--repeat={repeat} is out of range; allowed: >= 1")
     if loop_mix not in LOOP_MIXES:
         raise ValueError(f"--loop-mix={loop_mix!r} is not one of: {', '.join(LOOP_MIXES)}")
+    if loop_also is not None and loop_also not in LOOP_MIXES:
+        raise ValueError(f"--loop-also={loop_also!r} is not one of: {', '.join(LOOP_MIXES)}")
     prof = read_profile_file(profile_path)
     cost = prof.cost
     mname = model_config or profile_model_ref(prof)
@@ -650,6 +666,9 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         drift_check = default_drift_check(device)
     if loop_drift_check is None:
         loop_drift_check = default_drift_check(device)
+    if loop_also and not loop_drift_check:
+        raise ValueError(f"--loop-also={loop_also} compares a second loop drift check with the first: it needs the "
+                         f"loop drift check on (--loop-drift-check)")
     prof_threads = int(prof.measure.get("threads") or 1)
     block_size = cfg.scheduler.block_size
     num_blocks = cfg.num_blocks or cost.kv_capacity_tokens // block_size
@@ -682,12 +701,14 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                      if ccost is None else _busy_medians_missing(prof))
     colocated = drift_check and busy_drift_check and busy_skip is None
 
-    def check_loop() -> dict[str, Any]:
+    def check_loop(mix: str = loop_mix) -> dict[str, Any]:
         from traces.synth import fit_lengths
 
+        own = {"cfg": cfg, "rate": (len(w) - 1) / w.span} if mix == "cell" and len(w) > 1 and w.span > 0 else {}
         return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None,
-                         **({"lengths": fit_lengths(w)} if loop_mix == "workload" else {}))
+                         **({"lengths": fit_lengths(w)} if mix in ("workload", "cell") else {}), **own)
 
+    also_b = check_loop(loop_also) if loop_drift_check and loop_also else None
     loop_b = (loop_before or check_loop()) if loop_drift_check else None
     probe = drift_before = busy_before = None
     if drift_check:
@@ -744,7 +765,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 "after": busy_after,
                 "steps_real_over_corrected": [step_check(fwd, lg, contention=fwd).get("busy_ratio") for lg in logs]}
     loop: dict[str, Any] = {"enabled": False}
-    cmp_loop = cmp_kind = None
+    cmp_loop = cmp_kind = cmp_also = None
     cmp_ref = cmp  # the reference-shape check's prediction (the uncorrected one with that check off)
     headline = "reference" if drift["enabled"] else "uncorrected"
     if loop_b is not None:
@@ -757,7 +778,13 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         kf = loop_kind_factors(loop_b, loop_a)
         if kf is not None:  # decode and prefill steps each at their own pace: beside the headline
             cmp_kind = compare(summarize(simulate(w, cfg, cost=kind_corrected(cost, *kf)), cfg.slo), reals, bands)
-        loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a, "mix": loop_mix,
+        also = None
+        if also_b is not None:
+            also_a = check_loop(loop_also)
+            af = math.sqrt(also_b["factor"] * also_a["factor"])
+            cmp_also = compare(summarize(simulate(w, cfg, cost=drift_corrected(cost, af)), cfg.slo), reals, bands)
+            also = {"mix": loop_also, "factor": af, "before": also_b, "after": also_a}
+        loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a, "mix": loop_mix, "also": also,
                 "decode_factor": kf[0] if kf else None, "with_prefill_factor": kf[1] if kf else None,
                 "before_shared": loop_before is not None,
                 "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
@@ -815,7 +842,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     return {"headline": headline, "comparison": cmp, "comparison_reference_drift": cmp_ref,
             "comparison_uncorrected": cmp_raw, "drift": drift,
             "comparison_alone_drift": cmp_alone, "loop_drift": loop, "comparison_loop_drift": cmp_loop,
-            "comparison_loop_kind": cmp_kind,
+            "comparison_loop_kind": cmp_kind, "comparison_loop_also": cmp_also,
             "paired": [paired_errors(head_res.records, rr) for rr in real_records],
             # the executor against itself: each later real run's requests over the first run's
             "paired_real": [paired_errors(rr, real_records[0]) for rr in real_records[1:]],
@@ -838,7 +865,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     w = load_workload(args)
     out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
                        drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
-                       loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix)
+                       loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
@@ -881,7 +908,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _console().print(f"run to run (real run {k + 2} over real run 1, request by request, {pe['requests']:,} "
                          "requests): median (p10..p90): " + _paired_spread(pe))
     if lp["enabled"]:
-        _console().print(f"loop drift check (the headline): the calibration mix's steps ran "
+        _console().print(f"loop drift check (the headline, {lp['mix']} mix): its steps ran "
                          f"{lp['before']['factor']:.3f} x the cost model before the real run(s) and "
                          f"{lp['after']['factor']:.3f} x after"
                          f"; the simulator's forward time scaled by {lp['factor']:.3f} (geometric mean)")
@@ -890,6 +917,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              f", with prefill {lp['before']['with_prefill']:.3f} / {lp['after']['with_prefill']:.3f}: "
                              f"decode steps x{lp['decode_factor']:.3f}, steps with prefill tokens "
                              f"x{lp['with_prefill_factor']:.3f}): {_p50_errors(out['comparison_loop_kind'])}")
+        if lp.get("also"):
+            al = lp["also"]
+            _console().print(f"with a {al['mix']} mix check instead ({al['before']['factor']:.3f} before, "
+                             f"{al['after']['factor']:.3f} after -> x{al['factor']:.3f}): "
+                             f"{_p50_errors(out['comparison_loop_also'])}")
         if dr["enabled"]:
             _console().print(f"with the reference-shape check's correction instead (x{dr['factor']:.3f}): "
                              f"{_p50_errors(out['comparison_reference_drift'])}")

@@ -639,15 +639,17 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
 
 
 def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
-    """The loop drift check on the real executor: the calibration mix replayed on the replica before and after
-    the run, its steps read against the profile, and the prediction at that pace reported beside the headline."""
+    """The loop drift check on the real executor: the workload's lengths replayed on the replica before and
+    after the run, its steps read against the profile, and the prediction at that pace reported beside the
+    headline; with --loop-also cell, a second check in the run's own configuration and rate beside it."""
     from sim.cli import main
 
     _, path, trace, out = _tiny_validate_setup(tmp_path)
     assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
-                 "--no-progress", "--no-drift-check", "--loop-drift-check"]) == 0
+                 "--no-progress", "--no-drift-check", "--loop-drift-check", "--loop-also", "cell"]) == 0
     text = capsys.readouterr().out
-    assert "loop drift check (the headline): the calibration mix's steps ran" in text
+    assert "loop drift check (the headline, workload mix): its steps ran" in text
+    assert "with a cell mix check instead (" in text
     assert "read by kind instead (decode " in text
     d = json.loads(out.read_text())
     lp = d["loop_drift"]
@@ -657,6 +659,13 @@ def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
         assert check["requests"] == 24 and check["steps"] == check["decode_steps"] + check["with_prefill_steps"]
         assert check["decode_steps"] > 0 and check["with_prefill_steps"] > 0 and check["factor"] > 0
     assert lp["steps_real_over_corrected"][0] == pytest.approx(d["step_check"][0]["busy_ratio"] / lp["factor"])
+    al = lp["also"]
+    assert al["mix"] == "cell" and al["factor"] == pytest.approx(math.sqrt(al["before"]["factor"]
+                                                                           * al["after"]["factor"]))
+    for check in (al["before"], al["after"]):
+        assert check["steps"] > 0 and check["router"] == d["config"]["router"] and check["requests"] == 24
+        assert check["rate"] == pytest.approx(2.0)  # the trace's mean rate: 3 requests over 1 s
+    assert d["comparison_loop_also"]["metrics"]["e2e.p50"]["sim"] > 0
     # read by kind (beside the headline): each kind's geometric mean over the two checks
     for kind, key in (("decode", "decode_factor"), ("with_prefill", "with_prefill_factor")):
         assert lp[key] == pytest.approx(math.sqrt(lp["before"][kind] * lp["after"][kind]))

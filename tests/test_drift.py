@@ -343,11 +343,12 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
     monkeypatch.setattr(sim.calibrate_cli, "colocated_drift", fake_colocated)
     loop_it = iter(loop)
 
-    def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False, lengths=None):
+    def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False, lengths=None,
+                  cfg=None, rate=None):
         events.append("loop")
         f = next(loop_it)
         return {**(f if isinstance(f, dict) else {"factor": f}), "replicas": replicas, "contention": contention,
-                "lengths": lengths}
+                "lengths": lengths, "cfg": cfg, "rate": rate}
 
     monkeypatch.setattr(sim.calibrate, "loop_pace", fake_loop)
     path = save_profile_file(prof, tmp_path / "p.toml")
@@ -524,9 +525,98 @@ def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch)
     out = run(False, loop_drift_check=True, loop_mix="calibration")
     assert out["loop_drift"]["mix"] == "calibration" and out["loop_drift"]["before"]["lengths"] is None
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    with pytest.raises(ValueError, match="--loop-mix='trace' is not one of: workload, calibration"):
+    with pytest.raises(ValueError, match="--loop-mix='trace' is not one of: workload, cell, calibration"):
         run(False, loop_drift_check=True, loop_mix="trace")
     assert events == []
+
+
+def test_validate_loop_check_in_the_cells_own_configuration(tmp_path, monkeypatch):
+    """--loop-mix cell: the check replays the workload's lengths under the validated configuration (scheduler,
+    router, replicas, KV blocks) at the workload's mean rate; the other mixes replay the calibration
+    configuration (no cfg, no rate)."""
+    prof = synthetic_profile(max_context=1024)
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    out = run(False, loop_drift_check=True, loop_mix="cell")
+    lp = out["loop_drift"]
+    assert lp["mix"] == "cell" and events == ["loop", "run", "loop"]
+    for check in (lp["before"], lp["after"]):
+        assert check["rate"] == pytest.approx(23 / (0.04 * 23))  # the stand-in workload: 24 requests 40 ms apart
+        assert check["cfg"].scheduler == out_cfg_scheduler(out) and check["cfg"].router == out["config"]["router"]
+        assert check["cfg"].num_blocks == out["config"]["num_blocks"] > 0
+        inp, outp = check["lengths"].sample(200, np.random.default_rng(0))
+        assert set(zip(inp.tolist(), outp.tolist())) == {(40 + 20 * (i % 3), 12) for i in range(24)}
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    lp = run(False, loop_drift_check=True)["loop_drift"]
+    assert lp["before"]["cfg"] is None and lp["before"]["rate"] is None
+
+
+def out_cfg_scheduler(out: dict):
+    """The scheduler of a validate result's flattened config, as a SchedulerConfig."""
+    from policies.scheduler import SchedulerConfig
+
+    return SchedulerConfig(**{k.split(".", 1)[1]: v for k, v in out["config"].items() if k.startswith("scheduler.")})
+
+
+def test_validate_loop_also_compares_a_second_mix_on_the_same_runs(tmp_path, monkeypatch):
+    """--loop-also: a second check brackets the first (before it, and after it), and its prediction is kept
+    beside the headline. The stand-in executor runs 1.25 x the profile: the second check, reading exactly that,
+    predicts with no error left; the headline's check, reading 1.1, predicts too fast."""
+    prof = synthetic_profile(max_context=1024)
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.25, loop=(1.25, 1.1, 1.1, 1.25))
+    out = run(False, loop_drift_check=True, loop_also="cell")
+    assert events == ["loop", "loop", "run", "loop", "loop"]
+    lp = out["loop_drift"]
+    assert lp["factor"] == pytest.approx(1.1) and lp["mix"] == "workload" and lp["before"]["cfg"] is None
+    al = lp["also"]
+    assert al["mix"] == "cell" and al["factor"] == pytest.approx(1.25) and al["before"]["cfg"] is not None
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
+        assert out["comparison_loop_also"]["metrics"][m]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+        assert out["comparison"]["metrics"][m]["rel_error"] < -0.05
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    out = run(False, loop_drift_check=True)
+    assert out["loop_drift"]["also"] is None and out["comparison_loop_also"] is None
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    with pytest.raises(ValueError, match="--loop-also=cell .* needs the loop drift check on"):
+        run(False, loop_drift_check=False, loop_also="cell")
+    with pytest.raises(ValueError, match="--loop-also='trace' is not one of"):
+        run(False, loop_drift_check=True, loop_also="trace")
+    assert events == []
+
+
+def test_mix_replay_runs_the_given_configuration_at_the_given_rate(monkeypatch):
+    """mix_replay with cfg and rate replays under that configuration (its own seed) at that Poisson rate;
+    without them, the calibration configuration (chunked 512, round robin) at 60 % of capacity; a rate that
+    is not a positive number is refused before anything runs."""
+    from policies.scheduler import SchedulerConfig
+    from sim.calibrate import mix_replay
+    from sim.config import SimConfig
+
+    seen = []
+
+    def run_workload(w, cfg, **kw):
+        seen.append((w, cfg))
+
+    fake = types.ModuleType("executor.replay")
+    fake.run_workload, fake.read_steps = run_workload, lambda path: {"steps": str(path)}
+    monkeypatch.setitem(sys.modules, "executor.replay", fake)
+    cfg = SimConfig(replicas=3, router="least_outstanding", num_blocks=777, seed=5,
+                    scheduler=SchedulerConfig(prefix_caching=False, chunked_prefill=False,
+                                              max_num_batched_tokens=2048))
+    mix_replay("tiny", 2, 512, TRUE, 16, "cpu", seed=11, requests=400, cfg=cfg, rate=4.0)
+    w, got = seen[-1]
+    assert got.router == "least_outstanding" and got.replicas == 3 and got.num_blocks == 777 and got.seed == 11
+    assert got.scheduler == cfg.scheduler
+    assert len(w) == 400 and (len(w) - 1) / w.span == pytest.approx(4.0, rel=0.15)
+    mix_replay("tiny", 2, 512, TRUE, 16, "cpu", seed=11, requests=400)
+    w2, got = seen[-1]
+    assert got.router == "round_robin" and got.replicas == 2 and got.num_blocks == 512
+    assert got.scheduler.max_num_batched_tokens == 512 and got.scheduler.chunked_prefill
+    assert (len(w2) - 1) / w2.span != pytest.approx(4.0, rel=0.15)
+    n = len(seen)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="rate=.* is out of range"):
+            mix_replay("tiny", 2, 512, TRUE, 16, "cpu", cfg=cfg, rate=bad)
+    assert len(seen) == n
 
 
 def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):
@@ -549,15 +639,15 @@ def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(m
     log["duration"] = pred * np.where(pt > 0, 1.6, 1.2)
     calls = []
 
-    def fake_mix(model_config, replicas, num_blocks, c, block_size, device, seed, requests):
-        calls.append((model_config, replicas, num_blocks, c, block_size, device, seed, requests))
+    def fake_mix(model_config, replicas, num_blocks, c, block_size, device, seed, requests, cfg=None, rate=None):
+        calls.append((model_config, replicas, num_blocks, c, block_size, device, seed, requests, cfg, rate))
         return log
 
     monkeypatch.setattr(sim.calibrate, "mix_replay", fake_mix)
     a = loop_pace("tiny", 2, 512, cost, 16, "cpu")
     b = loop_pace("tiny", 2, 512, cost, 16, "cpu")
     assert calls[0] == calls[1] == ("tiny", 2, 512, cost, 16, "cpu", sim.calibrate.LOOP_CHECK_SEED,
-                                    sim.calibrate.LOOP_CHECK_REQUESTS)
+                                    sim.calibrate.LOOP_CHECK_REQUESTS, None, None)
     assert a["decode"] == pytest.approx(1.2) and a["with_prefill"] == pytest.approx(1.6)
     busy = pred * np.where(pt > 0, 1.6, 1.2)
     assert a["factor"] == pytest.approx(busy.sum() / pred.sum()) and 1.2 < a["factor"] < 1.6

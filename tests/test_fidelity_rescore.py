@@ -151,6 +151,28 @@ def test_rescore_reads_the_loop_check_by_kind(tmp_path, monkeypatch, capsys):
         fid.main()
 
 
+def test_rescore_recomputes_a_second_loop_checks_prediction(tmp_path, monkeypatch, capsys):
+    """A run with --loop-also: each cell recorded a second check's factor (here the machine's true 1.25, where
+    the headline's check read 1.1). The rescore simulates it again: exact, beside a headline that is not, with
+    its own targets line and row in the report."""
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    run = recorded_run(fid, path, prof, 1.25, loop=1.1)
+    for c in run["cells"]:
+        c["headline"] = "loop"
+        c["loop_also"] = {"mix": "cell", "before": 1.25, "after": 1.25, "factor": 1.25}
+        c["errors_loop_also"] = {m: 0.5 for m, _ in fid.METRICS}  # stale: the rescore replaces it
+    res = rescore_run(fid, monkeypatch, tmp_path, run, path)
+    for c in res["cells"]:
+        assert all(abs(e) < 1e-9 for e in c["errors_loop_also"].values()), c["errors_loop_also"]
+        assert c["errors"]["tpot.p50"] < -0.05 and c["headline"] == "loop"
+    out = capsys.readouterr().out
+    assert "targets, loop-drift-corrected (headline): median p50 error <= 5%: MISSED" in out
+    assert "targets, loop check, cell mix (x1.25..x1.25): median p50 error <= 5%: met" in out
+    assert res["loop_also"] == "cell" and res["aggregate_loop_also"]["tpot.p50"]["median"] < 1e-9
+
+
 def test_rescore_refuses_a_different_workload(tmp_path, monkeypatch):
     fid = fidelity_module()
     prof = busy_profile(1.2)
