@@ -19,8 +19,9 @@
    two busy cores slow each other moves by itself (measured: the same plans 20-35 % slower on one day
    while the alone check read 0.87-1.12). The alone-only correction is kept next to it.
    With the loop drift check (`--loop-drift-check`, on by default where the drift check is: the CPU), a
-   short mix of requests with the cell's trace's prompt and output lengths (`--loop-mix workload`; none of
-   its arrival times or outcomes) is replayed on the replicas between cells, and the
+   short mix of requests with the cell's trace's prompt and output lengths, under the cell's scheduler,
+   router and rate (`--loop-mix cell`; none of its arrival times or outcomes) is replayed on the replicas
+   right before and right after each cell, and the
    prediction scaled by the pace of its steps against the cost model, before and after each cell, is the
    headline, the reference-shape check's beside it (sim.calibrate.loop_pace: the replicas' processes, shared
    cores and serving loop, where the reference shapes are timed alone in this process; in four full runs it
@@ -651,17 +652,17 @@ def main() -> int:
                          "factors by busy / alone (default: off; with it, the alone-only correction is reported "
                          "too)")
     ap.add_argument("--loop-drift-check", action=argparse.BooleanOptionalAction, default=None,
-                    help="between cells, replay a short calibration mix on the replicas (sim.calibrate.loop_pace, "
-                         "about 10-15 s on this CPU) and scale the prediction by the pace its steps ran before and "
-                         "after each cell: the headline, with the reference-shape check's prediction beside it (one "
-                         "check serves as one cell's after and the next one's before; default: on for the CPU, "
-                         "off for CUDA, as `twinfer validate`)")
-    ap.add_argument("--loop-mix", choices=LOOP_MIXES, default="workload",
-                    help="the loop drift check's requests: 'workload' (default), lengths drawn from the cell's trace "
-                         "slice (the same requests for every cell of a trace, so one check still serves two cells of "
-                         "the same trace); 'cell', those lengths replayed under the cell's scheduler, router and "
-                         "rate (each cell its own two checks: about 10 min more per run); 'calibration', "
-                         "log-uniform lengths, nothing from the traces (the default up to run T)")
+                    help="before and after each cell, replay a short mix on the replicas (sim.calibrate.loop_pace, "
+                         "see --loop-mix; 13-40 s each on this CPU) and scale the prediction by the pace its steps "
+                         "ran: the headline, with the reference-shape check's prediction beside it (default: on for "
+                         "the CPU, off for CUDA, as `twinfer validate`)")
+    ap.add_argument("--loop-mix", choices=LOOP_MIXES, default="cell",
+                    help="the loop drift check's requests: 'cell' (default from run V on), lengths drawn from the "
+                         "cell's trace slice replayed under the cell's scheduler, router and rate (each cell its own "
+                         "two checks); 'workload', those lengths under chunked prefill and round robin at 60%% of "
+                         "capacity (the same requests for every cell of a trace, so one check serves two cells of "
+                         "the same trace; the default in runs T and U); 'calibration', log-uniform lengths that "
+                         "way, nothing from the traces (the default up to run S)")
     ap.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
                     help="a second loop drift check with this mix, before and after every cell (never shared), its "
                          "prediction and pace reading reported beside the headline's: two mixes on the same cells")

@@ -115,22 +115,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--loop-drift-check", dest="loop_drift_check", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="measure the machine's pace where the replicas run: before and after the real run(s), "
-                        "replay a short mix (24 requests with the workload's prompt and output lengths, see "
-                        "--loop-mix; 10-25 s each on a 2-core CPU) on the same replicas, read their steps' "
+                        "replay a short mix (24 requests with the workload's prompt and output lengths under its "
+                        "configuration and rate, see --loop-mix; 10-60 s each on a 2-core CPU) on the same "
+                        "replicas, read their steps' "
                         "time against the cost model, and scale the prediction by the geometric mean of the two. "
                         "With it, that prediction is the headline and the reference-shape check's is reported "
                         "beside it. On by default where the drift check is (the CPU): in four 24-cell fidelity "
                         "runs it read the cells' step pace better every time (median miss 3.5-4.1 %% against "
                         "3.9-6.9 %%)")
-    g.add_argument("--loop-mix", choices=LOOP_MIXES, default="workload",
-                   help="the loop drift check's requests: 'workload' (default), 24 whose prompt and output lengths "
-                        "are drawn from the workload's own (a fixed seed; none of its arrival times or outcomes), "
-                        "so the check reads the pace of the workload's mix of step shapes (the model's error "
-                        "differs by a few percent from one mix to another); 'cell', the same lengths replayed "
-                        "the way the workload is: its scheduler, router and mean arrival rate (Poisson), so the "
-                        "check's batch sizes and co-location follow the workload's too (slower at light load: "
-                        "24 requests at its rate); 'calibration', 24 of log-uniform lengths at 60 %% of "
-                        "capacity, nothing from the workload")
+    g.add_argument("--loop-mix", choices=LOOP_MIXES, default="cell",
+                   help="the loop drift check's requests: 'cell' (default), 24 whose prompt and output lengths are "
+                        "drawn from the workload's own (a fixed seed; none of its arrival times or outcomes), "
+                        "replayed the way the workload is: its scheduler, router and mean arrival rate (Poisson), "
+                        "so the check reads the pace of the workload's step shapes, batch sizes and co-location "
+                        "(the model's error differs by a few percent from one of those to another; at a low rate "
+                        "fewer requests, down to 8, so a check's arrivals span about a minute at most); "
+                        "'workload', the same lengths at 60 %% of capacity under chunked prefill and round robin; "
+                        "'calibration', 24 of log-uniform lengths that way, nothing from the workload")
     g.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
                    help="with the loop drift check: run a second check with this mix before and after as well, "
                         "and report its prediction beside the headline (a comparison of two mixes on the same "
@@ -591,12 +592,25 @@ def default_drift_check(device: str) -> bool:
 
 
 LOOP_MIXES = ("workload", "cell", "calibration")  # the loop drift check's request mix (run_validate's loop_mix)
+CELL_CHECK_SPAN_S = 60.0  # the "cell" mix's arrivals span at most about this long (`cell_check_requests`)
+CELL_CHECK_MIN_REQUESTS = 8
+
+
+def cell_check_requests(rate: float) -> int:
+    """How many requests a "cell" mix loop drift check replays at the workload's mean `rate` (requests/s):
+    sim.calibrate.LOOP_CHECK_REQUESTS, or fewer where those would arrive over more than CELL_CHECK_SPAN_S
+    (never below CELL_CHECK_MIN_REQUESTS), so a check of a sparse workload stays about a minute long."""
+    from sim.calibrate import LOOP_CHECK_REQUESTS
+
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"cell loop check: rate={rate!r} is out of range; allowed: a finite rate > 0 requests/s")
+    return int(max(CELL_CHECK_MIN_REQUESTS, min(LOOP_CHECK_REQUESTS, math.floor(rate * CELL_CHECK_SPAN_S) + 1)))
 
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
                  busy_drift_check: bool = False, loop_drift_check: bool | None = None,
-                 loop_before: dict[str, Any] | None = None, loop_mix: str = "workload",
+                 loop_before: dict[str, Any] | None = None, loop_mix: str = "cell",
                  loop_also: str | None = None) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
@@ -625,15 +639,16 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     "loop_drift" "decode_factor" and "with_prefill_factor"; None where a check has no ratio of one kind): over
     nine full fidelity runs on this project's CPU it did no better than the single factor (README).
     loop_before: a check already taken right before this call (a previous run's "after", with the same
-    loop_mix), used instead of a new one. loop_mix (LOOP_MIXES): "workload" (the default), 24 requests whose
+    loop_mix), used instead of a new one. loop_mix (LOOP_MIXES): "workload", 24 requests whose
     (prompt, output) pairs are drawn from the workload's own (traces.synth.fit_lengths, a fixed seed: the
     same requests every check), so the check runs the workload's mix of step shapes and reads the pace of
     those (no arrival time, outcome or measurement of the workload's is used); "calibration", 24 requests of
     log-uniform lengths, nothing from the workload (the default up to fidelity run T: its step shapes are not
-    the workload's, and the model's error differed between the two mixes by 2-6 % per trace); "cell", the
-    workload mix's lengths replayed under `cfg` (scheduler, router, replicas) at the workload's mean arrival
-    rate as Poisson arrivals, so the check also has the workload's batch sizes and co-location (a check of
-    one configuration does not serve another's: loop_before must come from the same cfg and rate).
+    the workload's, and the model's error differed between the two mixes by 2-6 % per trace); "cell" (the
+    default from fidelity run V on), the workload mix's lengths replayed under `cfg` (scheduler, router,
+    replicas) at the workload's mean arrival rate as Poisson arrivals, so the check also has the workload's
+    batch sizes and co-location (`cell_check_requests`: fewer requests at a low rate; a check of one
+    configuration does not serve another's: loop_before must come from the same cfg and rate).
     loop_also (a mix of LOOP_MIXES, with the loop check on): a second check of that mix, before the first one
     and after it, its prediction kept as "comparison_loop_also" and loop_drift["also"]: two mixes compared on
     the same real runs."""
@@ -704,7 +719,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     def check_loop(mix: str = loop_mix) -> dict[str, Any]:
         from traces.synth import fit_lengths
 
-        own = {"cfg": cfg, "rate": (len(w) - 1) / w.span} if mix == "cell" and len(w) > 1 and w.span > 0 else {}
+        own: dict[str, Any] = {}
+        if mix == "cell" and len(w) > 1 and w.span > 0:  # (one request, or all at once: no rate to keep)
+            rate = (len(w) - 1) / w.span
+            own = {"cfg": cfg, "rate": rate, "requests": cell_check_requests(rate)}
         return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None,
                          **({"lengths": fit_lengths(w)} if mix in ("workload", "cell") else {}), **own)
 

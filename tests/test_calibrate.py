@@ -640,16 +640,17 @@ def test_validate_command_with_the_drift_check(tmp_path, capsys):
 
 def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
     """The loop drift check on the real executor: the workload's lengths replayed on the replica before and
-    after the run, its steps read against the profile, and the prediction at that pace reported beside the
-    headline; with --loop-also cell, a second check in the run's own configuration and rate beside it."""
+    after the run, in the run's own configuration and at its rate, its steps read against the profile, and
+    the prediction at that pace reported beside the headline; with --loop-also workload, a second check in
+    the calibration configuration beside it."""
     from sim.cli import main
 
     _, path, trace, out = _tiny_validate_setup(tmp_path)
     assert main(["validate", "--profile", str(path), "--trace", str(trace), "--replicas", "1", "--out", str(out),
-                 "--no-progress", "--no-drift-check", "--loop-drift-check", "--loop-also", "cell"]) == 0
+                 "--no-progress", "--no-drift-check", "--loop-drift-check", "--loop-also", "workload"]) == 0
     text = capsys.readouterr().out
-    assert "loop drift check (the headline, workload mix): its steps ran" in text
-    assert "with a cell mix check instead (" in text
+    assert "loop drift check (the headline, cell mix): its steps ran" in text
+    assert "with a workload mix check instead (" in text
     assert "read by kind instead (decode " in text
     d = json.loads(out.read_text())
     lp = d["loop_drift"]
@@ -660,11 +661,12 @@ def test_validate_command_with_the_loop_drift_check(tmp_path, capsys):
         assert check["decode_steps"] > 0 and check["with_prefill_steps"] > 0 and check["factor"] > 0
     assert lp["steps_real_over_corrected"][0] == pytest.approx(d["step_check"][0]["busy_ratio"] / lp["factor"])
     al = lp["also"]
-    assert al["mix"] == "cell" and al["factor"] == pytest.approx(math.sqrt(al["before"]["factor"]
-                                                                           * al["after"]["factor"]))
+    assert al["mix"] == "workload" and al["factor"] == pytest.approx(math.sqrt(al["before"]["factor"]
+                                                                               * al["after"]["factor"]))
+    for check in (lp["before"], lp["after"]):
+        assert check["router"] == d["config"]["router"] and check["rate"] == pytest.approx(2.0)  # 3 requests in 1 s
     for check in (al["before"], al["after"]):
-        assert check["steps"] > 0 and check["router"] == d["config"]["router"] and check["requests"] == 24
-        assert check["rate"] == pytest.approx(2.0)  # the trace's mean rate: 3 requests over 1 s
+        assert check["steps"] > 0 and check["requests"] == 24 and "rate" not in check
     assert d["comparison_loop_also"]["metrics"]["e2e.p50"]["sim"] > 0
     # read by kind (beside the headline): each kind's geometric mean over the two checks
     for kind, key in (("decode", "decode_factor"), ("with_prefill", "with_prefill_factor")):

@@ -344,11 +344,11 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
     loop_it = iter(loop)
 
     def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False, lengths=None,
-                  cfg=None, rate=None):
+                  cfg=None, rate=None, requests=None):
         events.append("loop")
         f = next(loop_it)
         return {**(f if isinstance(f, dict) else {"factor": f}), "replicas": replicas, "contention": contention,
-                "lengths": lengths, "cfg": cfg, "rate": rate}
+                "lengths": lengths, "cfg": cfg, "rate": rate, "requests": requests}
 
     monkeypatch.setattr(sim.calibrate, "loop_pace", fake_loop)
     path = save_profile_file(prof, tmp_path / "p.toml")
@@ -509,12 +509,12 @@ def test_validate_reads_the_loop_check_by_kind(tmp_path, monkeypatch):
 
 
 def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch):
-    """--loop-mix workload (the default): the check's requests draw their (prompt, output) pairs from the
-    workload being validated (nothing else of it); the calibration mix borrows nothing; an unknown mix is
-    refused up front."""
+    """--loop-mix workload: the check's requests draw their (prompt, output) pairs from the workload being
+    validated (nothing else of it); the calibration mix borrows nothing; an unknown mix is refused up
+    front."""
     prof = synthetic_profile(max_context=1024)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    out = run(False, loop_drift_check=True)
+    out = run(False, loop_drift_check=True, loop_mix="workload")
     lp = out["loop_drift"]
     assert lp["mix"] == "workload" and events == ["loop", "run", "loop"]
     pairs = {(40 + 20 * (i % 3), 12) for i in range(24)}  # the stand-in workload's
@@ -531,23 +531,37 @@ def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch)
 
 
 def test_validate_loop_check_in_the_cells_own_configuration(tmp_path, monkeypatch):
-    """--loop-mix cell: the check replays the workload's lengths under the validated configuration (scheduler,
-    router, replicas, KV blocks) at the workload's mean rate; the other mixes replay the calibration
-    configuration (no cfg, no rate)."""
+    """--loop-mix cell (the default): the check replays the workload's lengths under the validated
+    configuration (scheduler, router, replicas, KV blocks) at the workload's mean rate; the other mixes
+    replay the calibration configuration (no cfg, no rate)."""
     prof = synthetic_profile(max_context=1024)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    out = run(False, loop_drift_check=True, loop_mix="cell")
+    out = run(False, loop_drift_check=True)
     lp = out["loop_drift"]
     assert lp["mix"] == "cell" and events == ["loop", "run", "loop"]
     for check in (lp["before"], lp["after"]):
         assert check["rate"] == pytest.approx(23 / (0.04 * 23))  # the stand-in workload: 24 requests 40 ms apart
         assert check["cfg"].scheduler == out_cfg_scheduler(out) and check["cfg"].router == out["config"]["router"]
         assert check["cfg"].num_blocks == out["config"]["num_blocks"] > 0
+        assert check["requests"] == 24  # 25 req/s: 24 arrive within a second
         inp, outp = check["lengths"].sample(200, np.random.default_rng(0))
         assert set(zip(inp.tolist(), outp.tolist())) == {(40 + 20 * (i % 3), 12) for i in range(24)}
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
-    lp = run(False, loop_drift_check=True)["loop_drift"]
-    assert lp["before"]["cfg"] is None and lp["before"]["rate"] is None
+    lp = run(False, loop_drift_check=True, loop_mix="workload")["loop_drift"]
+    assert lp["before"]["cfg"] is None and lp["before"]["rate"] is None and lp["before"]["requests"] is None
+
+
+def test_a_cell_check_of_a_sparse_workload_replays_fewer_requests():
+    """cell_check_requests: 24 requests where they arrive within a minute at the workload's rate, fewer (down to
+    8) where they would not, so the check stays about a minute long; a rate that is not positive is refused."""
+    from sim.calibrate_cli import CELL_CHECK_SPAN_S, cell_check_requests
+
+    assert cell_check_requests(25.0) == cell_check_requests(0.64) == 24  # the fidelity matrix's lightest cell
+    assert cell_check_requests(0.3) == 19 and (19 - 1) / 0.3 <= CELL_CHECK_SPAN_S < 19 / 0.3
+    assert cell_check_requests(0.01) == 8
+    for bad in (0.0, -2.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="rate=.* is out of range"):
+            cell_check_requests(bad)
 
 
 def out_cfg_scheduler(out: dict):
@@ -563,7 +577,7 @@ def test_validate_loop_also_compares_a_second_mix_on_the_same_runs(tmp_path, mon
     predicts with no error left; the headline's check, reading 1.1, predicts too fast."""
     prof = synthetic_profile(max_context=1024)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.25, loop=(1.25, 1.1, 1.1, 1.25))
-    out = run(False, loop_drift_check=True, loop_also="cell")
+    out = run(False, loop_drift_check=True, loop_mix="workload", loop_also="cell")
     assert events == ["loop", "loop", "run", "loop", "loop"]
     lp = out["loop_drift"]
     assert lp["factor"] == pytest.approx(1.1) and lp["mix"] == "workload" and lp["before"]["cfg"] is None
