@@ -854,7 +854,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     if loop["enabled"]:
         fb, fa = loop["before"]["factor"], loop["after"]["factor"]
         if max(fa, fb) / min(fa, fb) > 1.1:
-            notes.append(f"the loop drift check's calibration mix ran {fb:.2f} x the cost model before the real "
+            notes.append(f"the loop drift check ({loop['mix']} mix) ran {fb:.2f} x the cost model before the real "
                          f"run(s) and {fa:.2f} x after: the correction by their geometric mean {loop['factor']:.2f} "
                          f"is uncertain")
     return {"headline": headline, "comparison": cmp, "comparison_reference_drift": cmp_ref,

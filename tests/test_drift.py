@@ -461,7 +461,7 @@ def test_validate_brackets_the_real_run_with_the_loop_drift_check(tmp_path, monk
     assert abs(out["comparison_reference_drift"]["metrics"]["e2e.p50"]["rel_error"]) > 0.02
     assert out["sim"]["e2e"]["p50"] == out["comparison"]["metrics"]["e2e.p50"]["sim"]
     assert all(out["paired"][0][m]["median"] == pytest.approx(0.0, abs=1e-9) for m in ("ttft", "e2e"))
-    assert any("calibration mix ran 1.20 x the cost model before the real run(s) and 1.50 x after" in n
+    assert any("loop drift check (cell mix) ran 1.20 x the cost model before the real run(s) and 1.50 x after" in n
                for n in out["notes"])
     # the previous run's check serves as this one's before: one new check, after the run
     run, events = _validate_setup(tmp_path, monkeypatch, prof, level, loop=(1.5,))
