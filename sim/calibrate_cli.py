@@ -869,7 +869,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
             "cost_model": ("co-located, step by step (sim.contention)" if ccost is not None else
                            "busy-neighbour blend" if prof.busy is not None else "alone"),
             "sim": sim_sum, "sim_uncorrected": sim_raw, "real": reals,
-            "config": flatten(cfg), "profile": str(profile_path), "model": mname, "device": device, "threads": real_threads, "workload": w.name, "requests": len(w),
+            "config": flatten(cfg), "profile": str(profile_path), "model": mname, "device": device,
+            "threads": real_threads, "workload": w.name, "requests": len(w),
             "dropped_too_long": dropped, "real_wall_s": wall, "loadavg_1m": _loadavg()}
 
 
