@@ -61,7 +61,7 @@ out of both sides. Loads are shares of a saturation rate the fitted simulator gi
 (all requests at once: requests / makespan).
 
     python experiments/fidelity.py --quick      # 1 scheduler x 1 router: 6 cells, a few minutes
-    python experiments/fidelity.py              # all 24 cells (about half an hour on 2 cores)
+    python experiments/fidelity.py              # all 24 cells (about an hour on 2 cores with the default checks)
     python experiments/fidelity.py --profile p.toml --out results/   # reuse a profile; write JSON
     python experiments/fidelity.py --repeat 2 --out results/   # two real runs per cell: the executor against itself
     python experiments/fidelity.py --device cuda --model /models/llama --out fid-gpu/   # 2 replicas on one GPU
