@@ -297,6 +297,8 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
             if rows and all("errors_loop_drift" in r for r in rows) else {}),
          **({"aggregate_loop_kind": aggregate(rows, "errors_loop_kind")}
             if rows and all(r.get("errors_loop_kind") for r in rows) else {}),
+         **({"aggregate_loop_jitter": aggregate(rows, "errors_loop_jitter")}
+            if rows and all(r.get("errors_loop_jitter") for r in rows) else {}),
          **({"aggregate_loop_also": aggregate(rows, "errors_loop_also"), "loop_also": rows[0]["loop_also"]["mix"]}
             if rows and all(r.get("errors_loop_also") for r in rows) else {}),
          **({"aggregate_reference_drift": aggregate(rows, "errors_reference_drift")}
@@ -379,6 +381,7 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
               [("errors_loop_drift", "loop drift", "loop_drift"), ("errors_loop_kind", "loop check by kind",
                                                                    "loop_drift")])
     also_mix = (rows[0].get("loop_also") or {}).get("mix") if rows else None
+    others += [("errors_loop_jitter", "loop check + step jitter", "loop_drift")] if loop_head else []
     others += [("errors_loop_also", f"loop check, {also_mix} mix", "loop_also")] if loop_head and also_mix else []
     others += [("errors_reference_drift", "reference-shape check", "drift")] if loop_head else []
     others = [(key, lab, fk, aggregate(rows, key)) for key, lab, fk in others
@@ -498,7 +501,7 @@ def rescore(args: argparse.Namespace) -> int:
     from executor.replay import read_steps, resolve_model
     from rich.console import Console
     from sim.calibrate import drift_corrected, kind_corrected, loop_kind_factors, step_check
-    from sim.calibrate_cli import fit_to_model, profile_model_ref, same_model
+    from sim.calibrate_cli import fit_to_model, loop_jitter, profile_model_ref, same_model
     from traces.report import summarize
 
     src = Path(args.rescore)
@@ -540,8 +543,8 @@ def rescore(args: argparse.Namespace) -> int:
                              + "): different trace files or settings")
         dr = cell.get("drift")
 
-        def errors_of(cost) -> tuple[dict, dict]:
-            sm = summarize(simulate(w, cfg, cost=cost), cfg.slo)
+        def errors_of(cost, jitter=None) -> tuple[dict, dict]:
+            sm = summarize(simulate(w, cfg, cost=cost, jitter=jitter), cfg.slo)
             sim = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
             return sim, {m: rel_error(sim[m], cell["real"][m], m) for m, _ in METRICS}
 
@@ -583,6 +586,9 @@ def rescore(args: argparse.Namespace) -> int:
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if err_loop is not None:
             cell = {**cell, "errors_loop_drift": err_loop}
+        jit = loop_jitter(lp.get("before_detail") or {}, lp.get("after_detail") or {}) if lp else None
+        if jit is not None:  # the checks' step spread as recorded (against the run's own profile)
+            cell = {**cell, "errors_loop_jitter": errors_of(drift_corrected(base, lp["factor"]), jit)[1]}
         if cell.get("loop_also"):  # a second check's mix, its prediction again with this profile
             cell = {**cell, "errors_loop_also": errors_of(drift_corrected(base, cell["loop_also"]["factor"]))[1]}
         if err_kind is not None:
@@ -754,6 +760,7 @@ def main() -> int:
         t0 = cpu_times()
         res = run_validate(w, cfg, prof_path, args.model, args.device, args.repeat, 300.0,
                            keep_steps=out_dir / "steps" / f"cell{k + 1:02d}" if out_dir else None,
+                           keep_records=out_dir / "records" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
                            loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also,
                            loop_before=loop_prev if waited <= 10 else None)  # stale after a wait for quiet
@@ -780,6 +787,8 @@ def main() -> int:
                                          for m, _ in METRICS},
                    **({"errors_loop_kind": {m: res["comparison_loop_kind"]["metrics"][m]["rel_error"]
                                             for m, _ in METRICS}} if res["comparison_loop_kind"] else {}),
+                   **({"errors_loop_jitter": {m: res["comparison_loop_jitter"]["metrics"][m]["rel_error"]
+                                              for m, _ in METRICS}} if res.get("comparison_loop_jitter") else {}),
                    **({"errors_loop_also": {m: res["comparison_loop_also"]["metrics"][m]["rel_error"]
                                             for m, _ in METRICS},
                        "loop_also": {"mix": lp["also"]["mix"], "before": lp["also"]["before"]["factor"],
@@ -788,7 +797,7 @@ def main() -> int:
                       if lp.get("also") else {}),
                    "loop_drift": {"before": lp["before"]["factor"], "after": lp["after"]["factor"],
                                   "factor": lp["factor"], "mix": lp["mix"], "decode_factor": lp["decode_factor"],
-                                  "with_prefill_factor": lp["with_prefill_factor"],
+                                  "with_prefill_factor": lp["with_prefill_factor"], "jitter": lp.get("jitter"),
                                   "before_detail": lp["before"], "after_detail": lp["after"],
                                   "steps_real_over_corrected": lp["steps_real_over_corrected"]}}
                   if lp["enabled"] else {}),

@@ -1681,21 +1681,38 @@ def steps_features(steps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
     return X, d, kinds
 
 
+def _step_times(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: Any = None
+                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(real durations, the model's predictions, kinds) of an engine step log's steps (`step_check`)."""
+    X, d, kinds = steps_features(steps)
+    if not len(d):
+        return d, d, kinds
+    pred = cost.predict(X)
+    if contention is not None:
+        from sim.contention import step_predictions
+
+        pred = step_predictions(contention, steps)
+    return d, pred * loop_factors(contention if contention is not None else cost, steps), kinds
+
+
+def step_ratios(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: Any = None) -> dict[str, np.ndarray]:
+    """Each step's real time over the model's (as `step_check` predicts it), by kind: "decode" (decode-only
+    steps) and "with_prefill" (sim.jitter.KINDS): what sim.jitter.StepJitter.from_ratios reads."""
+    d, pred, kinds = _step_times(cost, steps, contention)
+    dec = np.array([k == "decode" for k in kinds], dtype=bool)
+    r = d / pred if len(d) else d
+    return {"decode": r[dec], "with_prefill": r[~dec]}
+
+
 def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: Any = None) -> dict[str, Any]:
     """The executor's own steps (an engine step log) against the cost model's prediction for each exact
     shape: separates step-time error (the model, or a machine busier than when profiled) from error in
     what the simulated schedule did. With `contention` (a sim.contention.ContentionCost), each step's
     prediction carries the slowdown of what the other replicas actually had in progress when it started.
     The cost model's serving-loop terms (`loop_factors`) apply as in the simulator."""
-    X, d, kinds = steps_features(steps)
+    d, pred, kinds = _step_times(cost, steps, contention)
     if not len(d):
         return {"steps": 0}
-    pred = cost.predict(X)
-    if contention is not None:
-        from sim.contention import step_predictions
-
-        pred = step_predictions(contention, steps)
-    pred = pred * loop_factors(contention if contention is not None else cost, steps)
     ratio = d / pred
     dec = np.array([k == "decode" for k in kinds])
     out: dict[str, Any] = {"steps": int(len(d)), "busy_s": float(d.sum()), "predicted_busy_s": float(pred.sum()),
@@ -2074,7 +2091,8 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
     forward passes alone in one process. `lengths`: the mix's prompt and output lengths (`mix_replay`; None:
     the log-uniform calibration mix); "mix" in the result names them. `cfg` and `rate`: the replay's
     configuration (scheduler, router, replicas) and arrival rate instead of the calibration defaults
-    (`mix_replay`): the "cell" mix of `twinfer validate`, the validated run's own."""
+    (`mix_replay`): the "cell" mix of `twinfer validate`, the validated run's own. "jitter": the spread of its
+    steps' real / model ratios by kind (sim.jitter.StepJitter.to_dict), for the simulator's step jitter."""
     if requests < 4:
         raise ValueError(f"loop drift check: requests={requests} is out of range; allowed: >= 4")
     t0 = time.perf_counter()
@@ -2083,7 +2101,11 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
     chk = step_check(forward, steps, contention=forward if contention else None)
     if not chk.get("steps"):
         raise RuntimeError(f"loop drift check: the calibration replay ({requests} requests) logged no step")
-    return {"factor": chk["busy_ratio"], "median_ratio": chk["median_ratio"], "steps": chk["steps"],
+    from sim.jitter import StepJitter
+
+    jit = StepJitter.from_ratios(step_ratios(forward, steps, contention=forward if contention else None),
+                                 source="loop drift check")
+    return {"factor": chk["busy_ratio"], "jitter": jit.to_dict(), "median_ratio": chk["median_ratio"], "steps": chk["steps"],
             "decode": chk["decode_only"]["busy_ratio"], "with_prefill": chk["with_prefill"]["busy_ratio"],
             "decode_steps": chk["decode_only"]["steps"], "with_prefill_steps": chk["with_prefill"]["steps"],
             "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0,

@@ -139,6 +139,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = v.add_argument_group("output")
     o.add_argument("--out", help="JSON file for the comparison, both summaries and the settings")
     o.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    o.add_argument("--records", metavar="PREFIX",
+                   help="write per-request records: the headline prediction's to PREFIX.sim.csv, the prediction at "
+                        "the real run's step pace to PREFIX.paced.csv, real run K's to PREFIX.real.K.csv (same "
+                        "columns, matched by id)")
     o.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     v.set_defaults(func=cmd_validate)
 
@@ -607,13 +611,29 @@ def cell_check_requests(rate: float) -> int:
     return int(max(CELL_CHECK_MIN_REQUESTS, min(LOOP_CHECK_REQUESTS, math.floor(rate * CELL_CHECK_SPAN_S) + 1)))
 
 
+def loop_jitter(before: dict[str, Any], after: dict[str, Any]) -> Any:
+    """The step jitter (sim.jitter.StepJitter) of the two loop drift checks' steps pooled (their quantile
+    functions averaged), or None where a check recorded none (before it was kept) or neither has a kind with
+    enough steps."""
+    from sim.jitter import StepJitter
+
+    if not all(isinstance(c, dict) and c.get("jitter") for c in (before, after)):
+        return None
+    j = StepJitter.pooled([StepJitter.from_dict(before["jitter"]), StepJitter.from_dict(after["jitter"])],
+                          source="loop drift checks, before and after")
+    return j if j.quantiles else None
+
+
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
                  busy_drift_check: bool = False, loop_drift_check: bool | None = None,
                  loop_before: dict[str, Any] | None = None, loop_mix: str = "cell",
-                 loop_also: str | None = None) -> dict[str, Any]:
+                 loop_also: str | None = None, keep_records: str | Path | None = None) -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
+    keep_records: a path prefix; the headline prediction's per-request records go to PREFIX.sim.csv, the
+    prediction at the real runs' own step pace ("step_time_corrected") to PREFIX.paced.csv and each real run's
+    to PREFIX.real.K.csv (traces.records schema, matched by id), for a request-by-request look.
 
     drift_check (None: `default_drift_check` of the device): time the profile's reference shapes
     (sim.calibrate.measure_drift) in this process right
@@ -637,7 +657,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     them (sim.calibrate.kind_corrected: decode-only steps scaled by the geometric mean of the two checks'
     decode ratios, steps with prefill tokens by that of their with-prefill ratios; "comparison_loop_kind",
     "loop_drift" "decode_factor" and "with_prefill_factor"; None where a check has no ratio of one kind): over
-    nine full fidelity runs on this project's CPU it did no better than the single factor (README).
+    nine full fidelity runs on this project's CPU it did no better than the single factor (README). The
+    prediction with step jitter is kept beside them too ("comparison_loop_jitter", `loop_jitter`: the single
+    factor, each simulated step's time times a draw from the spread of the two checks' own steps around the
+    model, sim.jitter; "loop_drift" "jitter": its p10/p50/p90 per kind).
     loop_before: a check already taken right before this call (a previous run's "after", with the same
     loop_mix), used instead of a new one. loop_mix (LOOP_MIXES): "workload", 24 requests whose
     (prompt, output) pairs are drawn from the workload's own (traces.synth.fit_lengths, a fixed seed: the
@@ -755,6 +778,9 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         reals.append(summarize(res, cfg.slo))
         real_records.append(res.records)
         run_bands.append(sampling_bands(res.records))
+        if keep_records is not None:
+            Path(keep_records).parent.mkdir(parents=True, exist_ok=True)
+            res.write_csv(f"{keep_records}.real.{k}.csv")
     # each real figure's resampling band (the median band over the runs)
     bands = {k: (float(np.median([b[k][0] for b in run_bands])), float(np.median([b[k][1] for b in run_bands])))
              for k in set.intersection(*(set(b) for b in run_bands))}
@@ -783,7 +809,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                 "after": busy_after,
                 "steps_real_over_corrected": [step_check(fwd, lg, contention=fwd).get("busy_ratio") for lg in logs]}
     loop: dict[str, Any] = {"enabled": False}
-    cmp_loop = cmp_kind = cmp_also = None
+    cmp_loop = cmp_kind = cmp_also = cmp_jit = None
     cmp_ref = cmp  # the reference-shape check's prediction (the uncorrected one with that check off)
     headline = "reference" if drift["enabled"] else "uncorrected"
     if loop_b is not None:
@@ -793,6 +819,10 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         loop_sum = summarize(loop_res, cfg.slo)
         cmp = cmp_loop = compare(loop_sum, reals, bands)
         head_res, sim_sum, headline = loop_res, loop_sum, "loop"
+        jit = loop_jitter(loop_b, loop_a)
+        if jit is not None:  # the same pace, each step's time drawn around it as the checks' steps spread
+            cmp_jit = compare(summarize(simulate(w, cfg, cost=drift_corrected(cost, lf), jitter=jit), cfg.slo),
+                              reals, bands)
         kf = loop_kind_factors(loop_b, loop_a)
         if kf is not None:  # decode and prefill steps each at their own pace: beside the headline
             cmp_kind = compare(summarize(simulate(w, cfg, cost=kind_corrected(cost, *kf)), cfg.slo), reals, bands)
@@ -803,6 +833,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
             cmp_also = compare(summarize(simulate(w, cfg, cost=drift_corrected(cost, af)), cfg.slo), reals, bands)
             also = {"mix": loop_also, "factor": af, "before": also_b, "after": also_a}
         loop = {"enabled": True, "factor": lf, "before": loop_b, "after": loop_a, "mix": loop_mix, "also": also,
+                "jitter": jit.summary() if jit is not None else None,
                 "decode_factor": kf[0] if kf else None, "with_prefill_factor": kf[1] if kf else None,
                 "before_shared": loop_before is not None,
                 "steps_real_over_corrected": [sc["busy_ratio"] / lf for sc in steps if sc.get("steps")]}
@@ -814,6 +845,9 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     corrected = {"factor": factor, "median_abs_rel_error": corr["median_abs_rel_error"],
                  "rel_errors": {k: v["rel_error"] for k, v in corr["metrics"].items()},
                  "paired": [paired_errors(paced_res.records, rr) for rr in real_records]}
+    if keep_records is not None:
+        head_res.write_csv(f"{keep_records}.sim.csv")
+        paced_res.write_csv(f"{keep_records}.paced.csv")
     notes = []
     if drift_default_off:
         notes.append(f"drift check off on {device} by default (on a GPU its short reference timings misread the "
@@ -860,7 +894,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     return {"headline": headline, "comparison": cmp, "comparison_reference_drift": cmp_ref,
             "comparison_uncorrected": cmp_raw, "drift": drift,
             "comparison_alone_drift": cmp_alone, "loop_drift": loop, "comparison_loop_drift": cmp_loop,
-            "comparison_loop_kind": cmp_kind, "comparison_loop_also": cmp_also,
+            "comparison_loop_kind": cmp_kind, "comparison_loop_also": cmp_also, "comparison_loop_jitter": cmp_jit,
             "paired": [paired_errors(head_res.records, rr) for rr in real_records],
             # the executor against itself: each later real run's requests over the first run's
             "paired_real": [paired_errors(rr, real_records[0]) for rr in real_records[1:]],
@@ -884,7 +918,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     w = load_workload(args)
     out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
                        drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
-                       loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also)
+                       loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also,
+                       keep_records=args.records)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
@@ -936,6 +971,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              f", with prefill {lp['before']['with_prefill']:.3f} / {lp['after']['with_prefill']:.3f}: "
                              f"decode steps x{lp['decode_factor']:.3f}, steps with prefill tokens "
                              f"x{lp['with_prefill_factor']:.3f}): {_p50_errors(out['comparison_loop_kind'])}")
+        if out["comparison_loop_jitter"] is not None:
+            from sim.jitter import describe
+
+            _console().print(f"with step jitter (each step's time drawn around that pace as the checks' steps spread: "
+                             f"{describe(loop_jitter(lp['before'], lp['after']))}): "
+                             f"{_p50_errors(out['comparison_loop_jitter'])}")
         if lp.get("also"):
             al = lp["also"]
             _console().print(f"with a {al['mix']} mix check instead ({al['before']['factor']:.3f} before, "

@@ -114,6 +114,7 @@ class Replica:
         # t_next: when this replica next acts by itself (that step's end, a queue deadline, inf: never).
         self._pend: tuple | None = None
         self.t_next = math.inf
+        self._jit: Callable[[bool], float] | None = None  # step-time jitter (sim.jitter), set by build_cluster
         self.num_outstanding = len(sched.waiting) + len(sched.running)
         self.proc = env.process(self._loop()) if not direct else None
 
@@ -270,12 +271,16 @@ class Replica:
                 w, fac = self.cost.alone_time(f), self.cost.factor_now(f)
                 if self._loop_terms:
                     w = self._with_loop_terms(w, f, p is None, now)
+                if self._jit is not None:
+                    w *= self._jit(f.prefill_tokens > 0)
                 self._prog = [now, w, fac]
                 end = now + w * fac
             else:
                 t = self.cost.step_time(f)
                 if self._loop_terms:
                     t = self._with_loop_terms(t, f, p is None, now)
+                if self._jit is not None:
+                    t *= self._jit(f.prefill_tokens > 0)
                 end = now + t
         else:
             run = self.cost.decode_run(f)
@@ -512,9 +517,11 @@ def router_options(name: str, cost: CostModel) -> dict[str, float]:
 
 
 def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = None, check: bool = False,
-                  direct: bool | None = None) -> Cluster:
+                  direct: bool | None = None, jitter: Any = None) -> Cluster:
     """Wire every object of a run in one visible place. direct: drive it with run_direct (None: whenever
-    the configuration allows it; False: always SimPy)."""
+    the configuration allows it; False: always SimPy). jitter (sim.jitter.StepJitter): every step's time
+    times a random factor from its kind's table, a stream per replica seeded by cfg.seed (decode-run
+    jumps off: each step draws its own)."""
     cost = cost if cost is not None else load_cost_model(cfg.profile, cfg.tp, cfg.gpu_memory_utilization)
     num_blocks = cfg.num_blocks or cost.kv_capacity_tokens // cfg.scheduler.block_size
     meta: dict[str, Any] = {"cost_model": getattr(cost, "name", type(cost).__name__),
@@ -535,7 +542,7 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
     # A cost model whose step times depend on what co-located replicas run (`for_replica(i, replicas)`
     # gives replica i its own view of the others' `current` steps) may also forbid decode-run jumps.
     bind = getattr(cost, "for_replica", None)
-    jump = cfg.jump and getattr(cost, "jump_ok", True)
+    jump = cfg.jump and getattr(cost, "jump_ok", True) and jitter is None
     # The direct driver (run_direct) needs every outside event that can touch a replica to be a known
     # arrival: open loop, nothing between the front end and the replicas, no faults, no other processes,
     # step times of its own (a cost model can opt out with `direct_ok = False`); otherwise SimPy drives.
@@ -553,6 +560,10 @@ def build_cluster(workload: Workload, cfg: SimConfig, cost: CostModel | None = N
             sched.waiting = new_queue()
         replicas.append(Replica(env, i, sched, cost if bind is None else bind(i, replicas), records, jump,
                                 new_queue, direct=direct))
+        if jitter is not None:
+            replicas[-1]._jit = jitter.sampler(cfg.seed, i)
+    if jitter is not None:
+        meta["step_jitter"] = jitter.summary()
     router = create_router(cfg.router, seed=cfg.seed, **router_options(cfg.router, cost))
     fe = Frontend(env, replicas, records, router, workload, cfg, check=check)
     mem = cfg.memory
@@ -650,12 +661,13 @@ def _checked(sched: ContinuousBatchingScheduler) -> None:
 
 def simulate(workload: Workload, cfg: SimConfig, cost: CostModel | None = None,
              progress: Callable[[int], None] | None = None, check: bool = False,
-             direct: bool | None = None) -> RunResult:
+             direct: bool | None = None, jitter: Any = None) -> RunResult:
     """Replay `workload` through a simulated cluster; every request ends with one record.
+    jitter (sim.jitter.StepJitter): random step-time factors (build_cluster).
     `check=True` verifies the KV pool's invariants after every step and the front end's (result cache
     capacity and expiry, submissions only to replicas that are up) as it goes (for tests)."""
     t0 = time.perf_counter()
-    cluster = build_cluster(workload, cfg, cost, check=check, direct=direct)
+    cluster = build_cluster(workload, cfg, cost, check=check, direct=direct, jitter=jitter)
     if check:
         for rep in cluster.replicas:
             _checked(rep.sched)
