@@ -410,6 +410,13 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
               "over its requests; marked * per cell above): "
               + ", ".join(f"{lab} {sum(1 for r in rows if r['in_sampling_band'][m])}/{len(rows)}"
                           for m, lab in METRICS if m != "throughput_rps"))
+    if rows and all(r.get("in_jitter_band") for r in rows):
+        from sim.calibrate import JITTER_BAND, JITTER_RUNS
+
+        con.print(f"inside the step-jitter prediction's p{JITTER_BAND[0]:.0f}..p{JITTER_BAND[1]:.0f} over {JITTER_RUNS} "
+                  "seeds (what the checks' step-to-step spread alone moves the prediction by): "
+                  + ", ".join(f"{lab} {sum(1 for r in rows if r['in_jitter_band'][m])}/{len(rows)}"
+                              for m, lab in METRICS if m != "throughput_rps"))
     if drift_on:
         con.print("drift correction, median |error| over cells (uncorrected -> corrected): "
                   + ", ".join(f"{lab} {agg_raw[m]['median']:.1%} -> {agg[m]['median']:.1%}" for m, lab in METRICS))
@@ -500,7 +507,7 @@ def rescore(args: argparse.Namespace) -> int:
     from the run's kept step logs (steps/cellNN.0.csv) when there."""
     from executor.replay import read_steps, resolve_model
     from rich.console import Console
-    from sim.calibrate import drift_corrected, kind_corrected, loop_kind_factors, step_check
+    from sim.calibrate import drift_corrected, jittered_prediction, kind_corrected, loop_kind_factors, step_check
     from sim.calibrate_cli import fit_to_model, loop_jitter, profile_model_ref, same_model
     from traces.report import summarize
 
@@ -543,8 +550,8 @@ def rescore(args: argparse.Namespace) -> int:
                              + "): different trace files or settings")
         dr = cell.get("drift")
 
-        def errors_of(cost, jitter=None) -> tuple[dict, dict]:
-            sm = summarize(simulate(w, cfg, cost=cost, jitter=jitter), cfg.slo)
+        def errors_of(cost) -> tuple[dict, dict]:
+            sm = summarize(simulate(w, cfg, cost=cost), cfg.slo)
             sim = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
             return sim, {m: rel_error(sim[m], cell["real"][m], m) for m, _ in METRICS}
 
@@ -588,7 +595,11 @@ def rescore(args: argparse.Namespace) -> int:
             cell = {**cell, "errors_loop_drift": err_loop}
         jit = loop_jitter(lp.get("before_detail") or {}, lp.get("after_detail") or {}) if lp else None
         if jit is not None:  # the checks' step spread as recorded (against the run's own profile)
-            cell = {**cell, "errors_loop_jitter": errors_of(drift_corrected(base, lp["factor"]), jit)[1]}
+            js, jb, _ = jittered_prediction(w, cfg, drift_corrected(base, lp["factor"]), jit)
+            sim_j = {m: (js[m] if m == "throughput_rps" else js[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
+            cell = {**cell, "errors_loop_jitter": {m: rel_error(sim_j[m], cell["real"][m], m) for m, _ in METRICS},
+                    "in_jitter_band": {m: (bool(jb[m][0] - 1e-9 <= cell["real"][m] <= jb[m][1] + 1e-9)
+                                           if m in jb else None) for m, _ in METRICS}}
         if cell.get("loop_also"):  # a second check's mix, its prediction again with this profile
             cell = {**cell, "errors_loop_also": errors_of(drift_corrected(base, cell["loop_also"]["factor"]))[1]}
         if err_kind is not None:
@@ -788,7 +799,9 @@ def main() -> int:
                    **({"errors_loop_kind": {m: res["comparison_loop_kind"]["metrics"][m]["rel_error"]
                                             for m, _ in METRICS}} if res["comparison_loop_kind"] else {}),
                    **({"errors_loop_jitter": {m: res["comparison_loop_jitter"]["metrics"][m]["rel_error"]
-                                              for m, _ in METRICS}} if res.get("comparison_loop_jitter") else {}),
+                                              for m, _ in METRICS},
+                       "in_jitter_band": {m: res["comparison_loop_jitter"]["metrics"][m]["real_in_prediction_band"]
+                                          for m, _ in METRICS}} if res.get("comparison_loop_jitter") else {}),
                    **({"errors_loop_also": {m: res["comparison_loop_also"]["metrics"][m]["rel_error"]
                                             for m, _ in METRICS},
                        "loop_also": {"mix": lp["also"]["mix"], "before": lp["also"]["before"]["factor"],

@@ -1567,6 +1567,65 @@ def paired_errors(sim_records: Any, real_records: Any) -> dict[str, Any]:
     return out
 
 
+JITTER_RUNS = 9  # simulations with step jitter per prediction (seeds cfg.seed, cfg.seed + 1, ...)
+JITTER_BAND = (10.0, 90.0)  # the prediction's band over them, percentiles
+
+
+def jittered_prediction(w: Any, cfg: Any, cost: Any, jitter: Any, runs: int = JITTER_RUNS
+                        ) -> tuple[dict[str, Any], dict[str, tuple[float, float]], Any]:
+    """The simulator with step jitter (sim.jitter), `runs` times with seeds cfg.seed, cfg.seed + 1, ...: one
+    run's percentile of a few dozen requests moves with its draws as a real run's does, so the prediction is
+    the median over the runs of each compared figure, and the runs' JITTER_BAND percentiles of it are the
+    prediction's band (what the machine's step-to-step spread alone moves it by). Returns (a summary as
+    traces.report.summarize gives, its compared figures replaced by those medians; the bands by `compare`
+    key; the first run's RunResult, for its records)."""
+    import dataclasses
+
+    from sim.cluster import simulate
+    from traces.report import summarize
+
+    if runs < 1:
+        raise ValueError(f"jittered prediction: runs={runs} is out of range; allowed: >= 1")
+    results, sums = [], []
+    for k in range(runs):
+        res = simulate(w, dataclasses.replace(cfg, seed=cfg.seed + k), cost=cost, jitter=jitter)
+        results.append(res)
+        sums.append(summarize(res, cfg.slo))
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in sums[0].items()}
+    bands: dict[str, tuple[float, float]] = {}
+
+    def put(key: str, vals: list[float]) -> float:
+        v = np.asarray(vals, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if not len(v):
+            return math.nan
+        bands[key] = (float(np.percentile(v, JITTER_BAND[0])), float(np.percentile(v, JITTER_BAND[1])))
+        return float(np.median(v))
+
+    for m, _ in COMPARED:
+        for q in COMPARED_QUANTILES:
+            out[m][q] = put(f"{m}.{q}", [s[m][q] for s in sums])
+    for k, _ in COMPARED_RATES:
+        out[k] = put(k, [s[k] for s in sums])
+    return out, bands, results[0]
+
+
+def with_prediction_band(cmp: dict[str, Any], bands: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """`compare`'s output with each figure's prediction band (`jittered_prediction`) and whether the real
+    figure (the median over real runs) fell inside it: "prediction_band", "real_in_prediction_band";
+    "in_prediction_band" counts them."""
+    n = 0
+    for key, row in cmp["metrics"].items():
+        b = bands.get(key)
+        row["prediction_band"] = list(b) if b else None
+        inside = (bool(b[0] - ZERO_S <= row["real"] <= b[1] + ZERO_S) if b and math.isfinite(row["real"]) else None)
+        row["real_in_prediction_band"] = inside
+        n += bool(inside)
+    cmp["in_prediction_band"] = n
+    cmp["prediction_band_level"] = list(JITTER_BAND)
+    return cmp
+
+
 def compare(sim_summary: Mapping[str, Any], real_summaries: Sequence[Mapping[str, Any]],
             bands: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Side by side: every compared figure of the simulator's summary against the executor's runs

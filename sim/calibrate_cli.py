@@ -660,7 +660,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     nine full fidelity runs on this project's CPU it did no better than the single factor (README). The
     prediction with step jitter is kept beside them too ("comparison_loop_jitter", `loop_jitter`: the single
     factor, each simulated step's time times a draw from the spread of the two checks' own steps around the
-    model, sim.jitter; "loop_drift" "jitter": its p10/p50/p90 per kind).
+    model, sim.jitter; the median of sim.calibrate.JITTER_RUNS such runs, each figure with its band over them,
+    sim.calibrate.with_prediction_band; "loop_drift" "jitter": the spread's p10/p50/p90 per kind).
     loop_before: a check already taken right before this call (a previous run's "after", with the same
     loop_mix), used instead of a new one. loop_mix (LOOP_MIXES): "workload", 24 requests whose
     (prompt, output) pairs are drawn from the workload's own (traces.synth.fit_lengths, a fixed seed: the
@@ -679,8 +680,9 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
 
     from executor.replay import read_steps, resolve_model, run_workload
     from sim.calibrate import (
-        compare, drift_corrected, drift_reference_shapes, kind_corrected, loop_kind_factors, loop_pace,
-        neighbour_share, paired_errors, read_profile_file, sampling_bands, settled_drift, step_check,
+        compare, drift_corrected, drift_reference_shapes, jittered_prediction, kind_corrected, loop_kind_factors,
+        loop_pace, neighbour_share, paired_errors, read_profile_file, sampling_bands, settled_drift, step_check,
+        with_prediction_band,
     )
     from sim.cluster import simulate
     from sim.config import flatten
@@ -821,8 +823,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         head_res, sim_sum, headline = loop_res, loop_sum, "loop"
         jit = loop_jitter(loop_b, loop_a)
         if jit is not None:  # the same pace, each step's time drawn around it as the checks' steps spread
-            cmp_jit = compare(summarize(simulate(w, cfg, cost=drift_corrected(cost, lf), jitter=jit), cfg.slo),
-                              reals, bands)
+            jit_sum, jit_bands, _ = jittered_prediction(w, cfg, drift_corrected(cost, lf), jit)
+            cmp_jit = with_prediction_band(compare(jit_sum, reals, bands), jit_bands)
         kf = loop_kind_factors(loop_b, loop_a)
         if kf is not None:  # decode and prefill steps each at their own pace: beside the headline
             cmp_kind = compare(summarize(simulate(w, cfg, cost=kind_corrected(cost, *kf)), cfg.slo), reals, bands)
@@ -972,11 +974,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              f"decode steps x{lp['decode_factor']:.3f}, steps with prefill tokens "
                              f"x{lp['with_prefill_factor']:.3f}): {_p50_errors(out['comparison_loop_kind'])}")
         if out["comparison_loop_jitter"] is not None:
+            from sim.calibrate import JITTER_RUNS
             from sim.jitter import describe
 
+            cj = out["comparison_loop_jitter"]
             _console().print(f"with step jitter (each step's time drawn around that pace as the checks' steps spread: "
-                             f"{describe(loop_jitter(lp['before'], lp['after']))}): "
-                             f"{_p50_errors(out['comparison_loop_jitter'])}")
+                             f"{describe(loop_jitter(lp['before'], lp['after']))}; median of {JITTER_RUNS} seeds): "
+                             f"{_p50_errors(cj)}; the real figure inside the seeds' p10..p90 for "
+                             f"{cj['in_prediction_band']} of {len(cj['metrics'])}")
         if lp.get("also"):
             al = lp["also"]
             _console().print(f"with a {al['mix']} mix check instead ({al['before']['factor']:.3f} before, "

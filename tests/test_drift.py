@@ -827,3 +827,65 @@ def test_refit_needs_a_grid_with_the_padded_features():
     old = [{k: v for k, v in r.items() if k != "decode_padded"} for r in prof.grid]
     with pytest.raises(ValueError, match="grid row 1 .* has no decode_padded"):
         refit_profile(dataclasses.replace(prof, grid=old), where="p.toml")
+
+
+def test_loop_pace_records_its_steps_spread_for_the_step_jitter(monkeypatch):
+    """loop_pace keeps the spread of its steps' real / model ratios by kind (sim.jitter.StepJitter): decode steps
+    that ran 1.1 and 1.3 x the model in turn give a table from 1.1 / 1.2 to 1.3 / 1.2 around a mean of 1; the
+    eight prefill steps, all 1.6 x, give a flat one."""
+    import sim.calibrate
+    from sim.calibrate import loop_factors, loop_pace, step_ratios, steps_features
+    from sim.jitter import StepJitter
+
+    n = 40
+    pt = np.where(np.arange(n) % 5 == 0, 300, 0)
+    log = {"replica": np.zeros(n, np.int64), "decode_context": np.where(pt > 0, 0, 400),
+           "prefill_tokens": pt, "decode_seqs": np.where(pt > 0, 0, 4), "sampled": np.where(pt > 0, 1, 4),
+           "attention_pairs": np.where(pt > 0, 300 * 301 // 2, 400), "decode_groups": np.where(pt > 0, 0, 1),
+           "decode_padded_context": np.where(pt > 0, 0, 400), "decode_breaks": np.where(pt > 0, 0, 20),
+           "start": np.arange(n) * 0.05, "duration": np.zeros(n)}
+    pred = TRUE.predict(steps_features(log)[0]) * loop_factors(TRUE, log)
+    dec_f = np.where(np.arange(n) % 2 == 0, 1.1, 1.3)
+    log["duration"] = pred * np.where(pt > 0, 1.6, dec_f)
+    r = step_ratios(TRUE, log)
+    assert len(r["decode"]) == 32 and len(r["with_prefill"]) == 8
+    assert np.allclose(r["with_prefill"], 1.6) and np.allclose(r["decode"], dec_f[pt == 0])
+    monkeypatch.setattr(sim.calibrate, "mix_replay", lambda *a, **k: log)
+    j = StepJitter.from_dict(loop_pace("tiny", 2, 512, TRUE, 16, "cpu")["jitter"])
+    mean = r["decode"].mean()
+    assert j.quantile("decode", 0.0) == pytest.approx(1.1 / mean) and j.quantile("decode", 1.0) == pytest.approx(1.3 / mean)
+    assert np.allclose(j.quantiles["with_prefill"], 1.0) and j.steps == {"decode": 32, "with_prefill": 8}
+
+
+def test_validate_predicts_with_the_loop_checks_step_jitter_beside_the_headline(tmp_path, monkeypatch):
+    """With the loop checks' step spread recorded, validate also predicts with each step's time drawn from it
+    ("comparison_loop_jitter"): a table of ones predicts exactly what the single factor does; a spread one
+    predicts something else for the same requests; checks that kept no spread give no such prediction."""
+    from sim.jitter import StepJitter
+
+    prof = synthetic_profile(max_context=1024)
+    ones = StepJitter({"decode": [1.0, 1.0], "with_prefill": [1.0, 1.0]}).to_dict()
+    run, _ = _validate_setup(tmp_path, monkeypatch, prof, 1.2,
+                             loop=({"factor": 1.2, "jitter": ones}, {"factor": 1.2, "jitter": ones}))
+    out = run(False, loop_drift_check=True)
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):
+        assert out["comparison_loop_jitter"]["metrics"][m]["rel_error"] == pytest.approx(
+            out["comparison_loop_drift"]["metrics"][m]["rel_error"], abs=1e-9)
+    assert out["loop_drift"]["jitter"]["decode"]["p50"] == 1.0
+    spread = StepJitter.from_ratios({"decode": np.linspace(0.5, 2.5, 60),
+                                     "with_prefill": np.linspace(0.5, 2.5, 60)}).to_dict()
+    run, _ = _validate_setup(tmp_path, monkeypatch, prof, 1.2,
+                             loop=({"factor": 1.2, "jitter": spread}, {"factor": 1.2, "jitter": spread}))
+    out = run(False, loop_drift_check=True)
+    cj, cl = out["comparison_loop_jitter"]["metrics"], out["comparison_loop_drift"]["metrics"]
+    assert cj["e2e.p99"]["sim"] != pytest.approx(cl["e2e.p99"]["sim"], rel=1e-6)
+    for m in ("ttft.p50", "tpot.p50", "e2e.p50", "e2e.p99"):  # the median of the seeds, inside their band
+        lo, hi = cj[m]["prediction_band"]
+        assert lo <= cj[m]["sim"] <= hi and lo < hi
+        assert cj[m]["real_in_prediction_band"] == (lo <= cj[m]["real"] <= hi)
+    assert out["comparison_loop_jitter"]["in_prediction_band"] == sum(
+        bool(r["real_in_prediction_band"]) for r in cj.values())
+    assert out["comparison"] is out["comparison_loop_drift"]  # the headline stays the single factor
+    run, _ = _validate_setup(tmp_path, monkeypatch, prof, 1.2, loop=(1.2, 1.2))
+    out = run(False, loop_drift_check=True)
+    assert out["comparison_loop_jitter"] is None and out["loop_drift"]["jitter"] is None

@@ -173,6 +173,38 @@ def test_rescore_recomputes_a_second_loop_checks_prediction(tmp_path, monkeypatc
     assert res["loop_also"] == "cell" and res["aggregate_loop_also"]["tpot.p50"]["median"] < 1e-9
 
 
+def test_rescore_recomputes_the_prediction_with_step_jitter(tmp_path, monkeypatch, capsys):
+    """A run whose loop checks kept their steps' spread: the rescore predicts with it again (a table of ones:
+    exactly the single factor's prediction) and reports it beside the headline; without the spread, no such
+    row."""
+    from sim.jitter import StepJitter
+
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    ones = {"factor": 1.1, "jitter": StepJitter({"decode": [1.0, 1.0], "with_prefill": [1.0, 1.0]}).to_dict()}
+    run = recorded_run(fid, path, prof, 1.25, loop=1.1, loop_detail=(ones, ones))
+    for c in run["cells"]:
+        c["headline"] = "loop"
+    res = rescore_run(fid, monkeypatch, tmp_path, run, path)
+    for c in res["cells"]:
+        for m, _ in fid.METRICS:
+            assert c["errors_loop_jitter"][m] == pytest.approx(c["errors_loop_drift"][m], abs=1e-9)
+    assert res["aggregate_loop_jitter"]["tpot.p50"]["median"] == pytest.approx(res["aggregate"]["tpot.p50"]["median"])
+    for c in res["cells"]:  # a table of ones: every seed the same run, a band of one point the real is not on
+        assert c["in_jitter_band"]["ttft.p50"] is False
+    out = capsys.readouterr().out
+    assert "targets, loop check + step jitter (x1.10..x1.10): median p50 error <= 5%: MISSED" in out
+    assert "inside the step-jitter prediction's p10..p90 over 9 seeds" in out and "TTFT p50 0/2" in out
+    bare = recorded_run(fid, path, prof, 1.25, loop=1.1)
+    for c in bare["cells"]:
+        c["headline"] = "loop"
+    (tmp_path / "bare").mkdir()
+    res = rescore_run(fid, monkeypatch, tmp_path / "bare", bare, path)
+    assert "aggregate_loop_jitter" not in res and all("errors_loop_jitter" not in c for c in res["cells"])
+    assert "step jitter" not in capsys.readouterr().out
+
+
 def test_rescore_refuses_a_different_workload(tmp_path, monkeypatch):
     fid = fidelity_module()
     prof = busy_profile(1.2)
