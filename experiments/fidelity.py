@@ -413,8 +413,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
     if rows and all(r.get("in_jitter_band") for r in rows):
         from sim.calibrate import JITTER_BAND, JITTER_RUNS
 
-        con.print(f"inside the step-jitter prediction's p{JITTER_BAND[0]:.0f}..p{JITTER_BAND[1]:.0f} over {JITTER_RUNS} "
-                  "seeds (what the checks' step-to-step spread alone moves the prediction by): "
+        con.print(f"inside the step-jitter prediction's p{JITTER_BAND[0]:.0f}..p{JITTER_BAND[1]:.0f} over "
+                  f"{JITTER_RUNS} seeds (what the checks' step-to-step spread alone moves the prediction by): "
                   + ", ".join(f"{lab} {sum(1 for r in rows if r['in_jitter_band'][m])}/{len(rows)}"
                               for m, lab in METRICS if m != "throughput_rps"))
     if drift_on:
@@ -550,9 +550,11 @@ def rescore(args: argparse.Namespace) -> int:
                              + "): different trace files or settings")
         dr = cell.get("drift")
 
+        def figures(sm: dict) -> dict:
+            return {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
+
         def errors_of(cost) -> tuple[dict, dict]:
-            sm = summarize(simulate(w, cfg, cost=cost), cfg.slo)
-            sim = {m: (sm[m] if m == "throughput_rps" else sm[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
+            sim = figures(summarize(simulate(w, cfg, cost=cost), cfg.slo))
             return sim, {m: rel_error(sim[m], cell["real"][m], m) for m, _ in METRICS}
 
         sim_u, err_u = errors_of(base)
@@ -596,7 +598,7 @@ def rescore(args: argparse.Namespace) -> int:
         jit = loop_jitter(lp.get("before_detail") or {}, lp.get("after_detail") or {}) if lp else None
         if jit is not None:  # the checks' step spread as recorded (against the run's own profile)
             js, jb, _ = jittered_prediction(w, cfg, drift_corrected(base, lp["factor"]), jit)
-            sim_j = {m: (js[m] if m == "throughput_rps" else js[m.split(".")[0]][m.split(".")[1]]) for m, _ in METRICS}
+            sim_j = figures(js)
             cell = {**cell, "errors_loop_jitter": {m: rel_error(sim_j[m], cell["real"][m], m) for m, _ in METRICS},
                     "in_jitter_band": {m: (bool(jb[m][0] - 1e-9 <= cell["real"][m] <= jb[m][1] + 1e-9)
                                            if m in jb else None) for m, _ in METRICS}}

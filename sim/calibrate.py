@@ -2164,7 +2164,8 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
 
     jit = StepJitter.from_ratios(step_ratios(forward, steps, contention=forward if contention else None),
                                  source="loop drift check")
-    return {"factor": chk["busy_ratio"], "jitter": jit.to_dict(), "median_ratio": chk["median_ratio"], "steps": chk["steps"],
+    return {"factor": chk["busy_ratio"], "jitter": jit.to_dict(), "median_ratio": chk["median_ratio"],
+            "steps": chk["steps"],
             "decode": chk["decode_only"]["busy_ratio"], "with_prefill": chk["with_prefill"]["busy_ratio"],
             "decode_steps": chk["decode_only"]["steps"], "with_prefill_steps": chk["with_prefill"]["steps"],
             "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0,

@@ -42,7 +42,8 @@ class StepJitter:
     """Per-kind quantile tables of a step-time factor (module doc). `quantiles[kind]`: nondecreasing, finite,
     positive values at evenly spaced probabilities 0..1 (at least 2); a kind left out has no jitter."""
 
-    def __init__(self, quantiles: Mapping[str, Sequence[float]], source: str = "", steps: Mapping[str, int] | None = None):
+    def __init__(self, quantiles: Mapping[str, Sequence[float]], source: str = "",
+                 steps: Mapping[str, int] | None = None):
         unknown = sorted(set(quantiles) - set(KINDS))
         if unknown:
             raise ValueError(f"step jitter: unknown step kind(s) {unknown}; allowed: {', '.join(KINDS)}")
@@ -130,7 +131,8 @@ class StepJitter:
         return cls(d["quantiles"], source=str(d.get("source", "")), steps=d.get("steps"))
 
     def __repr__(self) -> str:
-        s = ", ".join(f"{k} p10 {v['p10']:.3f} p50 {v['p50']:.3f} p90 {v['p90']:.3f}" for k, v in self.summary().items())
+        s = ", ".join(f"{k} p10 {v['p10']:.3f} p50 {v['p50']:.3f} p90 {v['p90']:.3f}"
+                      for k, v in self.summary().items())
         return f"StepJitter({s or 'none'})"
 
 

@@ -853,7 +853,8 @@ def test_loop_pace_records_its_steps_spread_for_the_step_jitter(monkeypatch):
     monkeypatch.setattr(sim.calibrate, "mix_replay", lambda *a, **k: log)
     j = StepJitter.from_dict(loop_pace("tiny", 2, 512, TRUE, 16, "cpu")["jitter"])
     mean = r["decode"].mean()
-    assert j.quantile("decode", 0.0) == pytest.approx(1.1 / mean) and j.quantile("decode", 1.0) == pytest.approx(1.3 / mean)
+    assert j.quantile("decode", 0.0) == pytest.approx(1.1 / mean)
+    assert j.quantile("decode", 1.0) == pytest.approx(1.3 / mean)
     assert np.allclose(j.quantiles["with_prefill"], 1.0) and j.steps == {"decode": 32, "with_prefill": 8}
 
 
@@ -889,3 +890,19 @@ def test_validate_predicts_with_the_loop_checks_step_jitter_beside_the_headline(
     run, _ = _validate_setup(tmp_path, monkeypatch, prof, 1.2, loop=(1.2, 1.2))
     out = run(False, loop_drift_check=True)
     assert out["comparison_loop_jitter"] is None and out["loop_drift"]["jitter"] is None
+
+
+def test_validate_keeps_the_requests_on_both_sides(tmp_path, monkeypatch):
+    """keep_records (validate --records): the headline prediction's records, the prediction at the run's own
+    step pace and each real run's, every request of the workload on each side, matched by id."""
+    from traces.records import RunResult
+
+    run, _ = _validate_setup(tmp_path, monkeypatch, synthetic_profile(max_context=1024), 1.2, loop=(1.2, 1.2))
+    prefix = tmp_path / "rec" / "cell"
+    out = run(False, loop_drift_check=True, repeat=2, keep_records=prefix)
+    sides = {name: RunResult.read_csv(f"{prefix}.{name}.csv") for name in ("sim", "paced", "real.0", "real.1")}
+    for rec in sides.values():
+        assert sorted(rec["id"].tolist()) == list(range(24)) and set(rec["status"]) == {"ok"}
+    sim_ttft = sides["sim"]["first_token"] - sides["sim"]["arrival"]
+    assert np.median(sim_ttft) == pytest.approx(out["sim"]["ttft"]["p50"])
+    assert np.array_equal(sides["real.0"]["finish"], sides["real.1"]["finish"])  # the stand-in runs the same twice
