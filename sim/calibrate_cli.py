@@ -617,11 +617,7 @@ def loop_jitter(before: dict[str, Any], after: dict[str, Any]) -> Any:
     enough steps."""
     from sim.jitter import StepJitter
 
-    if not all(isinstance(c, dict) and c.get("jitter") for c in (before, after)):
-        return None
-    j = StepJitter.pooled([StepJitter.from_dict(before["jitter"]), StepJitter.from_dict(after["jitter"])],
-                          source="loop drift checks, before and after")
-    return j if j.quantiles else None
+    return StepJitter.from_checks(before, after)
 
 
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,

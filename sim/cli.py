@@ -220,18 +220,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from traces.report import render, summarize, write_outputs
 
     cfg = config_from_args(args)
+    jitter = None
+    if args.jitter:
+        from sim.jitter import load_jitter
+
+        jitter = load_jitter(args.jitter)
     w = load_workload(args)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     prog, cb = _progress(len(w), show and not args.json, "simulating")
     if prog:
         with prog:
-            result = simulate(w, cfg, progress=cb)
+            result = simulate(w, cfg, progress=cb, jitter=jitter)
     else:
-        result = simulate(w, cfg)
+        result = simulate(w, cfg, jitter=jitter)
     summary = summarize(result, cfg.slo)
     from sim.config import flatten
 
     summary["config"] = flatten(cfg)
+    if jitter is not None:
+        summary["step_jitter"] = {"source": jitter.source or str(args.jitter), **jitter.summary()}
     if args.json:
         from traces.report import to_json
 
@@ -243,6 +250,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sim_rate = len(w) / max(result.meta["wall_s"], 1e-9)
         _console().print(f"[dim]simulated {len(w):,} requests in {result.meta['wall_s']:.2f} s wall "
                          f"({sim_rate:,.0f} req/s)[/dim]")
+        if jitter is not None:
+            from sim.jitter import describe
+
+            _console().print(f"step jitter ({jitter.source or args.jitter}): {describe(jitter)}; seed {cfg.seed} "
+                             f"(another --seed draws other step times)")
     if args.out:
         paths = write_outputs(result, summary, args.out)
         if result.timeseries is not None:
@@ -303,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "set trace and format")
     add_trace_flags(s)
     add_sim_flags(s)
+    s.add_argument("--jitter", metavar="FILE",
+                   help="draw each step's time around the cost model from a measured spread (sim.jitter): a "
+                        "step-jitter table JSON, or a `twinfer validate --out` file whose loop drift checks "
+                        "recorded theirs; decode-run jumps off; the same --seed, the same run")
     add_output_flags(s, "directory for summary.json and records.csv")
     s.set_defaults(func=cmd_simulate)
 

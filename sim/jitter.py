@@ -22,7 +22,9 @@ same replicas right before and after the measured run.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -92,6 +94,16 @@ class StepJitter:
                 out[kind] = np.mean([np.interp(p, np.linspace(0, 1, len(q)), q) for q in have], axis=0)
         return cls(out, source=source, steps=steps)
 
+    @classmethod
+    def from_checks(cls, before: Any, after: Any, source: str = "loop drift checks, before and after"
+                    ) -> "StepJitter | None":
+        """The two loop drift checks' tables (sim.calibrate.loop_pace's "jitter") pooled, or None where either
+        check recorded none or neither has a kind with enough steps."""
+        if not all(isinstance(c, Mapping) and c.get("jitter") for c in (before, after)):
+            return None
+        j = cls.pooled([cls.from_dict(before["jitter"]), cls.from_dict(after["jitter"])], source=source)
+        return j if j.quantiles else None
+
     def quantile(self, kind: str, p: float) -> float:
         """The factor at probability p of `kind` (1 for a kind without a table)."""
         q = self.quantiles.get(kind)
@@ -142,3 +154,29 @@ def describe(j: StepJitter | None) -> str:
         return "none"
     return "; ".join(f"{k.replace('_', ' ')} p10 {v['p10']:.2f} p50 {v['p50']:.2f} p90 {v['p90']:.2f} x"
                      for k, v in j.summary().items())
+
+
+def load_jitter(path: str | Path) -> StepJitter:
+    """A step-jitter table from a JSON file: a table (`StepJitter.to_dict`), or the output of `twinfer validate
+    --out` whose loop drift checks recorded theirs (pooled, `from_checks`). Anything else is an error naming
+    the file."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not JSON ({e.msg}, line {e.lineno}); --jitter takes a step-jitter table or a "
+                         f"`twinfer validate --out` file") from None
+    if isinstance(d, dict) and "quantiles" in d:
+        try:
+            return StepJitter.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+    lp = d.get("loop_drift") if isinstance(d, dict) else None
+    if isinstance(lp, dict) and lp.get("enabled"):
+        j = StepJitter.from_checks(lp.get("before"), lp.get("after"), source=f"{p.name}: loop drift checks")
+        if j is not None:
+            return j
+        raise ValueError(f"{p}: its loop drift checks recorded no step spread (validated before twinfer kept it, "
+                         f"or too few steps of either kind); validate again")
+    raise ValueError(f"{p}: neither a step-jitter table ('quantiles') nor a `twinfer validate --out` file with the "
+                     f"loop drift check on ('loop_drift')")

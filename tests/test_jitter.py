@@ -176,3 +176,44 @@ def test_the_jittered_prediction_is_the_median_over_seeds_with_its_band():
     assert row["real_in_prediction_band"] == (bands["ttft.p50"][0] <= runs[0]["ttft"]["p50"] <= bands["ttft.p50"][1])
     with pytest.raises(ValueError, match="runs=0 is out of range"):
         jittered_prediction(w, cfg, _cost(), j, runs=0)
+
+
+def test_simulate_takes_a_jitter_table_or_a_validate_file(tmp_path, capsys):
+    """twinfer simulate --jitter FILE: a table, or validate's JSON (its loop checks' tables pooled); the same
+    seed gives the same figures, another seed others; a file that is neither is refused, naming it."""
+    import json
+
+    from sim.cli import main
+    from sim.jitter import load_jitter
+
+    table = StepJitter.from_ratios({"decode": np.linspace(0.6, 2.0, 50), "with_prefill": np.linspace(0.8, 1.6, 30)})
+    tpath = tmp_path / "table.json"
+    tpath.write_text(json.dumps(table.to_dict()))
+    other = StepJitter.from_ratios({"decode": np.linspace(0.9, 1.1, 50)})
+    vpath = tmp_path / "validate.json"
+    vpath.write_text(json.dumps({"loop_drift": {"enabled": True, "before": {"factor": 1.1, "jitter": table.to_dict()},
+                                                "after": {"factor": 1.2, "jitter": other.to_dict()}}}))
+    pooled = load_jitter(vpath)
+    assert np.allclose(pooled.quantiles["decode"], (table.quantiles["decode"] + other.quantiles["decode"]) / 2)
+    assert np.allclose(pooled.quantiles["with_prefill"], table.quantiles["with_prefill"])
+
+    def run(*extra):
+        assert main(["simulate", "--limit", "150", "--replicas", "2", "--no-progress", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    a, b = run("--jitter", str(tpath)), run("--jitter", str(tpath))
+    c, plain = run("--jitter", str(tpath), "--seed", "1"), run()
+    assert a["ttft"] == b["ttft"] and a["e2e"] == b["e2e"]
+    assert a["e2e"] != c["e2e"] and a["e2e"] != plain["e2e"]
+    assert a["step_jitter"]["decode"]["p90"] == pytest.approx(table.quantile("decode", 0.9))
+    assert "step_jitter" not in plain and a["ok"] == plain["ok"] == 150
+    bad = tmp_path / "bad.json"
+    for text, match in (("{", "bad.json: not JSON"), ('{"loop_drift": {"enabled": true, "before": {}, "after": {}}}',
+                                                      "bad.json: its loop drift checks recorded no step spread"),
+                        ('{"x": 1}', "bad.json: neither a step-jitter table"),
+                        ('{"quantiles": {"decode": [2.0, 1.0]}}', "bad.json: step jitter: decode: quantile values")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_jitter(bad)
+        assert main(["simulate", "--limit", "10", "--no-progress", "--jitter", str(bad)]) == 2
+        assert "bad.json" in capsys.readouterr().err
