@@ -508,7 +508,8 @@ def rescore(args: argparse.Namespace) -> int:
     from executor.replay import read_steps, resolve_model
     from rich.console import Console
     from sim.calibrate import drift_corrected, jittered_prediction, kind_corrected, loop_kind_factors, step_check
-    from sim.calibrate_cli import fit_to_model, loop_jitter, profile_model_ref, same_model
+    from sim.calibrate_cli import fit_to_model, profile_model_ref, same_model
+    from sim.jitter import StepJitter
     from traces.report import summarize
 
     src = Path(args.rescore)
@@ -595,7 +596,7 @@ def rescore(args: argparse.Namespace) -> int:
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if err_loop is not None:
             cell = {**cell, "errors_loop_drift": err_loop}
-        jit = loop_jitter(lp.get("before_detail") or {}, lp.get("after_detail") or {}) if lp else None
+        jit = StepJitter.from_checks(lp.get("before_detail"), lp.get("after_detail")) if lp else None
         if jit is not None:  # the checks' step spread as recorded (against the run's own profile)
             js, jb, _ = jittered_prediction(w, cfg, drift_corrected(base, lp["factor"]), jit)
             sim_j = figures(js)

@@ -1586,10 +1586,11 @@ def jittered_prediction(w: Any, cfg: Any, cost: Any, jitter: Any, runs: int = JI
 
     if runs < 1:
         raise ValueError(f"jittered prediction: runs={runs} is out of range; allowed: >= 1")
-    results, sums = [], []
+    first, sums = None, []
     for k in range(runs):
         res = simulate(w, dataclasses.replace(cfg, seed=cfg.seed + k), cost=cost, jitter=jitter)
-        results.append(res)
+        if first is None:
+            first = res
         sums.append(summarize(res, cfg.slo))
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in sums[0].items()}
     bands: dict[str, tuple[float, float]] = {}
@@ -1607,7 +1608,7 @@ def jittered_prediction(w: Any, cfg: Any, cost: Any, jitter: Any, runs: int = JI
             out[m][q] = put(f"{m}.{q}", [s[m][q] for s in sums])
     for k, _ in COMPARED_RATES:
         out[k] = put(k, [s[k] for s in sums])
-    return out, bands, results[0]
+    return out, bands, first
 
 
 def with_prediction_band(cmp: dict[str, Any], bands: Mapping[str, tuple[float, float]]) -> dict[str, Any]:

@@ -611,15 +611,6 @@ def cell_check_requests(rate: float) -> int:
     return int(max(CELL_CHECK_MIN_REQUESTS, min(LOOP_CHECK_REQUESTS, math.floor(rate * CELL_CHECK_SPAN_S) + 1)))
 
 
-def loop_jitter(before: dict[str, Any], after: dict[str, Any]) -> Any:
-    """The step jitter (sim.jitter.StepJitter) of the two loop drift checks' steps pooled (their quantile
-    functions averaged), or None where a check recorded none (before it was kept) or neither has a kind with
-    enough steps."""
-    from sim.jitter import StepJitter
-
-    return StepJitter.from_checks(before, after)
-
-
 def run_validate(w, cfg, profile_path: str, model_config: str | None, device: str | None, repeat: int,
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
                  busy_drift_check: bool = False, loop_drift_check: bool | None = None,
@@ -654,7 +645,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     decode ratios, steps with prefill tokens by that of their with-prefill ratios; "comparison_loop_kind",
     "loop_drift" "decode_factor" and "with_prefill_factor"; None where a check has no ratio of one kind): over
     nine full fidelity runs on this project's CPU it did no better than the single factor (README). The
-    prediction with step jitter is kept beside them too ("comparison_loop_jitter", `loop_jitter`: the single
+    prediction with step jitter is kept beside them too ("comparison_loop_jitter", StepJitter.from_checks: the single
     factor, each simulated step's time times a draw from the spread of the two checks' own steps around the
     model, sim.jitter; the median of sim.calibrate.JITTER_RUNS such runs, each figure with its band over them,
     sim.calibrate.with_prediction_band; "loop_drift" "jitter": the spread's p10/p50/p90 per kind).
@@ -682,6 +673,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     )
     from sim.cluster import simulate
     from sim.config import flatten
+    from sim.jitter import StepJitter
     from traces.report import summarize
 
     if repeat < 1:
@@ -817,7 +809,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         loop_sum = summarize(loop_res, cfg.slo)
         cmp = cmp_loop = compare(loop_sum, reals, bands)
         head_res, sim_sum, headline = loop_res, loop_sum, "loop"
-        jit = loop_jitter(loop_b, loop_a)
+        jit = StepJitter.from_checks(loop_b, loop_a)
         if jit is not None:  # the same pace, each step's time drawn around it as the checks' steps spread
             jit_sum, jit_bands, _ = jittered_prediction(w, cfg, drift_corrected(cost, lf), jit)
             cmp_jit = with_prediction_band(compare(jit_sum, reals, bands), jit_bands)
@@ -971,11 +963,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              f"x{lp['with_prefill_factor']:.3f}): {_p50_errors(out['comparison_loop_kind'])}")
         if out["comparison_loop_jitter"] is not None:
             from sim.calibrate import JITTER_RUNS
-            from sim.jitter import describe
+            from sim.jitter import StepJitter, describe
 
             cj = out["comparison_loop_jitter"]
             _console().print(f"with step jitter (each step's time drawn around that pace as the checks' steps spread: "
-                             f"{describe(loop_jitter(lp['before'], lp['after']))}; median of {JITTER_RUNS} seeds): "
+                             f"{describe(StepJitter.from_checks(lp['before'], lp['after']))}; median of {JITTER_RUNS} seeds): "
                              f"{_p50_errors(cj)}; the real figure inside the seeds' p10..p90 for "
                              f"{cj['in_prediction_band']} of {len(cj['metrics'])}")
         if lp.get("also"):

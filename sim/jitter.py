@@ -6,8 +6,8 @@ check scales it by the pace of a short replay's steps (a sum over a sum: a mean)
 and for a percentile of many steps. They are wrong for a figure set by a few steps: a request's TTFT is one or
 two prefill steps, and the p50 TTFT of a few dozen requests whose prompts fall into two clusters sits at the
 edge of the shorter cluster, where the few requests whose prefill ran long decide it. On this project's 2-core
-CPU a prefill step beside an idle neighbour ran 1.2-1.35 x its model time one time in ten (p90, fidelity runs W
-and X), its median 0.99-1.01 x; a deterministic simulator puts every such step at the mean.
+CPU a prefill step beside an idle neighbour ran 1.2-1.35 x its model time one time in ten (p90, fidelity run W
+and one cell run again), its median 0.99-1.01 x; a deterministic simulator puts every such step at the mean.
 
 `StepJitter` holds the factor's distribution per step kind ("decode": decode-only steps; "with_prefill": steps
 with prefill tokens) as a quantile table (the inverse CDF at evenly spaced probabilities, linear in between),
@@ -31,7 +31,7 @@ import numpy as np
 
 KINDS = ("decode", "with_prefill")
 N_QUANTILES = 41  # the table's probabilities: 0, 1/40, ..., 1
-MIN_STEPS = 8  # fewer steps of a kind than this: that kind gets no jitter (factor 1), said in `note`
+MIN_STEPS = 8  # fewer steps of a kind than this: that kind gets no jitter (factor 1); `steps` keeps the count
 
 
 def _normalised(q: np.ndarray) -> np.ndarray:
