@@ -253,6 +253,27 @@ def aggregate(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def by_trace(rows: list[dict], value) -> dict[str, dict[str, float]]:
+    """Per trace, per metric (not throughput): the median over that trace's cells of `value(row, metric)`
+    (None values left out; NaN where a trace has none)."""
+    out: dict[str, dict[str, float]] = {}
+    for tr in dict.fromkeys(r["trace"] for r in rows):
+        out[tr] = {}
+        for m, _ in METRICS:
+            if m == "throughput_rps":
+                continue
+            v = [x for x in (value(r, m) for r in rows if r["trace"] == tr) if x is not None]
+            out[tr][m] = float(np.median(v)) if v else math.nan
+    return out
+
+
+def band_width(r: dict, m: str) -> float | None:
+    """The width of a cell's real resampling band for metric m, relative to the real figure: how closely the
+    figure is pinned down by which requests ran (a p50 between two clusters of latencies: tens of percent)."""
+    b = (r.get("sampling_band_rel") or {}).get(m)
+    return b[1] - b[0] if b else None
+
+
 def run_to_run(runs: list[float]) -> float | None:
     """The executor against itself: mean over ordered pairs of real runs (i != j) of |run i / run j - 1|, what a
     predictor that is another real run of the same cell scores against one real run. None under two runs."""
@@ -303,6 +324,8 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
             if rows and all(r.get("errors_loop_also") for r in rows) else {}),
          **({"aggregate_reference_drift": aggregate(rows, "errors_reference_drift")}
             if rows and all(r.get("errors_reference_drift") for r in rows) else {}),
+         "aggregate_by_trace": by_trace(rows, lambda r, m: None if r["errors"][m] is None else abs(r["errors"][m])),
+         "sampling_band_width": by_trace(rows, band_width),
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
 
 
@@ -410,6 +433,15 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
               "over its requests; marked * per cell above): "
               + ", ".join(f"{lab} {sum(1 for r in rows if r['in_sampling_band'][m])}/{len(rows)}"
                           for m, lab in METRICS if m != "throughput_rps"))
+    widths = by_trace(rows, band_width)
+    con.print(f"how closely the requests pin each real figure down: median width of its {SAMPLING_LEVEL:.0%} "
+              "resampling band, relative to it: "
+              + "; ".join(f"{tr} " + ", ".join(f"{lab} {fmt_num(w[m], '.0%')}" for m, lab in METRICS if m in w)
+                          for tr, w in widths.items()))
+    errs = by_trace(rows, lambda r, m: None if r["errors"][m] is None else abs(r["errors"][m]))
+    con.print("median |error| by trace (headline): "
+              + "; ".join(f"{tr} " + ", ".join(f"{lab} {fmt_num(e[m], '.1%')}" for m, lab in METRICS if m in e)
+                          for tr, e in errs.items()))
     if rows and all(r.get("in_jitter_band") for r in rows):
         from sim.calibrate import JITTER_BAND, JITTER_RUNS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -282,3 +283,41 @@ def test_median_check_takes_each_ratio_over_the_real_runs():
     m = fid.median_check([a, b])
     assert m["steps"] == 40 and m["busy_ratio"] == pytest.approx(1.1) and m["median_ratio"] == pytest.approx(1.0)
     assert fid.kind_ratios(m) == {"decode": pytest.approx(1.2), "with_prefill": pytest.approx(0.9)}
+
+
+# ---- per-trace summaries ------------------------------------------------------------------------------------
+
+def test_per_trace_medians_and_the_width_of_the_real_figures_resampling_band():
+    fid = fidelity_module()
+
+    def cell(tr: str, err: float, band: tuple[float, float] | None) -> dict:
+        return {"trace": tr, "errors": {m: err for m, _ in fid.METRICS},
+                "sampling_band_rel": {m: list(band) if band else None for m, _ in fid.METRICS}}
+
+    rows = [cell("azure-conv", -0.20, (-0.1, 1.2)), cell("azure-conv", 0.10, (-0.3, 0.5)),
+            cell("azure-conv", 0.04, (-0.2, 0.6)), cell("azure-code", 0.02, (-0.02, 0.03)),
+            cell("azure-code", None, None)]
+    rows[-1]["errors"] = {m: None for m, _ in fid.METRICS}
+    errs = fid.by_trace(rows, lambda r, m: None if r["errors"][m] is None else abs(r["errors"][m]))
+    assert list(errs) == ["azure-conv", "azure-code"]
+    assert "throughput_rps" not in errs["azure-conv"]
+    assert errs["azure-conv"]["ttft.p50"] == pytest.approx(0.10)  # median of 0.20, 0.10, 0.04
+    assert errs["azure-code"]["e2e.p99"] == pytest.approx(0.02)  # the cell without figures left out
+    widths = fid.by_trace(rows, fid.band_width)
+    assert widths["azure-conv"]["tpot.p50"] == pytest.approx(0.8)  # median of 1.3, 0.8, 0.8
+    assert widths["azure-code"]["tpot.p50"] == pytest.approx(0.05)
+    assert math.isnan(fid.by_trace([cell("azure-code", None, None)], fid.band_width)["azure-code"]["ttft.p50"])
+
+
+def test_rescore_reports_errors_and_band_widths_by_trace(tmp_path, monkeypatch, capsys):
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    res = rescore_run(fid, monkeypatch, tmp_path, recorded_run(fid, path, prof, 1.1), path)
+    # the recorded run's bands are -5 %..+5 % everywhere and the same model gives no error
+    for tr in ("azure-conv", "azure-code"):
+        assert all(v == pytest.approx(0.10) for v in res["sampling_band_width"][tr].values())
+        assert all(v < 1e-9 for v in res["aggregate_by_trace"][tr].values())
+    out = capsys.readouterr().out
+    assert "median width of its 90% resampling band, relative to it: azure-conv TTFT p50 10%" in out
+    assert "median |error| by trace (headline): azure-conv TTFT p50 0.0%" in out
