@@ -57,6 +57,17 @@ class PagedKVCache:
         self._ws_k = torch.empty((0, block_size, n_kv_heads, head_dim), dtype=dtype, device=self.device)
         self._ws_v = torch.empty_like(self._ws_k)
 
+    def reserve(self, n_blocks: int) -> int:
+        """Grow the gather workspace to hold `n_blocks` blocks now, written once (zeros), so no decode step of
+        the run pays for first touching it (on the CPU, tens of MB of fresh pages faulted in mid-step).
+        Returns the workspace's capacity in blocks."""
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks={n_blocks} is out of range; allowed: >= 0")
+        if n_blocks > self._ws_k.shape[0]:
+            self._ws_k = torch.zeros((n_blocks, *self._ws_k.shape[1:]), dtype=self.dtype, device=self.device)
+            self._ws_v = torch.zeros_like(self._ws_k)
+        return int(self._ws_k.shape[0])
+
     @property
     def nbytes(self) -> int:
         return 2 * self.num_layers * self.k[0].numel() * self.k[0].element_size()

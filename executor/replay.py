@@ -263,7 +263,7 @@ class _Worker:
         runner = ModelRunner(model, spec.num_blocks, spec.scheduler.block_size, device=spec.device,
                              num_threads=spec.threads)
         if spec.warmup:
-            _warm_up(runner, spec.scheduler.block_size)
+            _warm_up(runner, spec.scheduler)
         self.engine = Engine(runner, make_scheduler(spec.scheduler, spec.num_blocks, spec.queue_options))
         self.sched = self.engine.scheduler
         self.received = 0
@@ -347,16 +347,44 @@ def _drain(inbox: Any, timeout: float | None) -> list:
     return out
 
 
-def _warm_up(runner, block_size: int) -> None:
-    """A few small steps of every kind on a throwaway scheduler, so kernel set-up is not billed to the run:
-    a prompt from position 0, chunks past position 0 (another attention call: a bottom-right mask, on CUDA
-    a different flash kernel, loaded on its first use), a one-token final chunk beside a decode, and
-    decodes of two different lengths. On an H100 the first chunk past position 0 in a run took 190-215 ms
-    (its shapes' kernels and memory set up), against about 25 ms for the same shape later."""
+WARMUP_MAX_TOKENS = 4096  # the warm-up's largest prefill, at most (and at most the model's positions)
+WARMUP_MAX_WORKSPACE_BLOCKS = 8192  # the gather workspace reserved up front, at most (default model: 64 MiB)
+
+
+def _warm_up(runner, sc: SchedulerConfig) -> dict[str, int]:
+    """Steps of every kind on a throwaway scheduler, so set-up is not billed to the run:
+    - a few small ones: a prompt from position 0, chunks past position 0 (another attention call: a
+      bottom-right mask, on CUDA a different flash kernel, loaded on its first use), a one-token final
+      chunk beside a decode, and decodes of two different lengths. On an H100 the first chunk past
+      position 0 in a run took 190-215 ms (its shapes' kernels and memory set up), against about 25 ms for
+      the same shape later;
+    - on the CPU, the attention gather workspace sized for a full decode batch (PagedKVCache.reserve; at most
+      WARMUP_MAX_WORKSPACE_BLOCKS blocks);
+    - last, one prefill as large as the run's can be (the longest prompt the model and the scheduler's budget
+      allow, up to WARMUP_MAX_TOKENS) and a decode after it, so the process's activation memory reaches its
+      peak once, here. On the CPU freed memory stays with the process (executor.hostmem) but its first
+      touch costs page faults: in the CPU fidelity runs each replica's first large prefill ran 17-38 %
+      slower than the model, with up to 11,000 minor faults and 100-150 ms in the kernel.
+    Returns what it ran: the large prefill's tokens and the workspace's blocks."""
+    block_size = sc.block_size
     n = max(2, min(64, runner.cfg.max_position // 4))
     sched = ContinuousBatchingScheduler(SchedulerConfig(block_size=block_size, prefix_caching=False,
                                                         max_num_batched_tokens=n), runner.num_blocks)
     Engine(runner, sched).run_offline([Request(0, 0.0, 3 * n, 4), Request(1, 0.0, n, 4)])
+    # the workspace first: taken after the large prefill, it would reuse the memory that step freed, and the
+    # next large step would fault its own in again (measured: 6,900 faults in a 2048-token prefill that way)
+    blocks = 0
+    if runner.device.type == "cpu":  # (device memory is the KV cache's: the workspace grows there as needed)
+        per_seq = -(-runner.cfg.max_position // block_size)
+        blocks = runner.cache.reserve(min(runner.num_blocks, sc.max_num_seqs * per_seq, WARMUP_MAX_WORKSPACE_BLOCKS))
+    capacity = runner.num_blocks * block_size
+    big = min(runner.cfg.max_position - 2, capacity - 2 * block_size,
+              max(sc.max_num_batched_tokens, WARMUP_MAX_TOKENS))
+    if big > 3 * n:
+        sched = ContinuousBatchingScheduler(SchedulerConfig(block_size=block_size, prefix_caching=False,
+                                                            max_num_batched_tokens=big), runner.num_blocks)
+        Engine(runner, sched).run_offline([Request(2, 0.0, big, 2)])
+    return {"prefill_tokens": int(big) if big > 3 * n else 0, "workspace_blocks": blocks}
 
 
 # ---- the parent side -----------------------------------------------------------------------------

@@ -1948,27 +1948,33 @@ def measure_loop_overhead(model_config: str, replicas: int, num_blocks: int, blo
 WAKE_AFTER_S = 0.2  # a replica idle this long or longer before a step has "woken" (sim.cluster.Replica)
 
 
+WAKE_CHUNKS = 4  # prefill steps per request of the wake replay: the first runs right after the pause
+WAKE_SETTLE = 2  # steps of a burst after which a woken replica runs at its usual pace (steps 3, 4, ... of it)
+
+
 def wake_replay(model_config: Any, replicas: int, num_blocks: int, block_size: int = 16, device: str = "cpu",
                 seed: int = 0, per_replica: int = 12, spacing_s: float = 0.7) -> dict[str, np.ndarray]:
     """Replay requests spaced `spacing_s` apart (round robin, so each replica idles about replicas x
     spacing_s minus its work between two of them) on the executor's real-time replay, and return its step
-    log. Every request is a 512-token prompt prefilled in two 256-token chunks (a token budget of 256): the
-    first chunk runs right after the pause, the second back to back after it, so `wake_from_steps` can set
-    one against the other within the same second, whatever the machine's speed that minute. Two warm-up
-    requests per replica come first (a replica's first steps also set things up)."""
+    log. Every request is a prompt of up to 1024 tokens prefilled in WAKE_CHUNKS equal chunks: the first
+    runs right after the pause and the others back to back after it, so `wake_from_steps` can set the
+    first against the burst's settled steps within the same half second, whatever the machine's speed that
+    minute. Two warm-up requests per replica come first (a replica's first steps also set things up)."""
     import tempfile
 
-    from executor.replay import read_steps, run_workload
+    from executor.replay import read_steps, resolve_model, run_workload
     from policies.scheduler import SchedulerConfig
     from sim.config import SimConfig
     from traces.workload import Request, Workload
 
+    max_pos = resolve_model(model_config).cfg.max_position
+    chunk = max(1, min(1024, max_pos - 8) // WAKE_CHUNKS)
     n = (per_replica + 2) * replicas
-    reqs = [Request(i, i * spacing_s, 512, 4) for i in range(n)]
+    reqs = [Request(i, i * spacing_s, chunk * WAKE_CHUNKS, 4) for i in range(n)]
     w = Workload.from_requests(reqs, name="wake-spaced")
     cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
                     scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False,
-                                              max_num_batched_tokens=256))
+                                              max_num_batched_tokens=chunk))
     with tempfile.TemporaryDirectory(prefix="twinfer-wake-") as tmp:
         run_workload(w, cfg, model_config=model_config, device=device, out=tmp)
         return read_steps(Path(tmp) / "steps.csv")
@@ -1986,32 +1992,44 @@ def _log_and_predictions(steps: Mapping[str, np.ndarray], predicted: np.ndarray)
 
 
 def wake_from_steps(steps: Mapping[str, np.ndarray], predicted: np.ndarray, after_s: float = WAKE_AFTER_S,
-                    skip: int = 2) -> dict[str, Any]:
+                    skip: int = 2, settle: int = WAKE_SETTLE) -> dict[str, Any]:
     """What waking costs, from an engine step log and the cost model's prediction for each of its steps
-    (`predicted`, seconds, forward time only). A pair is a step with prefill tokens that starts after its
-    replica was idle for `after_s` or longer (each replica's first `skip` such steps left out: set-up),
-    and the step right after it if that one also has prefill tokens and ran back to back. Its figure is
-    (real / predicted of the first) / (real / predicted of the second): the machine's speed that moment
-    cancels. `factor` is the median over pairs (None with fewer than 5 pairs)."""
+    (`predicted`, seconds, forward time only). A burst starts with a step with prefill tokens after its
+    replica was idle for `after_s` or longer (each replica's first `skip` bursts left out: set-up) and goes
+    on while the steps run back to back. Its figure is (real / predicted of the first step) over the median
+    (real / predicted) of the burst's steps with prefill tokens from step settle + 1 on: the machine's speed
+    that moment cancels, and the steps right after the first, which still run slow (measured in the
+    fidelity cells: the first step after a pause x1.07-1.10 of the burst's settled steps, the second
+    x1.03-1.04), are not the reference. `factor` is the median over bursts (None with fewer than 5)."""
+    if settle < 1:
+        raise ValueError(f"settle={settle} is out of range; allowed: >= 1")
     start, dur, pt, rep, pred = _log_and_predictions(steps, predicted)
     ratios, idle = [], []
     for k in np.unique(rep).tolist():
         idx = np.flatnonzero(rep == k)
-        idx = idx[np.argsort(start[idx], kind="stable")]
+        idx = idx[np.argsort(start[idx], kind="stable")].tolist()
+        ends = [start[i] + dur[i] for i in idx]
         seen = 0
-        prev_end = start[idx[0]] - math.inf
-        for a, b in zip(idx.tolist(), idx[1:].tolist() + [None]):
-            gap = start[a] - prev_end
-            prev_end = start[a] + dur[a]
+        for pos, a in enumerate(idx):
+            gap = start[a] - ends[pos - 1] if pos else math.inf
             if gap < after_s or pt[a] == 0:
                 continue
             seen += 1
-            if seen <= skip or b is None or pt[b] == 0 or start[b] - prev_end >= BACK_TO_BACK_S:
+            if seen <= skip:
                 continue
-            ratios.append((dur[a] / pred[a]) / (dur[b] / pred[b]))
+            ref = []
+            for q in range(pos + 1, len(idx)):  # the burst: steps back to back after the first
+                if start[idx[q]] - ends[q - 1] >= BACK_TO_BACK_S:
+                    break
+                b = idx[q]
+                if q - pos >= settle and pt[b] > 0:
+                    ref.append(dur[b] / pred[b])
+            if not ref:
+                continue
+            ratios.append((dur[a] / pred[a]) / float(np.median(ref)))
             idle.append(gap if math.isfinite(gap) else math.nan)
     r = np.asarray(ratios)
-    out: dict[str, Any] = {"after_s": after_s, "pairs": int(len(r)), "factor": None}
+    out: dict[str, Any] = {"after_s": after_s, "settle": settle, "pairs": int(len(r)), "factor": None}
     if len(r):
         out.update(p25=float(np.percentile(r, 25)), p75=float(np.percentile(r, 75)),
                    median=float(np.median(r)), idle_s_median=float(np.nanmedian(idle)) if np.isfinite(idle).any()

@@ -540,8 +540,10 @@ def render_profile(prof) -> Any:
         s.add_row("waking from idle",
                   (f"first step after {wk['after_s']:.1f} s idle or more: x{wk['factor']:.3f} its forward time "
                    if wk.get("factor") is not None else "not applied (fewer than 5 pairs); measured ")
-                  + (f"(p25..p75 {wk['p25']:.3f}..{wk['p75']:.3f} over {wk['pairs']} pairs against the step "
-                     f"right after it, of a spaced real replay)" if wk.get("pairs") else "(no pairs)"))
+                  + (f"(p25..p75 {wk['p25']:.3f}..{wk['p75']:.3f} over {wk['pairs']} bursts, against "
+                     + (f"the burst's steps from step {wk['settle'] + 1} on" if wk.get("settle") else
+                        "the step right after it")
+                     + ", of a spaced real replay)" if wk.get("pairs") else "(no pairs)"))
     pf = prof.measure.get("prefill_loop")
     if pf:
         parts = pf.get("parts") or []

@@ -742,15 +742,18 @@ def test_profile_and_validate_on_a_weights_directory(tmp_path, capsys):
 
 # ---- waking from idle ----------------------------------------------------------------------------
 
-def _wake_log(factor: float, speeds: list[float], p1: float = 0.1, p2: float = 0.12, p3: float = 0.03):
-    """A two-replica step log: per replica, pairs (a step after 1 s idle, its next chunk back to back, then
-    two decodes back to back), each pair at its own machine speed; the step after idle `factor` x slower."""
+def _wake_log(factor: float, speeds: list[float], tail: float = 1.05, p1: float = 0.1, p2: float = 0.12,
+              p3: float = 0.03):
+    """A two-replica step log: per replica, bursts after 1 s idle (four prefill chunks back to back, then two
+    decodes), each burst at its own machine speed; the first step after idle `factor` x slower, the second
+    still `tail` x, the rest at the burst's speed."""
     rows = []
     for rep in (0, 1):
         t = 0.5 * rep
         for s in speeds:
             t += 1.0
-            for pt, pred, f in ((256, p1, factor), (256, p2, 1.0), (0, p3, 1.0), (0, p3, 1.0)):
+            for pt, pred, f in ((256, p1, factor), (256, p2, tail), (256, p2, 1.0), (256, p1, 1.0), (0, p3, 1.0),
+                                (0, p3, 1.0)):
                 d = pred * s * f
                 rows.append((rep, t, d, pt, pred))
                 t += d + 0.0003
@@ -766,20 +769,28 @@ def test_wake_from_steps_recovers_the_factor_whatever_the_machine_speed():
     speeds = [1.0, 1.3, 0.8, 1.45, 0.9, 1.1, 1.2, 0.85]
     steps, pred = _wake_log(1.15, speeds)
     w = wake_from_steps(steps, pred, skip=2)
-    # 2 replicas x (8 pairs - 2 skipped): every pair says 1.15 although the speed moved by 1.8 x
-    assert w["pairs"] == 12 and w["factor"] == pytest.approx(1.15)
+    # 2 replicas x (8 bursts - 2 skipped): every burst says 1.15 although the speed moved by 1.8 x, and the
+    # second step's own slowness (x1.05) is not the reference
+    assert w["pairs"] == 12 and w["factor"] == pytest.approx(1.15) and w["settle"] == 2
     assert w["idle_s_median"] == pytest.approx(1.0, abs=1e-3)
+    # a second step as slow as the first does not hide it (a pair with the next step alone would read 1.0)
+    assert wake_from_steps(*_wake_log(1.15, speeds, tail=1.15))["factor"] == pytest.approx(1.15)
     # no slowdown: 1
-    assert wake_from_steps(*_wake_log(1.0, speeds))["factor"] == pytest.approx(1.0)
-    # a second step that did not run back to back is no pair
+    assert wake_from_steps(*_wake_log(1.0, speeds, tail=1.0))["factor"] == pytest.approx(1.0)
+    # a burst cut after its second step has no settled step to compare with
     late = {k: v.copy() for k, v in steps.items()}
-    late["start"][1::4] += 0.2
-    assert wake_from_steps(late, pred)["pairs"] < 12
-    # too few pairs: measured, not applied
+    order = np.lexsort((late["start"], late["replica"]))
+    third = order.reshape(2, -1)[:, 2::6].ravel()  # each burst's third step, per replica in time order
+    late["start"][third] += 0.2
+    cut = wake_from_steps(late, pred)
+    assert cut["pairs"] == 0 and cut["factor"] is None
+    # too few bursts: measured, not applied
     few = wake_from_steps(*_wake_log(1.15, speeds[:4]))
     assert few["pairs"] == 4 and few["factor"] is None and few["median"] == pytest.approx(1.15)
     with pytest.raises(ValueError, match="predictions"):
         wake_from_steps(steps, pred[:-1])
+    with pytest.raises(ValueError, match="settle"):
+        wake_from_steps(steps, pred, settle=0)
 
 
 @pytest.mark.parametrize("direct,colocated", [(True, False), (False, False), (False, True)],

@@ -262,10 +262,17 @@ def test_warm_up_runs_every_kind_of_attention_call_the_run_will_meet(monkeypatch
         return orig(self, plan)
 
     monkeypatch.setattr(ModelRunner, "run", spy)
-    _warm_up(runner, 16)
+    ran = _warm_up(runner, SchedulerConfig(block_size=16, max_num_batched_tokens=128, max_num_seqs=2))
     chunks = [c for p, _ in seen for c in p]
     assert any(start == 0 for start, _ in chunks)  # from position 0 (plain causal)
     assert any(start > 0 for start, _ in chunks)  # past position 0 (the bottom-right mask)
     assert any(p and d for p, d in seen)  # a mixed step
     assert any(len(set(d)) >= 2 for _, d in seen)  # decodes of different lengths in one step
     assert runner.cache.k[0].abs().sum() > 0  # it really ran the model
+    # one prefill as large as a run's can be: the model's 1024 positions and the 64-block cache allow 992
+    assert ran["prefill_tokens"] == 992 and max(n for _, n in chunks) == 992
+    # the gather workspace holds a full decode batch already: 2 sequences of up to 64 blocks, the cache's 64
+    assert ran["workspace_blocks"] == 64 == runner.cache._ws_k.shape[0]
+    assert runner.cache.reserve(10) == 64  # never shrinks
+    with pytest.raises(ValueError, match="n_blocks"):
+        runner.cache.reserve(-1)
