@@ -133,17 +133,19 @@ def _knee(knee: Any) -> int | None:
     return k
 
 
-def _wake(w: Any) -> tuple[float, float] | None:
-    """(after_s, factor) checked, or None."""
+def _wake(w: Any) -> tuple[float, ...] | None:
+    """(after_s, factor) or (after_s, factor, busy_factor) checked, or None."""
     if w is None:
         return None
     try:
-        after, factor = (float(x) for x in w)
+        vals = tuple(float(x) for x in w)
     except (TypeError, ValueError):
-        raise ValueError(f"wake={w!r} must be (idle seconds, factor)") from None
-    if not (math.isfinite(after) and after > 0 and math.isfinite(factor) and factor > 0):
-        raise ValueError(f"wake={w!r} is out of range; allowed: idle seconds > 0, factor > 0")
-    return after, factor
+        raise ValueError(f"wake={w!r} must be (idle seconds, factor[, factor beside a busy neighbour])") from None
+    if len(vals) not in (2, 3):
+        raise ValueError(f"wake={w!r} must be (idle seconds, factor[, factor beside a busy neighbour])")
+    if not (all(math.isfinite(x) and x > 0 for x in vals)):
+        raise ValueError(f"wake={w!r} is out of range; allowed: idle seconds > 0, factors > 0")
+    return vals
 
 
 def _coefs(v: Sequence[float] | np.ndarray | Mapping[str, float] | None) -> np.ndarray:
@@ -178,8 +180,10 @@ class FittedCost:
     Two serving-loop terms the grid cannot show, each measured on a real replay by `twinfer profile` and
     applied by the simulator (sim.cluster.Replica) and the step check (`loop_factors`), never by
     `step_time` or `predict`, which stay the grid's fit:
-    `wake` = (after_s, factor): a replica's first step after it has been idle for after_s or longer takes
-    `factor` times its forward time (the overhead unchanged; `wake_replay`, `wake_from_steps`). None: none.
+    `wake` = (after_s, factor[, busy_factor]): a replica's first step after it has been idle for after_s or
+    longer takes `factor` times its forward time (the overhead unchanged; `wake_replay`, `wake_from_steps`),
+    or `busy_factor` times when another replica on its machine has a step in progress as it starts (measured
+    with a neighbour decoding throughout: `wake_replay(busy_neighbour=True)`). None: none.
     `prefill_factor`: every step with prefill tokens takes this times its forward time, the serving loop's
     prefill steps against its decode steps, each relative to the fit (`mix_replay`, `prefill_factor_from_steps`).
     """
@@ -276,6 +280,7 @@ class FittedCost:
         out: dict[str, Any] = {"step_overhead_s": self.step_overhead_s,
                                **({"decode_padded_knee": self.padded_knee} if self.padded_knee is not None else {}),
                                **({"wake_after_s": self.wake[0], "wake_factor": self.wake[1]} if self.wake else {}),
+                               **({"wake_busy_factor": self.wake[2]} if self.wake and len(self.wake) > 2 else {}),
                                **({"prefill_loop_factor": self.prefill_factor} if self.prefill_factor != 1.0 else {}),
                                "shared": dict(zip(FEATURES, self.shared.tolist()))}
         if self.form == "max":
@@ -575,7 +580,8 @@ class Profile:
         try:
             co = d["coefficients"]
             kv = dict(d["kv"])
-            wake = (co["wake_after_s"], co["wake_factor"]) if "wake_factor" in co else None
+            wake = ((co["wake_after_s"], co["wake_factor"], *([co["wake_busy_factor"]] if "wake_busy_factor" in co
+                                                                else [])) if "wake_factor" in co else None)
             cost = FittedCost(co["shared"], int(kv["capacity_tokens"]), co.get("line_a"), co.get("line_b"),
                               name=str(d.get("name", "fitted")), step_overhead_s=float(co.get("step_overhead_s", 0.0)),
                               padded_knee=co.get("decode_padded_knee"), wake=wake,
@@ -1952,14 +1958,23 @@ WAKE_CHUNKS = 4  # prefill steps per request of the wake replay: the first runs 
 WAKE_SETTLE = 2  # steps of a burst after which a woken replica runs at its usual pace (steps 3, 4, ... of it)
 
 
+WAKE_BUSY_OUTPUT = 1000  # output tokens of the busy neighbours' requests in `wake_replay(busy_neighbour=True)`
+
+
 def wake_replay(model_config: Any, replicas: int, num_blocks: int, block_size: int = 16, device: str = "cpu",
-                seed: int = 0, per_replica: int = 12, spacing_s: float = 0.7) -> dict[str, np.ndarray]:
+                seed: int = 0, per_replica: int = 12, spacing_s: float = 0.7,
+                busy_neighbour: bool = False) -> dict[str, np.ndarray]:
     """Replay requests spaced `spacing_s` apart (round robin, so each replica idles about replicas x
     spacing_s minus its work between two of them) on the executor's real-time replay, and return its step
     log. Every request is a prompt of up to 1024 tokens prefilled in WAKE_CHUNKS equal chunks: the first
     runs right after the pause and the others back to back after it, so `wake_from_steps` can set the
     first against the burst's settled steps within the same half second, whatever the machine's speed that
-    minute. Two warm-up requests per replica come first (a replica's first steps also set things up)."""
+    minute. Two warm-up requests per replica come first (a replica's first steps also set things up).
+
+    busy_neighbour (replicas >= 2): the last replica alone gets those requests, `per_replica` + 2 of them
+    1 s apart, while the others decode throughout (a short prompt and WAKE_BUSY_OUTPUT tokens each, one
+    per replica every round, so each keeps a small decode batch running): every wake happens beside
+    busy neighbours, and so do the burst's settled steps it is set against."""
     import tempfile
 
     from executor.replay import read_steps, resolve_model, run_workload
@@ -1969,9 +1984,21 @@ def wake_replay(model_config: Any, replicas: int, num_blocks: int, block_size: i
 
     max_pos = resolve_model(model_config).cfg.max_position
     chunk = max(1, min(1024, max_pos - 8) // WAKE_CHUNKS)
-    n = (per_replica + 2) * replicas
-    reqs = [Request(i, i * spacing_s, chunk * WAKE_CHUNKS, 4) for i in range(n)]
-    w = Workload.from_requests(reqs, name="wake-spaced")
+    if busy_neighbour:
+        if replicas < 2:
+            raise ValueError(f"wake replay beside a busy neighbour: replicas={replicas} is out of range; "
+                             "allowed: >= 2")
+        out = min(WAKE_BUSY_OUTPUT, max_pos - 24)
+        reqs = []
+        for k in range(per_replica + 2):  # round robin: request i goes to replica i % replicas
+            t = k * max(spacing_s, 1.0)
+            reqs += [Request(len(reqs), t + 1e-3 * j, 16, out) for j in range(replicas - 1)]
+            reqs.append(Request(len(reqs), t + 0.05, chunk * WAKE_CHUNKS, 4))
+        w = Workload.from_requests(reqs, name="wake-spaced-busy-neighbour")
+    else:
+        n = (per_replica + 2) * replicas
+        reqs = [Request(i, i * spacing_s, chunk * WAKE_CHUNKS, 4) for i in range(n)]
+        w = Workload.from_requests(reqs, name="wake-spaced")
     cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
                     scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False,
                                               max_num_batched_tokens=chunk))
@@ -2049,7 +2076,41 @@ def loop_factors(cost: Any, steps: Mapping[str, np.ndarray]) -> np.ndarray:
     out = np.where(pt > 0, float(getattr(cost, "prefill_factor", 1.0)), 1.0)
     wake = getattr(cost, "wake", None)
     if wake is not None and len(pt):
-        out[idle_before(steps) >= wake[0]] *= wake[1]
+        woken = idle_before(steps) >= wake[0]
+        if len(wake) > 2:
+            busy = neighbour_busy(steps)
+            out[woken & busy] *= wake[2]
+            out[woken & ~busy] *= wake[1]
+        else:
+            out[woken] *= wake[1]
+    return out
+
+
+def neighbour_busy(steps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Whether another replica of the log was busy when each step started: inside a run of its steps, each
+    starting within BACK_TO_BACK_S of the last one's end (the pause between two steps is its serving loop's,
+    as the simulator counts a step's overhead in the step). The log's replicas share a machine, as the
+    simulator's co-located replicas do."""
+    start = np.asarray(steps["start"], dtype=np.float64)
+    end = start + np.asarray(steps["duration"], dtype=np.float64)
+    rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
+    runs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # replica -> (starts, ends) of its runs of steps
+    for k in np.unique(rep).tolist():
+        idx = np.flatnonzero(rep == k)
+        idx = idx[np.argsort(start[idx], kind="stable")]
+        s0, e0 = start[idx], np.maximum.accumulate(end[idx])
+        new_run = np.r_[True, s0[1:] - e0[:-1] >= BACK_TO_BACK_S]
+        last = np.r_[np.flatnonzero(new_run)[1:] - 1, len(idx) - 1]
+        runs[k] = (s0[new_run], e0[last])
+    out = np.zeros(len(start), dtype=bool)
+    for i in range(len(start)):
+        for k, (rs, re) in runs.items():
+            if k == rep[i]:
+                continue
+            j = int(np.searchsorted(rs, start[i], side="right")) - 1
+            if j >= 0 and re[j] > start[i]:
+                out[i] = True
+                break
     return out
 
 

@@ -243,11 +243,13 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
         busy = [Measurement(p, s) for p, s in zip(points, samples["grid"])]
     else:
         meas = measure("profiling")
-    loop = wake_steps = None
+    loop = wake_steps = wake_busy_steps = None
     if loop_overhead:
         del runner, model  # the replay builds its own replicas
         loop = measure_loop_overhead(model_config, concurrent, num_blocks, block_size, str(dev), seed)
         wake_steps = wake_replay(model_config, concurrent, num_blocks, block_size, str(dev), seed)
+        wake_busy_steps = (wake_replay(model_config, concurrent, num_blocks, block_size, str(dev), seed,
+                                       busy_neighbour=True) if concurrent >= 2 else None)
     elapsed = time.perf_counter() - t0
     info = describe_device(dev)
     info["torch_threads"] = threads if dev.type == "cpu" else info.get("torch_threads")
@@ -282,14 +284,18 @@ def run_profile(model_config: str, device: str, repeats: int, warmup: int, quick
 
         mix_steps = mix_replay(model_config, concurrent, num_blocks, cc or prof.cost, block_size, str(dev), seed)
         wk = wake_from_steps(wake_steps, fit_pred(wake_steps))
+        wkb = wake_from_steps(wake_busy_steps, fit_pred(wake_busy_steps)) if wake_busy_steps is not None else None
         pf = prefill_factor_from_steps(mix_steps, fit_pred(mix_steps))
         prof.measure["wake"], prof.measure["prefill_loop"] = wk, pf
+        if wkb is not None:
+            prof.measure["wake_busy"] = wkb
         for attr in ("cost", "busy"):
             m = getattr(prof, attr)
             if m is None:
                 continue
             if wk["factor"] is not None:
-                m = m.with_wake((wk["after_s"], wk["factor"]))
+                m = m.with_wake((wk["after_s"], wk["factor"],
+                                 *([wkb["factor"]] if wkb is not None and wkb["factor"] is not None else [])))
             if pf["factor"] is not None:
                 m = m.with_prefill_factor(pf["factor"])
             setattr(prof, attr, m)
@@ -544,6 +550,13 @@ def render_profile(prof) -> Any:
                      + (f"the burst's steps from step {wk['settle'] + 1} on" if wk.get("settle") else
                         "the step right after it")
                      + ", of a spaced real replay)" if wk.get("pairs") else "(no pairs)"))
+    wkb = prof.measure.get("wake_busy")
+    if wkb:
+        s.add_row("waking beside a busy neighbour",
+                  (f"x{wkb['factor']:.3f} its forward time " if wkb.get("factor") is not None and (wk or {}).get("factor")
+                   is not None else "not applied (fewer than 5 bursts, or no wake factor); measured ")
+                  + (f"(p25..p75 {wkb['p25']:.3f}..{wkb['p75']:.3f} over {wkb['pairs']} bursts of a replica woken "
+                     "while its neighbours decode throughout)" if wkb.get("pairs") else "(no bursts)"))
     pf = prof.measure.get("prefill_loop")
     if pf:
         parts = pf.get("parts") or []

@@ -98,7 +98,8 @@ class Replica:
         self._idle = False  # asleep because there was nothing to schedule (not inside a decode run)
         self.clock = 0.0  # end of the last step, exactly as the step arithmetic gave it
         # A cost model's serving-loop terms (sim.calibrate.FittedCost): the first step after the replica has
-        # been idle for wake[0] s or longer takes wake[1] x its forward time, and every step with prefill tokens
+        # been idle for wake[0] s or longer takes wake[1] x its forward time (wake[2] x, if given, when a co-located
+        # neighbour has a step in progress as it starts), and every step with prefill tokens
         # prefill_factor x (both, when both hold). _last_end: when its last step ended.
         self._wake_term: tuple[float, float] | None = getattr(cost, "wake", None)
         self._prefill_factor = float(getattr(cost, "prefill_factor", 1.0))
@@ -306,7 +307,8 @@ class Replica:
         loop = self._prefill_factor if f.prefill_tokens else 1.0
         wake = self._wake_term
         if after_idle and wake is not None and now - self._last_end >= wake[0]:
-            loop *= wake[1]
+            nb = getattr(self.cost, "neighbours", None)  # (co-located replicas: who has a step in progress now)
+            loop *= wake[2] if len(wake) > 2 and nb is not None and any(n is not None for n in nb()) else wake[1]
         if loop == 1.0:
             return t
         oh = self.cost.step_overhead_s

@@ -822,6 +822,57 @@ def test_the_simulator_slows_only_the_first_step_after_idle(direct, colocated):
     assert ttft_b[2] - ttft_a[2] == pytest.approx(fwd)
 
 
+def test_the_simulator_wakes_a_replica_slower_beside_a_busy_neighbour():
+    """wake = (0.2 s, 2.0, 3.0): a replica's first step after idle takes 3 x its forward time when a co-located
+    neighbour has a step in progress, 2 x when none has; a model without co-location cannot tell: 2 x."""
+    from sim.cluster import simulate
+    from sim.config import SimConfig
+    from sim.contention import ContentionCost
+    from traces.workload import Request, Workload
+
+    plain = FittedCost(LINEAR, 100_000, name="lin", step_overhead_s=0.001)
+    cfg = SimConfig(replicas=2, router="round_robin")
+    long = simulate(Workload.from_requests([Request(0, 0.0, 16, 400)], name="one"), cfg, cost=plain).records
+    busy_until = float(long["finish"][0])
+    # round robin: the long decode to replica 0; B to replica 1 while replica 0 decodes; C to replica 0, after
+    # it finished, while replica 1 is idle again
+    reqs = [Request(0, 0.0, 16, 400), Request(1, busy_until / 2, 300, 1), Request(2, busy_until + 5.0, 300, 1)]
+    w = Workload.from_requests(reqs, name="wake-beside")
+    fwd = plain.step_time(StepFeatures(300, 0, 300 * 301 / 2, 0, 1)) - 0.001
+
+    def ttft(cost, direct=None) -> np.ndarray:
+        r = simulate(w, cfg, cost=cost, direct=direct).records
+        order = np.argsort(r["id"])
+        return (r["first_token"] - r["arrival"])[order]
+
+    co = ttft(ContentionCost(plain.with_wake((0.2, 2.0, 3.0)), {}))  # (no contention factors: all 1)
+    assert co[1] == pytest.approx(3 * fwd + 0.001) and co[2] == pytest.approx(2 * fwd + 0.001)
+    two = ttft(ContentionCost(plain.with_wake((0.2, 2.0)), {}))
+    assert two[1] == pytest.approx(2 * fwd + 0.001) and two[2] == pytest.approx(2 * fwd + 0.001)
+    for direct in (True, False):  # replicas on machines of their own, either driver
+        apart = ttft(plain.with_wake((0.2, 2.0, 3.0)), direct)
+        assert apart[1] == pytest.approx(2 * fwd + 0.001) and apart[2] == pytest.approx(2 * fwd + 0.001)
+
+
+def test_wake_replay_beside_busy_neighbours_wakes_only_the_last_replica_and_keeps_the_others_decoding():
+    pytest.importorskip("torch")
+    from sim.calibrate import idle_before, neighbour_busy, wake_from_steps, wake_replay
+
+    steps = wake_replay("tiny", 2, 512, 16, "cpu", 0, per_replica=5, busy_neighbour=True)
+    rep, pt = np.asarray(steps["replica"]), np.asarray(steps["prefill_tokens"])
+    woken = (idle_before(steps) >= 0.2) & (pt > 0)
+    # replica 1 gets the bursts (7 rounds, 4 chunks of 254 tokens each); replica 0 short prompts with 1000
+    # tokens to decode, one a second, so it is decoding whenever a burst begins
+    assert sum(woken & (rep == 1)) == 7
+    assert set(pt[rep == 1]) == {0, 254} and set(pt[rep == 0]) <= {0, 16}
+    first = np.flatnonzero(woken & (rep == 1))
+    assert neighbour_busy(steps)[first[1:]].all()
+    w = wake_from_steps(steps, np.asarray(steps["duration"]))  # (real against itself: every burst reads 1)
+    assert w["pairs"] >= 4 and w["median"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="replicas=1"):
+        wake_replay("tiny", 1, 512, busy_neighbour=True)
+
+
 def _mix_log(factor: float, n: int = 400, seed: int = 0):
     """A one-replica log of back-to-back steps whose machine speed drifts 0.8 -> 1.4 x over the log; steps with
     prefill tokens (every fourth) run `factor` x longer than their prediction besides."""
@@ -866,7 +917,7 @@ def test_the_simulator_stretches_prefill_steps_by_the_loop_factor_and_not_decode
 
 
 def test_the_step_check_applies_the_loop_terms_as_the_simulator_does():
-    from sim.calibrate import idle_before, loop_factors, step_check
+    from sim.calibrate import idle_before, loop_factors, neighbour_busy, step_check
 
     steps = {"replica": np.array([0, 0, 0, 1]), "start": np.array([0.5, 0.61, 2.0, 0.05]),
              "duration": np.array([0.1, 0.1, 0.1, 0.1]), "prefill_tokens": np.array([100, 0, 50, 0]),
@@ -877,6 +928,12 @@ def test_the_step_check_applies_the_loop_terms_as_the_simulator_does():
     assert idle_before(steps) == pytest.approx([0.5, 0.01, 1.29, 0.05])
     cost = FittedCost(LINEAR, 10_000).with_prefill_factor(1.2).with_wake((0.2, 1.5))
     assert loop_factors(cost, steps) == pytest.approx([1.2 * 1.5, 1.0, 1.2 * 1.5, 1.0])
+    # beside a busy neighbour: replica 1's step (0.05..0.15) is not running when replica 0 wakes at 0.5 or 2.0
+    assert neighbour_busy(steps).tolist() == [False, False, False, False]
+    late = {**steps, "start": np.array([0.5, 0.61, 2.0, 1.95])}  # now it is, at 2.0
+    assert neighbour_busy(late).tolist() == [False, False, True, False]
+    # (replica 1's step, now after 1.95 s idle, wakes it too: beside an idle neighbour)
+    assert loop_factors(cost.with_wake((0.2, 1.5, 2.0)), late) == pytest.approx([1.2 * 1.5, 1.0, 1.2 * 2.0, 1.5])
     plain = step_check(FittedCost(LINEAR, 10_000), steps)
     both = step_check(cost, steps)
     assert both["decode_only"]["busy_ratio"] == pytest.approx(plain["decode_only"]["busy_ratio"])
@@ -904,9 +961,15 @@ def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp
             FittedCost(LINEAR, 10_000, prefill_factor=bad)
     plain = save_profile_file(sample_profile(FittedCost(LINEAR, 10_000)), tmp_path / "n.toml")
     assert read_profile_file(plain).cost.wake is None
-    for bad in ((0.0, 1.1), (0.2, -1.0), (0.2, math.nan), (0.2,)):
+    for bad in ((0.0, 1.1), (0.2, -1.0), (0.2, math.nan), (0.2,), (0.2, 1.1, 0.0), (0.2, 1.1, 1.2, 1.3)):
         with pytest.raises(ValueError, match="wake"):
             FittedCost(LINEAR, 10_000, wake=bad)
+    # the factor beside a busy neighbour rides along: saved, read back, kept by every copy
+    three = sample_profile(cost.with_wake((0.2, 1.08, 1.15)))
+    back3 = read_profile_file(save_profile_file(three, tmp_path / "w3.toml"))
+    assert back3.cost.wake == (0.2, 1.08, 1.15) and back3.cost.coefficients()["wake_busy_factor"] == 1.15
+    assert drift_corrected(back3.cost, 1.2).wake == (0.2, 1.08, 1.15)
+    assert "wake_busy_factor" not in back.cost.coefficients()
     d = json.loads(json.dumps(prof.to_dict()))
     d["coefficients"]["wake_factor"] = 0.0
     with pytest.raises(ValueError, match="w.json.*wake"):
@@ -925,12 +988,13 @@ def test_profile_measures_the_serving_loop_terms_on_real_replays(tmp_path, capsy
     prof = read_profile_file(out)
     wk = prof.measure["wake"]
     # 14 requests 0.7 s apart on one replica: every one wakes it; the first 2 are set-up; each of the other
-    # 12 pairs its first chunk (after idle) with the second (back to back; another process taking the core
-    # between them can spoil one or two). The factor is this machine's.
+    # 12 sets its first chunk (after idle) against its third and fourth (back to back; another process taking
+    # the core between them can spoil one or two). The factor is this machine's. One replica: no neighbour.
     assert 10 <= wk["pairs"] <= 12 and wk["idle_s_median"] > 0.5
     # (the value is this machine's: 1.36 and 3.39 on two runs of the tiny model, whose 2-5 ms steps make any
     # fixed cost of waking a large share)
     assert prof.cost.wake == (0.2, wk["factor"]) and math.isfinite(wk["factor"]) and wk["factor"] > 0
+    assert "wake_busy" not in prof.measure
     assert prof.measure["loop_overhead"]["gaps"] > 0
     # the calibration mix: prefill and decode steps of a real replay, the factor applied
     pf = prof.measure["prefill_loop"]
