@@ -861,14 +861,15 @@ def test_wake_replay_beside_busy_neighbours_wakes_only_the_last_replica_and_keep
     steps = wake_replay("tiny", 2, 512, 16, "cpu", 0, per_replica=5, busy_neighbour=True)
     rep, pt = np.asarray(steps["replica"]), np.asarray(steps["prefill_tokens"])
     woken = (idle_before(steps) >= 0.2) & (pt > 0)
-    # replica 1 gets the bursts (7 rounds, 4 chunks of 254 tokens each); replica 0 short prompts with 1000
-    # tokens to decode, one a second, so it is decoding whenever a burst begins
-    assert sum(woken & (rep == 1)) == 7
+    # replica 1 gets the bursts (7 rounds, 4 chunks of 254 tokens each; the first, 0.05 s into the run, is
+    # no wake); replica 0 short prompts with 1000 tokens to decode, one a second, so it is decoding whenever
+    # a burst begins
+    assert sum(woken & (rep == 1)) == 6
     assert set(pt[rep == 1]) == {0, 254} and set(pt[rep == 0]) <= {0, 16}
     first = np.flatnonzero(woken & (rep == 1))
-    assert neighbour_busy(steps)[first[1:]].all()
+    assert neighbour_busy(steps)[first].all()
     w = wake_from_steps(steps, np.asarray(steps["duration"]))  # (real against itself: every burst reads 1)
-    assert w["pairs"] >= 4 and w["median"] == pytest.approx(1.0)
+    assert w["pairs"] >= 3 and w["median"] == pytest.approx(1.0)  # (7 bursts, the first 2 skipped as set-up)
     with pytest.raises(ValueError, match="replicas=1"):
         wake_replay("tiny", 1, 512, busy_neighbour=True)
 
