@@ -552,9 +552,10 @@ def render_profile(prof) -> Any:
                      + ", of a spaced real replay)" if wk.get("pairs") else "(no pairs)"))
     wkb = prof.measure.get("wake_busy")
     if wkb:
+        applied = wkb.get("factor") is not None and (wk or {}).get("factor") is not None
         s.add_row("waking beside a busy neighbour",
-                  (f"x{wkb['factor']:.3f} its forward time " if wkb.get("factor") is not None and (wk or {}).get("factor")
-                   is not None else "not applied (fewer than 5 bursts, or no wake factor); measured ")
+                  (f"x{wkb['factor']:.3f} its forward time " if applied
+                   else "not applied (fewer than 5 bursts, or no wake factor); measured ")
                   + (f"(p25..p75 {wkb['p25']:.3f}..{wkb['p75']:.3f} over {wkb['pairs']} bursts of a replica woken "
                      "while its neighbours decode throughout)" if wkb.get("pairs") else "(no bursts)"))
     pf = prof.measure.get("prefill_loop")
