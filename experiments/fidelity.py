@@ -267,6 +267,12 @@ def by_trace(rows: list[dict], value) -> dict[str, dict[str, float]]:
     return out
 
 
+def abs_error(r: dict, m: str) -> float | None:
+    """A cell's headline |error| for metric m (None where it has none)."""
+    e = r["errors"][m]
+    return None if e is None else abs(e)
+
+
 def band_width(r: dict, m: str) -> float | None:
     """The width of a cell's real resampling band for metric m, relative to the real figure: how closely the
     figure is pinned down by which requests ran (a p50 between two clusters of latencies: tens of percent)."""
@@ -324,7 +330,7 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
             if rows and all(r.get("errors_loop_also") for r in rows) else {}),
          **({"aggregate_reference_drift": aggregate(rows, "errors_reference_drift")}
             if rows and all(r.get("errors_reference_drift") for r in rows) else {}),
-         "aggregate_by_trace": by_trace(rows, lambda r, m: None if r["errors"][m] is None else abs(r["errors"][m])),
+         "aggregate_by_trace": by_trace(rows, abs_error),
          "sampling_band_width": by_trace(rows, band_width),
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
 
@@ -438,7 +444,7 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
               "resampling band, relative to it: "
               + "; ".join(f"{tr} " + ", ".join(f"{lab} {fmt_num(w[m], '.0%')}" for m, lab in METRICS if m in w)
                           for tr, w in widths.items()))
-    errs = by_trace(rows, lambda r, m: None if r["errors"][m] is None else abs(r["errors"][m]))
+    errs = by_trace(rows, abs_error)
     con.print("median |error| by trace (headline): "
               + "; ".join(f"{tr} " + ", ".join(f"{lab} {fmt_num(e[m], '.1%')}" for m, lab in METRICS if m in e)
                           for tr, e in errs.items()))

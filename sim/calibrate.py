@@ -2094,23 +2094,16 @@ def neighbour_busy(steps: Mapping[str, np.ndarray]) -> np.ndarray:
     start = np.asarray(steps["start"], dtype=np.float64)
     end = start + np.asarray(steps["duration"], dtype=np.float64)
     rep = np.asarray(steps.get("replica", np.zeros(len(start), dtype=np.int64)))
-    runs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # replica -> (starts, ends) of its runs of steps
-    for k in np.unique(rep).tolist():
+    out = np.zeros(len(start), dtype=bool)
+    for k in np.unique(rep).tolist():  # replica k's runs of steps, against every other replica's step starts
         idx = np.flatnonzero(rep == k)
         idx = idx[np.argsort(start[idx], kind="stable")]
         s0, e0 = start[idx], np.maximum.accumulate(end[idx])
         new_run = np.r_[True, s0[1:] - e0[:-1] >= BACK_TO_BACK_S]
         last = np.r_[np.flatnonzero(new_run)[1:] - 1, len(idx) - 1]
-        runs[k] = (s0[new_run], e0[last])
-    out = np.zeros(len(start), dtype=bool)
-    for i in range(len(start)):
-        for k, (rs, re) in runs.items():
-            if k == rep[i]:
-                continue
-            j = int(np.searchsorted(rs, start[i], side="right")) - 1
-            if j >= 0 and re[j] > start[i]:
-                out[i] = True
-                break
+        run_start, run_end = s0[new_run], e0[last]
+        j = np.searchsorted(run_start, start, side="right") - 1  # the last run of k begun by each step's start
+        out |= (rep != k) & (j >= 0) & (run_end[np.maximum(j, 0)] > start)
     return out
 
 

@@ -101,7 +101,7 @@ class Replica:
         # been idle for wake[0] s or longer takes wake[1] x its forward time (wake[2] x, if given, when a co-located
         # neighbour has a step in progress as it starts), and every step with prefill tokens
         # prefill_factor x (both, when both hold). _last_end: when its last step ended.
-        self._wake_term: tuple[float, float] | None = getattr(cost, "wake", None)
+        self._wake_term: tuple[float, ...] | None = getattr(cost, "wake", None)
         self._prefill_factor = float(getattr(cost, "prefill_factor", 1.0))
         self._loop_terms = self._wake_term is not None or self._prefill_factor != 1.0  # (one test per step)
         self._last_end = 0.0
