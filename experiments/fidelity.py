@@ -20,7 +20,8 @@
    while the alone check read 0.87-1.12). The alone-only correction is kept next to it.
    With the loop drift check (`--loop-drift-check`, on by default where the drift check is: the CPU), a
    short mix of requests with the cell's trace's prompt and output lengths, under the cell's scheduler,
-   router and rate (`--loop-mix cell`; none of its arrival times or outcomes) is replayed on the replicas
+   router and arrivals (`--loop-mix cell`: from run Z3 on, gaps drawn from the slice's own inter-arrival
+   gaps, `--loop-arrivals gaps`; none of its outcomes) is replayed on the replicas
    right before and right after each cell, and the
    prediction scaled by the pace of its steps against the cost model, before and after each cell, is the
    headline, the reference-shape check's beside it (sim.calibrate.loop_pace: the replicas' processes, shared
@@ -87,7 +88,7 @@ sys.path.insert(0, str(ROOT))
 
 from policies.scheduler import SchedulerConfig  # noqa: E402
 from sim.calibrate import SAMPLING_LEVEL, read_profile_file, save_profile_file  # noqa: E402
-from sim.calibrate_cli import LOOP_MIXES  # noqa: E402
+from sim.calibrate_cli import LOOP_ARRIVALS, LOOP_MIXES  # noqa: E402
 from sim.cluster import simulate  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from traces import transforms  # noqa: E402
@@ -316,6 +317,7 @@ def settings_of(args: argparse.Namespace, n_req: int) -> dict:
 def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: list[dict], **extra) -> None:
     (out_dir / "fidelity.json").write_text(json.dumps(
         {"profile": prof_path, "drift_check": args.drift_check, "loop_mix": getattr(args, "loop_mix", None),
+         "loop_arrivals": getattr(args, "loop_arrivals", None),
          "settings": settings_of(args, args.n_req), **extra,
          "cells": rows, "aggregate": aggregate(rows, "errors"),
          "aggregate_uncorrected": aggregate(rows, "errors_uncorrected"),
@@ -721,6 +723,10 @@ def main() -> int:
                          "capacity (the same requests for every cell of a trace, so one check serves two cells of "
                          "the same trace; the default in runs T and U); 'calibration', log-uniform lengths that "
                          "way, nothing from the traces (the default up to run S)")
+    ap.add_argument("--loop-arrivals", choices=LOOP_ARRIVALS, default="gaps",
+                    help="how the 'cell' check's requests arrive: 'gaps' (default from run Z3 on), gaps drawn from "
+                         "the slice's own inter-arrival gaps (a fixed seed, each cut to 5 s); 'poisson', Poisson at "
+                         "the cell's mean rate (up to run Z2)")
     ap.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
                     help="a second loop drift check with this mix, before and after every cell (never shared), its "
                          "prediction and pace reading reported beside the headline's: two mixes on the same cells")
@@ -815,6 +821,7 @@ def main() -> int:
                            keep_records=out_dir / "records" / f"cell{k + 1:02d}" if out_dir else None,
                            drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
                            loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also,
+                           loop_arrivals=args.loop_arrivals,
                            loop_before=loop_prev if waited <= 10 else None)  # stale after a wait for quiet
         lp = res["loop_drift"]
         loop_prev = lp["after"] if lp["enabled"] else None

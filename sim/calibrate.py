@@ -1952,6 +1952,9 @@ def measure_loop_overhead(model_config: str, replicas: int, num_blocks: int, blo
 # ---- waking from idle: the first step after a pause ---------------------------------------------
 
 WAKE_AFTER_S = 0.2  # a replica idle this long or longer before a step has "woken" (sim.cluster.Replica)
+# A loop check that resamples a workload's gaps (mix_replay) cuts each to this: a replica idle that long has long
+# since "woken" (WAKE_AFTER_S), so a longer pause would only make the check slower, not read the pace otherwise.
+CHECK_MAX_GAP_S = 5.0
 
 
 WAKE_CHUNKS = 4  # prefill steps per request of the wake replay: the first runs right after the pause
@@ -2135,23 +2138,29 @@ class _LogUniformLengths:
 
 def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, block_size: int = 16,
                device: str = "cpu", seed: int = 0, requests: int = 80, lengths: Any = None,
-               cfg: Any = None, rate: float | None = None) -> dict[str, np.ndarray]:
+               cfg: Any = None, rate: float | None = None, gaps: np.ndarray | None = None,
+               max_gap_s: float = CHECK_MAX_GAP_S) -> dict[str, np.ndarray]:
     """Replay a calibration mix (Poisson arrivals, `_LogUniformLengths` or the sampler `lengths` (anything with
     `sample(n, rng) -> (inputs, outputs)`, e.g. traces.synth.fit_lengths of a workload), chunked prefill with a
     512-token budget, round robin) on the executor's real-time replay, at a rate `cost` says loads the replicas
     moderately, and return its step log: prefill, mixed and decode steps interleaved within the same seconds.
     `cfg` (a SimConfig): its scheduler, router, replicas and KV blocks instead (`replicas`, `num_blocks` and
-    `block_size` are then ignored); `rate` (requests/s): that Poisson rate instead."""
+    `block_size` are then ignored); `rate` (requests/s): that Poisson rate instead; `gaps` (s, a workload's
+    inter-arrival gaps): arrivals whose gaps are drawn from those instead (traces.synth.resampled_arrivals, each
+    cut to `max_gap_s`), so the replay has the workload's bursts and pauses, not only its mean rate."""
     import dataclasses
     import tempfile
 
     from executor.replay import read_steps, run_workload
     from policies.scheduler import SchedulerConfig
     from sim.config import SimConfig
-    from traces.synth import synthesize
+    from traces.synth import resampled_arrivals, synthesize
+    from traces.workload import Workload
 
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"calibration replay: rate={rate!r} is out of range; allowed: a finite rate > 0 requests/s")
+    if rate is not None and gaps is not None:
+        raise ValueError("calibration replay: give a Poisson rate or gaps to resample, not both")
     lengths = lengths if lengths is not None else _LogUniformLengths()
     probe = lengths.sample(2000, np.random.default_rng(seed + 7))
     p_in, p_out = float(np.mean(probe[0])), float(np.mean(probe[1]))
@@ -2164,8 +2173,17 @@ def mix_replay(model_config: Any, replicas: int, num_blocks: int, cost: Any, blo
         cfg = SimConfig(replicas=replicas, router="round_robin", num_blocks=num_blocks, seed=seed,
                         scheduler=SchedulerConfig(block_size=block_size, prefix_caching=False,
                                                   max_num_batched_tokens=512))
-    rate = rate if rate is not None else 0.6 * replicas / per_req
-    w = synthesize(requests, rate, lengths=lengths, seed=seed, name="loop-mix")
+    if gaps is not None:
+        rng = np.random.default_rng(seed)  # arrivals first, then lengths, as synthesize draws them
+        arrival = resampled_arrivals(requests, gaps, rng, max_gap_s)
+        inp, out = lengths.sample(requests, rng)
+        w = Workload(arrival=arrival, input_tokens=np.asarray(inp, dtype=np.int64),
+                     output_tokens=np.asarray(out, dtype=np.int64), name="loop-mix",
+                     meta={"format": "synthetic", "arrivals": {"process": "resampled gaps", "max_gap_s": max_gap_s,
+                                                               "seed": seed}})
+    else:
+        rate = rate if rate is not None else 0.6 * replicas / per_req
+        w = synthesize(requests, rate, lengths=lengths, seed=seed, name="loop-mix")
     with tempfile.TemporaryDirectory(prefix="twinfer-mix-") as tmp:
         run_workload(w, cfg, model_config=model_config, device=device, out=tmp,
                      max_duration=float(w.arrival[-1]) + 60 * per_req + 60.0)
@@ -2213,7 +2231,7 @@ LOOP_CHECK_SEED = 1009  # the same calibration mix every time, so two checks dif
 def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, block_size: int = 16,
               device: str = "cpu", contention: bool = False, requests: int = LOOP_CHECK_REQUESTS,
               seed: int = LOOP_CHECK_SEED, lengths: Any = None, cfg: Any = None,
-              rate: float | None = None) -> dict[str, Any]:
+              rate: float | None = None, gaps: np.ndarray | None = None) -> dict[str, Any]:
     """The serving loop's drift check: replay a short calibration mix (`mix_replay`: nothing from the traces
     being validated) on `replicas` replicas of the executor and read how long its steps took against
     `forward`'s prediction for each (the fit's forward time with its serving-loop terms; with `contention`,
@@ -2223,13 +2241,16 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
     forward passes alone in one process. `lengths`: the mix's prompt and output lengths (`mix_replay`; None:
     the log-uniform calibration mix); "mix" in the result names them. `cfg` and `rate`: the replay's
     configuration (scheduler, router, replicas) and arrival rate instead of the calibration defaults
-    (`mix_replay`): the "cell" mix of `twinfer validate`, the validated run's own. "jitter": the spread of its
-    steps' real / model ratios by kind (sim.jitter.StepJitter.to_dict), for the simulator's step jitter."""
+    (`mix_replay`): the "cell" mix of `twinfer validate`, the validated run's own; `gaps` (instead of `rate`):
+    arrivals that resample a workload's own inter-arrival gaps ("arrivals" in the result says which).
+    "jitter": the spread of its steps' real / model ratios by kind (sim.jitter.StepJitter.to_dict), for the
+    simulator's step jitter."""
     if requests < 4:
         raise ValueError(f"loop drift check: requests={requests} is out of range; allowed: >= 4")
     t0 = time.perf_counter()
     steps = mix_replay(model_config, replicas, num_blocks, forward, block_size, device, seed, requests,
-                       **({"lengths": lengths} if lengths is not None else {}), cfg=cfg, rate=rate)
+                       **({"lengths": lengths} if lengths is not None else {}), cfg=cfg, rate=rate,
+                       **({"gaps": gaps} if gaps is not None else {}))
     chk = step_check(forward, steps, contention=forward if contention else None)
     if not chk.get("steps"):
         raise RuntimeError(f"loop drift check: the calibration replay ({requests} requests) logged no step")
@@ -2244,6 +2265,7 @@ def loop_pace(model_config: Any, replicas: int, num_blocks: int, forward: Any, b
             "requests": requests, "seed": seed, "seconds": time.perf_counter() - t0,
             "mix": getattr(lengths, "source", type(lengths).__name__) if lengths is not None else "calibration",
             **({"rate": rate} if rate is not None else {}),
+            "arrivals": (f"resampled gaps (each at most {CHECK_MAX_GAP_S:g} s)" if gaps is not None else "poisson"),
             **({"chunked_prefill": cfg.scheduler.chunked_prefill,
                 "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens, "router": cfg.router}
                if cfg is not None else {})}

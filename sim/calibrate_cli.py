@@ -125,13 +125,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "3.9-6.9 %%)")
     g.add_argument("--loop-mix", choices=LOOP_MIXES, default="cell",
                    help="the loop drift check's requests: 'cell' (default), 24 whose prompt and output lengths are "
-                        "drawn from the workload's own (a fixed seed; none of its arrival times or outcomes), "
-                        "replayed the way the workload is: its scheduler, router and mean arrival rate (Poisson), "
-                        "so the check reads the pace of the workload's step shapes, batch sizes and co-location "
+                        "drawn from the workload's own (a fixed seed; none of its outcomes), replayed the way the "
+                        "workload is: its scheduler, router and arrivals (see --loop-arrivals), so the check "
+                        "reads the pace of the workload's step shapes, batch sizes and co-location "
                         "(the model's error differs by a few percent from one of those to another; at a low rate "
                         "fewer requests, down to 8, so a check's arrivals span about a minute at most); "
                         "'workload', the same lengths at 60 %% of capacity under chunked prefill and round robin; "
                         "'calibration', 24 of log-uniform lengths that way, nothing from the workload")
+    g.add_argument("--loop-arrivals", choices=LOOP_ARRIVALS, default="gaps",
+                   help="how the 'cell' mix's requests arrive: 'gaps' (default), gaps drawn from the workload's own "
+                        "inter-arrival gaps (a fixed seed; each cut to 5 s), so a bursty workload's check is bursty "
+                        "too; 'poisson', Poisson at the workload's mean rate (the default up to fidelity run Z2: "
+                        "a code-trace slice that arrives in one burst then ran 3-5 %% faster than its checks read)")
     g.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
                    help="with the loop drift check: run a second check with this mix before and after as well, "
                         "and report its prediction beside the headline (a comparison of two mixes on the same "
@@ -612,6 +617,7 @@ def default_drift_check(device: str) -> bool:
 
 
 LOOP_MIXES = ("workload", "cell", "calibration")  # the loop drift check's request mix (run_validate's loop_mix)
+LOOP_ARRIVALS = ("gaps", "poisson")  # how the "cell" mix's requests arrive (run_validate's loop_arrivals)
 CELL_CHECK_SPAN_S = 60.0  # the "cell" mix's arrivals span at most about this long (`cell_check_requests`)
 CELL_CHECK_MIN_REQUESTS = 8
 
@@ -631,7 +637,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
                  time_limit: float, keep_steps: str | Path | None = None, drift_check: bool | None = None,
                  busy_drift_check: bool = False, loop_drift_check: bool | None = None,
                  loop_before: dict[str, Any] | None = None, loop_mix: str = "cell",
-                 loop_also: str | None = None, keep_records: str | Path | None = None) -> dict[str, Any]:
+                 loop_also: str | None = None, keep_records: str | Path | None = None,
+                 loop_arrivals: str = "gaps") -> dict[str, Any]:
     """Simulate once, replay `repeat` times; returns the comparison and both sides' summaries.
     keep_steps: a path prefix; each real run's engine step log is copied to PREFIX.K.csv (K = run).
     keep_records: a path prefix; the headline prediction's per-request records go to PREFIX.sim.csv, the
@@ -673,9 +680,11 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     log-uniform lengths, nothing from the workload (the default up to fidelity run T: its step shapes are not
     the workload's, and the model's error differed between the two mixes by 2-6 % per trace); "cell" (the
     default from fidelity run V on), the workload mix's lengths replayed under `cfg` (scheduler, router,
-    replicas) at the workload's mean arrival rate as Poisson arrivals, so the check also has the workload's
-    batch sizes and co-location (`cell_check_requests`: fewer requests at a low rate; a check of one
-    configuration does not serve another's: loop_before must come from the same cfg and rate).
+    replicas) with arrivals as loop_arrivals says (LOOP_ARRIVALS): "gaps" (the default from fidelity run Z3
+    on), gaps drawn from the workload's own inter-arrival gaps (a fixed seed, each cut to
+    sim.calibrate.CHECK_MAX_GAP_S), "poisson", Poisson at its mean rate; so the check also has the workload's
+    batch sizes, bursts and co-location (`cell_check_requests`: fewer requests at a low rate; a check of one
+    configuration does not serve another's: loop_before must come from the same cfg and arrivals).
     loop_also (a mix of LOOP_MIXES, with the loop check on): a second check of that mix, before the first one
     and after it, its prediction kept as "comparison_loop_also" and loop_drift["also"]: two mixes compared on
     the same real runs."""
@@ -698,6 +707,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         raise ValueError(f"--loop-mix={loop_mix!r} is not one of: {', '.join(LOOP_MIXES)}")
     if loop_also is not None and loop_also not in LOOP_MIXES:
         raise ValueError(f"--loop-also={loop_also!r} is not one of: {', '.join(LOOP_MIXES)}")
+    if loop_arrivals not in LOOP_ARRIVALS:
+        raise ValueError(f"--loop-arrivals={loop_arrivals!r} is not one of: {', '.join(LOOP_ARRIVALS)}")
     prof = read_profile_file(profile_path)
     cost = prof.cost
     mname = model_config or profile_model_ref(prof)
@@ -751,7 +762,8 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
         own: dict[str, Any] = {}
         if mix == "cell" and len(w) > 1 and w.span > 0:  # (one request, or all at once: no rate to keep)
             rate = (len(w) - 1) / w.span
-            own = {"cfg": cfg, "rate": rate, "requests": cell_check_requests(rate)}
+            own = {"cfg": cfg, "requests": cell_check_requests(rate),
+                   **({"gaps": np.diff(np.sort(w.arrival))} if loop_arrivals == "gaps" else {"rate": rate})}
         return loop_pace(mname, cfg.replicas, num_blocks, forward, block_size, device, contention=ccost is not None,
                          **({"lengths": fit_lengths(w)} if mix in ("workload", "cell") else {}), **own)
 
@@ -925,7 +937,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = run_validate(w, cfg, cfg.profile, args.model_config, args.device, args.repeat, args.time_limit,
                        drift_check=args.drift_check, busy_drift_check=args.busy_drift_check,
                        loop_drift_check=args.loop_drift_check, loop_mix=args.loop_mix, loop_also=args.loop_also,
-                       keep_records=args.records)
+                       keep_records=args.records, loop_arrivals=args.loop_arrivals)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=_json_default) + "\n")

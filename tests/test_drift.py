@@ -344,11 +344,11 @@ def _validate_setup(tmp_path, monkeypatch, prof: Profile, truth_factor: float, r
     loop_it = iter(loop)
 
     def fake_loop(model_config, replicas, num_blocks, forward, block_size, device, contention=False, lengths=None,
-                  cfg=None, rate=None, requests=None):
+                  cfg=None, rate=None, requests=None, gaps=None):
         events.append("loop")
         f = next(loop_it)
         return {**(f if isinstance(f, dict) else {"factor": f}), "replicas": replicas, "contention": contention,
-                "lengths": lengths, "cfg": cfg, "rate": rate, "requests": requests}
+                "lengths": lengths, "cfg": cfg, "rate": rate, "requests": requests, "gaps": gaps}
 
     monkeypatch.setattr(sim.calibrate, "loop_pace", fake_loop)
     path = save_profile_file(prof, tmp_path / "p.toml")
@@ -532,23 +532,35 @@ def test_validate_loop_check_on_the_workloads_own_lengths(tmp_path, monkeypatch)
 
 def test_validate_loop_check_in_the_cells_own_configuration(tmp_path, monkeypatch):
     """--loop-mix cell (the default): the check replays the workload's lengths under the validated
-    configuration (scheduler, router, replicas, KV blocks) at the workload's mean rate; the other mixes
-    replay the calibration configuration (no cfg, no rate)."""
+    configuration (scheduler, router, replicas, KV blocks), its arrivals resampled from the workload's own
+    gaps (--loop-arrivals gaps, the default) or Poisson at its mean rate (poisson); the other mixes replay the
+    calibration configuration (no cfg, no rate, no gaps)."""
     prof = synthetic_profile(max_context=1024)
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
     out = run(False, loop_drift_check=True)
     lp = out["loop_drift"]
     assert lp["mix"] == "cell" and events == ["loop", "run", "loop"]
     for check in (lp["before"], lp["after"]):
-        assert check["rate"] == pytest.approx(23 / (0.04 * 23))  # the stand-in workload: 24 requests 40 ms apart
+        assert check["rate"] is None  # the stand-in workload: 24 requests 40 ms apart, so 23 gaps of 40 ms
+        assert np.asarray(check["gaps"]) == pytest.approx(np.full(23, 0.04))
         assert check["cfg"].scheduler == out_cfg_scheduler(out) and check["cfg"].router == out["config"]["router"]
         assert check["cfg"].num_blocks == out["config"]["num_blocks"] > 0
         assert check["requests"] == 24  # 25 req/s: 24 arrive within a second
         inp, outp = check["lengths"].sample(200, np.random.default_rng(0))
         assert set(zip(inp.tolist(), outp.tolist())) == {(40 + 20 * (i % 3), 12) for i in range(24)}
     run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    lp = run(False, loop_drift_check=True, loop_arrivals="poisson")["loop_drift"]
+    for check in (lp["before"], lp["after"]):
+        assert check["rate"] == pytest.approx(23 / (0.04 * 23)) and check["gaps"] is None
+        assert check["requests"] == 24 and check["cfg"].router == out["config"]["router"]
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
     lp = run(False, loop_drift_check=True, loop_mix="workload")["loop_drift"]
     assert lp["before"]["cfg"] is None and lp["before"]["rate"] is None and lp["before"]["requests"] is None
+    assert lp["before"]["gaps"] is None
+    run, events = _validate_setup(tmp_path, monkeypatch, prof, 1.0, loop=(1.1, 1.2))
+    with pytest.raises(ValueError, match="--loop-arrivals='renewal' is not one of: gaps, poisson"):
+        run(False, loop_drift_check=True, loop_arrivals="renewal")
+    assert events == []
 
 
 def test_a_cell_check_of_a_sparse_workload_replays_fewer_requests():
@@ -633,6 +645,40 @@ def test_mix_replay_runs_the_given_configuration_at_the_given_rate(monkeypatch):
     assert len(seen) == n
 
 
+def test_mix_replay_resamples_the_given_gaps(monkeypatch):
+    """mix_replay with gaps: the replay's arrivals are drawn from those gaps (each cut to max_gap_s), the same
+    ones for the same seed, under the given configuration; a rate and gaps together are refused."""
+    from policies.scheduler import SchedulerConfig
+    from sim.calibrate import CHECK_MAX_GAP_S, mix_replay
+    from sim.config import SimConfig
+
+    seen = []
+    fake = types.ModuleType("executor.replay")
+    fake.run_workload = lambda w, cfg, **kw: seen.append((w, cfg))
+    fake.read_steps = lambda path: {"steps": str(path)}
+    monkeypatch.setitem(sys.modules, "executor.replay", fake)
+    cfg = SimConfig(replicas=2, router="least_outstanding", num_blocks=300,
+                    scheduler=SchedulerConfig(prefix_caching=False))
+    gaps = np.array([0.0, 0.0, 0.02, 40.0])  # a burst, then a long pause: as the code slice arrives
+    mix_replay("tiny", 2, 512, TRUE, 16, "cpu", seed=4, requests=300, cfg=cfg, gaps=gaps)
+    w, got = seen[-1]
+    d = np.diff(w.arrival)
+    assert len(w) == 300 and w.arrival[0] == 0.0 and got.router == "least_outstanding"
+    assert set(np.round(d, 9).tolist()) == {0.0, 0.02, CHECK_MAX_GAP_S}
+    assert w.meta["arrivals"]["process"] == "resampled gaps"
+    mix_replay("tiny", 2, 512, TRUE, 16, "cpu", seed=4, requests=300, cfg=cfg, gaps=gaps)
+    assert seen[-1][0].arrival.tolist() == w.arrival.tolist()
+    assert seen[-1][0].input_tokens.tolist() == w.input_tokens.tolist()
+    mix_replay("tiny", 2, 512, TRUE, 16, "cpu", seed=4, requests=300, cfg=cfg, gaps=gaps, max_gap_s=1.0)
+    assert np.diff(seen[-1][0].arrival).max() == pytest.approx(1.0)
+    n = len(seen)
+    with pytest.raises(ValueError, match="not both"):
+        mix_replay("tiny", 2, 512, TRUE, 16, "cpu", cfg=cfg, rate=2.0, gaps=gaps)
+    with pytest.raises(ValueError, match="gap 0 is -1"):
+        mix_replay("tiny", 2, 512, TRUE, 16, "cpu", cfg=cfg, gaps=np.array([-1.0]))
+    assert len(seen) == n
+
+
 def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(monkeypatch):
     """loop_pace replays the same calibration mix every time (one seed) and returns its steps' busy time over
     the cost model's prediction, serving-loop terms and contention included, overall and by kind."""
@@ -653,9 +699,13 @@ def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(m
     log["duration"] = pred * np.where(pt > 0, 1.6, 1.2)
     calls = []
 
-    def fake_mix(model_config, replicas, num_blocks, c, block_size, device, seed, requests, cfg=None, rate=None):
+    def fake_mix(model_config, replicas, num_blocks, c, block_size, device, seed, requests, cfg=None, rate=None,
+                 gaps=None):
         calls.append((model_config, replicas, num_blocks, c, block_size, device, seed, requests, cfg, rate))
+        gaps_seen.append(gaps)
         return log
+
+    gaps_seen = []
 
     monkeypatch.setattr(sim.calibrate, "mix_replay", fake_mix)
     a = loop_pace("tiny", 2, 512, cost, 16, "cpu")
@@ -666,7 +716,10 @@ def test_loop_pace_is_the_calibration_replays_busy_time_against_the_cost_model(m
     busy = pred * np.where(pt > 0, 1.6, 1.2)
     assert a["factor"] == pytest.approx(busy.sum() / pred.sum()) and 1.2 < a["factor"] < 1.6
     assert a["steps"] == n and a["decode_steps"] == 32 and a["with_prefill_steps"] == 8
-    assert b["factor"] == a["factor"] and a["mix"] == "calibration"
+    assert b["factor"] == a["factor"] and a["mix"] == "calibration" and a["arrivals"] == "poisson"
+    c = loop_pace("tiny", 2, 512, cost, 16, "cpu", gaps=np.array([0.0, 3.0]))
+    assert gaps_seen[-1].tolist() == [0.0, 3.0] and gaps_seen[0] is None and c["factor"] == a["factor"]
+    assert c["arrivals"].startswith("resampled gaps")
     with pytest.raises(ValueError, match="requests=2"):
         loop_pace("tiny", 2, 512, cost, requests=2)
 

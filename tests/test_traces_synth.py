@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from traces.synth import (
-    EmpiricalLengths, FixedLengths, default_lengths, fit_lengths, gamma_arrivals, poisson_arrivals, synthesize,
+    EmpiricalLengths, FixedLengths, default_lengths, fit_lengths, gamma_arrivals, poisson_arrivals,
+    resampled_arrivals, synthesize,
 )
 from traces.workload import Workload
 
@@ -53,6 +54,45 @@ def test_same_seed_same_arrays(n, rate, c, seed):
     assert np.array_equal(a.arrival, b.arrival)
     assert np.array_equal(a.input_tokens, b.input_tokens) and np.array_equal(a.output_tokens, b.output_tokens)
     assert len(a) == n and np.all(np.diff(a.arrival) >= 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 300), st.lists(st.floats(0.0, 100.0), min_size=1, max_size=40),
+       st.one_of(st.none(), st.floats(0.01, 50.0)), st.integers(0, 2 ** 32))
+def test_resampled_arrivals_draw_only_the_given_gaps(n, gaps, cap, seed):
+    """Arrivals from 0 whose every gap is one of the recorded gaps (cut to the cap), the same for the same seed."""
+    a = resampled_arrivals(n, np.array(gaps), np.random.default_rng(seed), cap)
+    assert len(a) == n and a.dtype == np.float64
+    assert resampled_arrivals(n, np.array(gaps), np.random.default_rng(seed), cap).tolist() == a.tolist()
+    if n:
+        assert a[0] == 0.0
+    allowed = np.array(gaps) if cap is None else np.minimum(gaps, cap)
+    d = np.diff(a)
+    assert np.all(d >= 0)
+    assert all(np.isclose(allowed, x, rtol=1e-9, atol=1e-9 * (1 + a[-1])).any() for x in d)
+
+
+def test_resampled_arrivals_keep_a_bursty_workloads_bursts():
+    """A workload that arrives in bursts (many gaps near 0, a few long pauses) keeps its CV, unlike a Poisson
+    process at its mean rate; a long pause is cut to the cap."""
+    rng = np.random.default_rng(3)
+    gaps = np.concatenate([np.full(95, 0.01), np.full(5, 20.0)])  # mean 1.01 s, CV about 4.3
+    a = resampled_arrivals(200_000, gaps, rng)
+    assert cv(a) == pytest.approx(gaps.std() / gaps.mean(), rel=0.05)
+    assert 1 / np.diff(a).mean() == pytest.approx(1 / gaps.mean(), rel=0.05)
+    cut = resampled_arrivals(2000, gaps, np.random.default_rng(3), max_gap=5.0)
+    assert np.diff(cut).max() == pytest.approx(5.0) and set(np.round(np.diff(cut), 9).tolist()) == {0.01, 5.0}
+
+
+@pytest.mark.parametrize("gaps, cap, match", [
+    ([], None, "non-empty 1-D"), ([[0.1, 0.2]], None, "non-empty 1-D"), ([0.1, -0.5], None, "gap 1 is -0.5"),
+    ([0.1, float("nan")], None, "gap 1 is nan"), ([0.1], 0.0, "max_gap must be"), ([0.1], float("inf"), "max_gap"),
+])
+def test_resampled_arrivals_refuse_bad_gaps(gaps, cap, match):
+    with pytest.raises(ValueError, match=match):
+        resampled_arrivals(5, np.array(gaps), np.random.default_rng(0), cap)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        resampled_arrivals(-1, np.array([0.1]), np.random.default_rng(0))
 
 
 def test_different_seeds_differ_and_generator_accepted():

@@ -61,6 +61,26 @@ def gamma_arrivals(n: int, rate: float, cv: float, rng: np.random.Generator) -> 
     return _from_gaps(rng.gamma(shape, 1.0 / (rate * shape), n - 1))
 
 
+def resampled_arrivals(n: int, gaps: np.ndarray, rng: np.random.Generator, max_gap: float | None = None) -> np.ndarray:
+    """n arrival times (s), the first at 0, whose n - 1 gaps are drawn uniformly with replacement from `gaps`
+    (a recorded workload's own inter-arrival gaps, s): the recorded mix of bursts and pauses, not a renewal
+    process fitted to it. `max_gap`: each drawn gap cut to at most this many seconds (None: as drawn)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    g = np.asarray(gaps, dtype=np.float64)
+    if g.ndim != 1 or not len(g):
+        raise ValueError(f"gaps must be a non-empty 1-D array of seconds, got shape {g.shape}")
+    bad = np.flatnonzero(~np.isfinite(g) | (g < 0))
+    if len(bad):
+        raise ValueError(f"gaps must be finite and >= 0 s; gap {int(bad[0])} is {g[bad[0]]}")
+    if max_gap is not None and not (np.isfinite(max_gap) and max_gap > 0):
+        raise ValueError(f"max_gap must be a finite number of seconds > 0 (or None), got {max_gap}")
+    if n == 0:
+        return np.empty(0, dtype=np.float64)
+    drawn = g[rng.integers(0, len(g), n - 1)]
+    return _from_gaps(drawn if max_gap is None else np.minimum(drawn, max_gap))
+
+
 def renewal_arrivals(n: int, rate: float, cv: float, rng: np.random.Generator) -> np.ndarray:
     """Poisson when cv == 1, Gamma otherwise."""
     return poisson_arrivals(n, rate, rng) if cv == 1 else gamma_arrivals(n, rate, cv, rng)
