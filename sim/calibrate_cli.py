@@ -136,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how the 'cell' mix's requests arrive: 'gaps' (default), gaps drawn from the workload's own "
                         "inter-arrival gaps (a fixed seed; each cut to 5 s), so a bursty workload's check is bursty "
                         "too; 'poisson', Poisson at the workload's mean rate (the default up to fidelity run Z2: "
-                        "a code-trace slice that arrives in one burst then ran 3-5 %% faster than its checks read)")
+                        "a code-trace slice that arrives in one burst then ran 1-4 %% faster than its checks read)")
     g.add_argument("--loop-also", choices=LOOP_MIXES, default=None,
                    help="with the loop drift check: run a second check with this mix before and after as well, "
                         "and report its prediction beside the headline (a comparison of two mixes on the same "

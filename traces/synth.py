@@ -63,8 +63,8 @@ def gamma_arrivals(n: int, rate: float, cv: float, rng: np.random.Generator) -> 
 
 def resampled_arrivals(n: int, gaps: np.ndarray, rng: np.random.Generator, max_gap: float | None = None) -> np.ndarray:
     """n arrival times (s), the first at 0, whose n - 1 gaps are drawn uniformly with replacement from `gaps`
-    (a recorded workload's own inter-arrival gaps, s): the recorded mix of bursts and pauses, not a renewal
-    process fitted to it. `max_gap`: each drawn gap cut to at most this many seconds (None: as drawn)."""
+    (a recorded workload's own inter-arrival gaps, s): the recorded mix of bursts and pauses itself, not a
+    Poisson or Gamma process fitted to it. `max_gap`: each drawn gap cut to at most this many seconds (None: as drawn)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     g = np.asarray(gaps, dtype=np.float64)
