@@ -1852,7 +1852,7 @@ def kind_corrected(cost: Any, decode_factor: float, with_prefill_factor: float) 
     (FittedCost.prefill_factor, which multiplies every step with prefill tokens) times
     with_prefill_factor / decode_factor; equal factors give `drift_corrected` exactly. Reported beside the
     single factor's prediction, not instead of it: rescored over nine full fidelity runs it was better in
-    three and worse on average (README, run S)."""
+    three and worse on average (experiments/FIDELITY.md, run S)."""
     d = _drift_factor(decode_factor, "decode factor")
     p = _drift_factor(with_prefill_factor, "with-prefill factor")
     out = drift_corrected(cost, d)

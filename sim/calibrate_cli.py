@@ -667,7 +667,7 @@ def run_validate(w, cfg, profile_path: str, model_config: str | None, device: st
     them (sim.calibrate.kind_corrected: decode-only steps scaled by the geometric mean of the two checks'
     decode ratios, steps with prefill tokens by that of their with-prefill ratios; "comparison_loop_kind",
     "loop_drift" "decode_factor" and "with_prefill_factor"; None where a check has no ratio of one kind): over
-    nine full fidelity runs on this project's CPU it did no better than the single factor (README). The
+    nine full fidelity runs on this project's CPU it did no better than the single factor (experiments/FIDELITY.md). The
     prediction with step jitter is kept beside them too ("comparison_loop_jitter", StepJitter.from_checks: the single
     factor, each simulated step's time times a draw from the spread of the two checks' own steps around the
     model, sim.jitter; the median of sim.calibrate.JITTER_RUNS such runs, each figure with its band over them,
