@@ -116,6 +116,10 @@ def trace_slice(name: str, n: int, offset: int, max_position: int, length_scale:
     path = full if full.is_file() else VENDORED / f"{stem}.head300.csv"
     w = load_trace(path)
     if not full.is_file():
+        if offset > 0:
+            print(f"{full} not found: {name} comes from the vendored {path.relative_to(ROOT)} (the trace's first "
+                  f"{len(w)} requests), from request 0 instead of --offset {offset}: not the slice the runs in "
+                  "experiments/FIDELITY.md used", file=sys.stderr, flush=True)
         offset = 0
     if length_scale != 1.0:
         w = dataclasses.replace(w, input_tokens=np.maximum(1, np.round(w.input_tokens * length_scale)).astype(np.int64),
