@@ -321,3 +321,14 @@ def test_rescore_reports_errors_and_band_widths_by_trace(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "median width of its 90% resampling band, relative to it: azure-conv TTFT p50 10%" in out
     assert "median |error| by trace (headline): azure-conv TTFT p50 0.0%" in out
+
+
+def test_a_missing_full_trace_falls_back_to_the_vendored_head_and_says_so(tmp_path, monkeypatch, capsys):
+    fid = fidelity_module()
+    monkeypatch.setattr(fid, "SHARED", tmp_path / "no-shared")
+    w = fid.trace_slice("azure-conv", 12, 1000, 4096, 1.0)
+    assert w.name == "azure-conv[0:12]" and len(w) == 12
+    err = capsys.readouterr().err
+    assert "not found" in err and "--offset 1000" in err and "head300.csv" in err
+    fid.trace_slice("azure-conv", 12, 0, 4096, 1.0)  # offset 0 is the head itself: nothing to say
+    assert capsys.readouterr().err == ""
