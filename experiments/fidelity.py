@@ -105,6 +105,7 @@ SCHEDULERS = {
                       "max_num_seqs": 32},
 }
 ROUTERS = ("least_outstanding", "round_robin")
+PACE_MOVED = 0.10  # a cell whose steps' pace moved this much between quarters of its run (pace_swing_summary)
 REPORT_WIDTH = 200  # the table's 16 columns: narrower, rich cuts the trace, scheduler and summary labels
 METRICS = (("ttft.p50", "TTFT p50"), ("tpot.p50", "TPOT p50"), ("e2e.p50", "E2E p50"), ("ttft.p99", "TTFT p99"),
            ("tpot.p99", "TPOT p99"), ("e2e.p99", "E2E p99"), ("throughput_rps", "tput"))
@@ -230,7 +231,24 @@ def median_check(checks: list[dict]) -> dict:
 
     return {"steps": sum(c["steps"] for c in ok), "busy_ratio": med("busy_ratio"), "median_ratio": med("median_ratio"),
             "decode_only": {"busy_ratio": med("busy_ratio", "decode_only")},
-            "with_prefill": {"busy_ratio": med("busy_ratio", "with_prefill")}}
+            "with_prefill": {"busy_ratio": med("busy_ratio", "with_prefill")}, "pace_swing": med("pace_swing")}
+
+
+def pace_swing_summary(rows: list[dict], moved: float = PACE_MOVED) -> str | None:
+    """How far the machine's pace moved within the cells' real runs (step_check's "pace_swing": the busy ratio of
+    the steps' fastest quarter over their slowest's), and the model's error at the cells' real pace for the
+    cells that moved by `moved` or more against the others: a single factor, even the cell's own, cannot
+    follow a run whose machine changed speed part-way."""
+    sw = [(r.get("step_pace_swing"), r.get("corrected_median_abs_rel_error")) for r in rows]
+    sw = [(s, e) for s, e in sw if s is not None and math.isfinite(s)]
+    if not sw:
+        return None  # (runs before the swing was recorded, rescored without their step logs)
+    big = [e for s, e in sw if s >= 1 + moved]
+    small = [e for s, e in sw if s < 1 + moved]
+    return (f"the machine's pace within a cell (busy ratio of the steps' slowest quarter over their fastest): median "
+            f"x{np.median([s for s, _ in sw]):.2f}, worst x{max(s for s, _ in sw):.2f}; {len(big)}/{len(sw)} cells "
+            f"moved by {moved:.0%} or more, their |error| at real pace median {fmt_num(finite_stat(np.median, big), '.1%')}"
+            f" against {fmt_num(finite_stat(np.median, small), '.1%')} for the others")
 
 
 def fmt_err(e: float | None) -> str:
@@ -497,6 +515,10 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
         con.print("the cells' step pace against each check's factor, median |log(pace / factor)|: "
                   + ", ".join(f"{lab} {v:.1%}" for lab, v in misread.items()))
 
+    swing_line = pace_swing_summary(rows)
+    if swing_line:
+        con.print(swing_line)
+
     def kind_miss(kind: str, factor_of) -> float:  # the cells' steps of one kind against a loop factor
         return finite_stat(np.median, [abs(math.log(r["step_kind_ratio"][kind] / factor_of(r))) for r in rows
                                        if factor_of(r) and (r.get("step_kind_ratio") or {}).get(kind, 0) > 0])
@@ -628,14 +650,14 @@ def rescore(args: argparse.Namespace) -> int:
                     if cell.get("sampling_band_rel", {}).get(m) else None) for m, _ in METRICS}
         in_band = {m: (bool(band[m][0] - 1e-6 <= sim[m] <= band[m][1] + 1e-6) if band[m] else None)
                    for m, _ in METRICS}
-        busy_ratio = pace_err = math.nan
+        busy_ratio = pace_err = swing = math.nan
         kinds = {"decode": math.nan, "with_prefill": math.nan}
         logs = sorted((src / "steps").glob(f"cell{k + 1:02d}.*.csv")) if src.is_dir() else []
         if logs:  # one per real run
             fwd = base.with_overhead(0.0)
             chk = median_check([step_check(fwd, read_steps(log), contention=fwd if ccost is not None else None)
                                 for log in logs])
-            busy_ratio, kinds = chk["busy_ratio"], kind_ratios(chk)
+            busy_ratio, kinds, swing = chk["busy_ratio"], kind_ratios(chk), chk.get("pace_swing", math.nan)
             _, ep = errors_of(drift_corrected(base, busy_ratio))  # at the pace the cell's steps ran
             pace_err = float(np.median([abs(ep[m]) for m, _ in METRICS if m != "throughput_rps" and ep[m] is not None]))
         if err_loop is not None:
@@ -660,6 +682,7 @@ def rescore(args: argparse.Namespace) -> int:
         row = {**cell, "headline": headline, "errors": err, "errors_reference_drift": err_ref,
                "errors_uncorrected": err_u, "errors_alone_drift": err_a, "in_sampling_band": in_band,
                "sim": sim, "sim_uncorrected": sim_u, "step_busy_ratio": busy_ratio, "step_kind_ratio": kinds,
+               "step_pace_swing": swing,
                "corrected_median_abs_rel_error": pace_err, "rescored_from": str(path),
                "paired": None, "paired_at_pace": None}  # the run's per-request records are not kept
         rows.append(row)
@@ -890,7 +913,7 @@ def main() -> int:
                                if res["paired_real"] else None),
                "sim_uncorrected": {m: cu[m]["sim"] for m, _ in METRICS},
                "step_busy_ratio": chk.get("busy_ratio"), "step_median_ratio": chk.get("median_ratio"),
-               "step_kind_ratio": kind_ratios(chk),
+               "step_kind_ratio": kind_ratios(chk), "step_pace_swing": chk.get("pace_swing", math.nan),
                "queueing": {q: {"sim": c[f"queueing.{q}"]["sim"], "real": c[f"queueing.{q}"]["real"],
                                 "rel_error": c[f"queueing.{q}"]["rel_error"]} for q in ("p50", "p99")},
                "neighbours_busy_share": res["neighbours_busy_share"],
@@ -937,6 +960,7 @@ def main() -> int:
               f" {row['queueing']['p50']['sim'] * 1e3:.0f}"
               f" / real {row['queueing']['p50']['real'] * 1e3:.0f} ms"
               + f"; at real pace {row['corrected_median_abs_rel_error']:.1%}"
+              + f" (its pace moved x{row['step_pace_swing']:.2f} within the run)"
               + "; per request TTFT " + fmt_err(row["paired"]["ttft"]) + " (at real pace "
               + fmt_err(row["paired_at_pace"]["ttft"]) + ")"
               + ("; run to run |.| " + ", ".join(f"{lab} {fmt_num(run_to_run(row['real_runs'][m]), '.1%')}"

@@ -1791,7 +1791,21 @@ def step_check(cost: FittedCost, steps: Mapping[str, np.ndarray], contention: An
                     ("mixed", kind == "mixed")):
         out[name] = {"steps": int(m.sum()), "median_ratio": float(np.median(ratio[m])) if m.any() else math.nan,
                      "busy_ratio": float(d[m].sum() / pred[m].sum()) if m.any() else math.nan}
+    out["quarter_busy_ratios"] = quarter_busy_ratios(np.asarray(steps["start"], dtype=float), d, pred)
+    q = out["quarter_busy_ratios"]
+    out["pace_swing"] = max(q) / min(q) if q else math.nan
     return out
+
+
+def quarter_busy_ratios(start: np.ndarray, real: np.ndarray, pred: np.ndarray, parts: int = 4) -> list[float]:
+    """The busy ratio (real / predicted busy time) of each `parts`-th of a step log's steps in order of their
+    start, all replicas together: how the machine's pace moved during one run. One scale factor, however
+    well read, cannot follow a run whose pace moved (step_check's "pace_swing", the largest over the smallest);
+    [] for a log of fewer than 4 steps a part."""
+    if len(real) < 4 * parts:
+        return []
+    order = np.argsort(start, kind="stable")
+    return [float(real[i].sum() / pred[i].sum()) for i in np.array_split(order, parts)]
 
 
 def scaled(cost: FittedCost, factor: float) -> FittedCost:

@@ -943,6 +943,31 @@ def test_the_step_check_applies_the_loop_terms_as_the_simulator_does():
     assert both["with_prefill"]["busy_ratio"] == pytest.approx(plain["with_prefill"]["busy_ratio"] / 1.8)
 
 
+def test_the_step_check_reads_how_the_machines_pace_moved_within_a_run():
+    from sim.calibrate import quarter_busy_ratios, step_check
+
+    n = 20  # one replica's decode steps of one shape, 0.2 s apart; the machine 1.3 x slower in the third quarter
+    pace = np.repeat([1.0, 1.0, 1.3, 1.1], n // 4)
+    shape = {"prefill_tokens": 0, "decode_seqs": 4, "decode_context": 2000, "attention_pairs": 2000, "sampled": 4,
+             "decode_groups": 1, "decode_padded_context": 2048, "decode_breaks": 8}
+    cost = FittedCost(LINEAR, 10_000)
+    one = {"replica": np.zeros(1, int), "start": np.zeros(1), "duration": np.ones(1),
+           **{k: np.array([v]) for k, v in shape.items()}}
+    model = 1.0 / step_check(cost, one)["busy_ratio"]  # the model's time for the shape
+    order = np.random.default_rng(0).permutation(n)  # a log's rows need not be in time order
+    steps = {"replica": np.zeros(n, int), "start": (np.arange(n) * 0.2)[order],
+             "duration": (model * 0.95 * pace)[order], **{k: np.full(n, v) for k, v in shape.items()}}
+    chk = step_check(cost, steps)
+    assert chk["quarter_busy_ratios"] == pytest.approx([0.95, 0.95, 0.95 * 1.3, 0.95 * 1.1])
+    assert chk["pace_swing"] == pytest.approx(1.3)
+    assert chk["busy_ratio"] == pytest.approx(0.95 * pace.mean())
+    # a steady machine does not swing; too short a log says nothing
+    assert step_check(cost, {**steps, "duration": np.full(n, model)})["pace_swing"] == pytest.approx(1.0)
+    short = {k: v[:12] for k, v in steps.items()}
+    assert quarter_busy_ratios(short["start"], short["duration"], short["duration"]) == []
+    assert math.isnan(step_check(cost, short)["pace_swing"])
+
+
 def test_wake_round_trips_survives_refit_and_drift_correction_and_is_checked(tmp_path):
     from sim.calibrate import drift_corrected, refit_profile
 

@@ -332,3 +332,16 @@ def test_a_missing_full_trace_falls_back_to_the_vendored_head_and_says_so(tmp_pa
     assert "not found" in err and "--offset 1000" in err and "head300.csv" in err
     fid.trace_slice("azure-conv", 12, 0, 4096, 1.0)  # offset 0 is the head itself: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_the_pace_swing_summary_sets_the_cells_that_moved_against_the_others():
+    fid = fidelity_module()
+    rows = [{"step_pace_swing": 1.02, "corrected_median_abs_rel_error": 0.02},
+            {"step_pace_swing": 1.05, "corrected_median_abs_rel_error": 0.03},
+            {"step_pace_swing": 1.31, "corrected_median_abs_rel_error": 0.19},
+            {"step_pace_swing": 1.12, "corrected_median_abs_rel_error": 0.07},
+            {"step_pace_swing": math.nan, "corrected_median_abs_rel_error": 0.50}]  # no step log: left out
+    line = fid.pace_swing_summary(rows)
+    assert "median x1.08" in line and "worst x1.31" in line
+    assert "2/4 cells moved by 10% or more" in line and "median 13.0% against 2.5%" in line
+    assert fid.pace_swing_summary([{"corrected_median_abs_rel_error": 0.1}]) is None
