@@ -239,16 +239,26 @@ def pace_swing_summary(rows: list[dict], moved: float = PACE_MOVED) -> str | Non
     the steps' fastest quarter over their slowest's), and the model's error at the cells' real pace for the
     cells that moved by `moved` or more against the others: a single factor, even the cell's own, cannot
     follow a run whose machine changed speed part-way."""
-    sw = [(r.get("step_pace_swing"), r.get("corrected_median_abs_rel_error")) for r in rows]
-    sw = [(s, e) for s, e in sw if s is not None and math.isfinite(s)]
-    if not sw:
+    known = [r for r in rows if r.get("step_pace_swing") is not None and math.isfinite(r["step_pace_swing"])]
+    if not known:
         return None  # (runs before the swing was recorded, rescored without their step logs)
-    big = [e for s, e in sw if s >= 1 + moved]
-    small = [e for s, e in sw if s < 1 + moved]
+    big = [r for r in known if r["step_pace_swing"] >= 1 + moved]
+    steady = [r for r in known if r["step_pace_swing"] < 1 + moved]
+
+    def at_pace(rs: list[dict]) -> str:
+        return fmt_num(finite_stat(np.median, [r.get("corrected_median_abs_rel_error") for r in rs]), ".1%")
+
+    def p50s(rs: list[dict]) -> str:  # the headline's median |error| on p50 TTFT / TPOT / E2E over those cells
+        if not rs:
+            return "n/a"
+        a = aggregate(rs, "errors")
+        return " / ".join(fmt_num(a[m]["median"], ".1%") for m in ("ttft.p50", "tpot.p50", "e2e.p50"))
+
+    swings = [r["step_pace_swing"] for r in known]
     return (f"the machine's pace within a cell (busy ratio of the steps' slowest quarter over their fastest): median "
-            f"x{np.median([s for s, _ in sw]):.2f}, worst x{max(s for s, _ in sw):.2f}; {len(big)}/{len(sw)} cells "
-            f"moved by {moved:.0%} or more, their |error| at real pace median {fmt_num(finite_stat(np.median, big), '.1%')}"
-            f" against {fmt_num(finite_stat(np.median, small), '.1%')} for the others")
+            f"x{np.median(swings):.2f}, worst x{max(swings):.2f}; {len(big)}/{len(known)} cells moved by {moved:.0%} "
+            f"or more: |error| at real pace median {at_pace(big)} there against {at_pace(steady)} in the others, "
+            f"the headline's p50 TTFT / TPOT / E2E {p50s(big)} against {p50s(steady)}")
 
 
 def fmt_err(e: float | None) -> str:

@@ -336,12 +336,14 @@ def test_a_missing_full_trace_falls_back_to_the_vendored_head_and_says_so(tmp_pa
 
 def test_the_pace_swing_summary_sets_the_cells_that_moved_against_the_others():
     fid = fidelity_module()
-    rows = [{"step_pace_swing": 1.02, "corrected_median_abs_rel_error": 0.02},
-            {"step_pace_swing": 1.05, "corrected_median_abs_rel_error": 0.03},
-            {"step_pace_swing": 1.31, "corrected_median_abs_rel_error": 0.19},
-            {"step_pace_swing": 1.12, "corrected_median_abs_rel_error": 0.07},
-            {"step_pace_swing": math.nan, "corrected_median_abs_rel_error": 0.50}]  # no step log: left out
+    def cell(swing, at_pace, err):
+        return {"step_pace_swing": swing, "corrected_median_abs_rel_error": at_pace,
+                "errors": {m: (err if m != "tpot.p50" else -err) for m, _ in fid.METRICS}}
+
+    rows = [cell(1.02, 0.02, 0.01), cell(1.05, 0.03, 0.03), cell(1.31, 0.19, 0.20), cell(1.12, 0.07, 0.10),
+            cell(math.nan, 0.50, 0.5)]  # no step log: left out
     line = fid.pace_swing_summary(rows)
     assert "median x1.08" in line and "worst x1.31" in line
-    assert "2/4 cells moved by 10% or more" in line and "median 13.0% against 2.5%" in line
+    assert "2/4 cells moved by 10% or more: |error| at real pace median 13.0% there against 2.5%" in line
+    assert "p50 TTFT / TPOT / E2E 15.0% / 15.0% / 15.0% against 2.0% / 2.0% / 2.0%" in line
     assert fid.pace_swing_summary([{"corrected_median_abs_rel_error": 0.1}]) is None
