@@ -236,7 +236,7 @@ def median_check(checks: list[dict]) -> dict:
 
 def pace_swing_summary(rows: list[dict], moved: float = PACE_MOVED) -> str | None:
     """How far the machine's pace moved within the cells' real runs (step_check's "pace_swing": the busy ratio of
-    the steps' fastest quarter over their slowest's), and the model's error at the cells' real pace for the
+    the steps' slowest quarter over their fastest's), and the model's error at the cells' real pace for the
     cells that moved by `moved` or more against the others: a single factor, even the cell's own, cannot
     follow a run whose machine changed speed part-way."""
     known = [r for r in rows if r.get("step_pace_swing") is not None and math.isfinite(r["step_pace_swing"])]

@@ -336,6 +336,7 @@ def test_a_missing_full_trace_falls_back_to_the_vendored_head_and_says_so(tmp_pa
 
 def test_the_pace_swing_summary_sets_the_cells_that_moved_against_the_others():
     fid = fidelity_module()
+
     def cell(swing, at_pace, err):
         return {"step_pace_swing": swing, "corrected_median_abs_rel_error": at_pace,
                 "errors": {m: (err if m != "tpot.p50" else -err) for m, _ in fid.METRICS}}
