@@ -154,6 +154,42 @@ def cell_config(sched: str, router: str, replicas: int, profile: str, num_blocks
                      scheduler=SchedulerConfig(prefix_caching=False, **SCHEDULERS[sched]))
 
 
+def interleaved(cells: list[tuple]) -> list[tuple]:
+    """The cells (trace, scheduler, router, load, ...) in an order whose every prefix covers the traces, load
+    levels, schedulers and routers about evenly (`--budget` runs such a prefix): the traces take turns; within
+    each, the scheduler x router settings go in a Latin-square order (for 2 x 2: chunked + least outstanding,
+    prefill-first + round robin, then the other two), each through its load levels. The same cells, reordered."""
+    traces = list(dict.fromkeys(c[0] for c in cells))
+    scheds = list(dict.fromkeys(c[1] for c in cells))
+    routers = list(dict.fromkeys(c[2] for c in cells))
+    loads = list(dict.fromkeys(c[3] for c in cells))
+
+    def key(c: tuple) -> tuple[int, int, int]:
+        i_s, i_r = scheds.index(c[1]), routers.index(c[2])
+        return (i_r - i_s) % len(routers), i_s, loads.index(c[3])
+
+    per_trace = [sorted((c for c in cells if c[0] == tr), key=key) for tr in traces]
+    out = []
+    for k in range(max(map(len, per_trace), default=0)):
+        out += [group[k] for group in per_trace if k < len(group)]
+    return out
+
+
+def next_cell_fits(elapsed_s: float, budget_s: float, predicted_s: float,
+                   done: list[tuple[float, float]]) -> tuple[bool, float]:
+    """Whether the next cell ends inside the budget: its wall time is estimated as its predicted replay
+    (`predicted_s`, the simulator's makespan) times the median wall / predicted of the cells done so far
+    (`done`: (wall s, predicted s) pairs; the checks and replica start-ups ride on that ratio). The first cell
+    always runs (no estimate yet: a budget under one cell's time runs one). Returns (fits, estimate in s; nan
+    for the first)."""
+    if not (math.isfinite(budget_s) and budget_s > 0):
+        raise ValueError(f"--budget: {budget_s / 60:g} min is out of range; allowed: > 0")
+    if not done:
+        return True, math.nan
+    est = predicted_s * float(np.median([w / max(p, 1e-9) for w, p in done]))
+    return elapsed_s + est <= budget_s, est
+
+
 def machine_busy(interval: float = 2.0) -> float:
     """Share of all cores busy over `interval` seconds (from /proc/stat; this script idles meanwhile, so it is
     other processes' load). The 1-minute load average lags too much to tell when a burst has ended."""
@@ -369,7 +405,14 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
 
 
-def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> None:
+def budget_record(budget_min: float | None, planned: int, skipped: list[str]) -> dict:
+    """What fidelity.json says of a --budget run: the budget, the cells planned and those left out."""
+    return {} if budget_min is None else {"budget_min": budget_min, "cells_planned": planned,
+                                          "cells_skipped": skipped}
+
+
+def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float, skipped: list[str] | None = None,
+           planned: int | None = None) -> None:
     from rich.table import Table
 
     ref_on = any(r["drift"] for r in rows)
@@ -570,6 +613,9 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float) -> 
                       + ", ".join(f"{lab} {finite_stat(np.median, [r['paired_real'][m] for r in pr]):+.1%} "
                                   f"({finite_stat(np.median, [abs(r['paired_real'][m]) for r in pr]):.1%})"
                                   for m, lab in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))))
+    if skipped:
+        con.print(f"PARTIAL: the budget ran {len(rows)} of {planned} cells; every median, worst figure and target "
+                  f"above is over those {len(rows)}. Left out: " + "; ".join(skipped))
     con.print(f"total {(time.perf_counter() - t_start) / 60:.1f} min; load average at end: "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
@@ -700,13 +746,16 @@ def rescore(args: argparse.Namespace) -> int:
               + ", ".join(f"{lab} {fmt_err(err[m])}" + ("*" if in_band[m] else "") for m, lab in METRICS)
               + " (recorded: " + ", ".join(f"{lab} {fmt_err(cell['errors'][m])}" for m, lab in METRICS[:3]) + ")",
               flush=True)
-    report(rows, con, st["replicas"], st["requests"], time.perf_counter())
+    skipped = run.get("cells_skipped") or []  # a --budget run's cells left out stay left out
+    report(rows, con, st["replicas"], st["requests"], time.perf_counter(), skipped=skipped,
+           planned=run.get("cells_planned"))
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         args.drift_check = run.get("drift_check", True)
         args.n_req = st["requests"]
-        write_json(out_dir, args.profile, args, rows, rescored_from=str(path))
+        write_json(out_dir, args.profile, args, rows, rescored_from=str(path),
+                   **budget_record(run.get("budget_min"), run.get("cells_planned"), skipped))
     return 0
 
 
@@ -734,6 +783,11 @@ def main() -> int:
     ap.add_argument("--schedulers", default=None, help="comma-separated: " + ", ".join(SCHEDULERS))
     ap.add_argument("--routers", default=None, help="comma-separated: " + ", ".join(ROUTERS))
     ap.add_argument("--out", help="directory for profile.toml and fidelity.json")
+    ap.add_argument("--budget", type=float, default=None, metavar="MIN",
+                    help="wall-clock minutes for the whole run, profiling included: the cells run in an interleaved "
+                         "order (traces taking turns, every load level early) and no cell starts that would end past "
+                         "the budget, by the pace of the cells before it; the report and JSON name the cells left "
+                         "out (default: none, every cell in grid order). For a GPU lent for a few minutes")
     ap.add_argument("--quiet", type=float, default=1.0,
                     help="before profiling and before each cell, wait until other processes use less than this "
                          "share of the cores (default 1: never wait; with this session's priority raised, see "
@@ -793,6 +847,8 @@ def main() -> int:
         return rescore(args)
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat} is out of range; allowed: >= 1")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        ap.error(f"--budget={args.budget:g} is out of range; allowed: minutes > 0")
     n_req = args.n_req = args.requests or (20 if args.quick else 48)
     scheds = (args.schedulers or ("chunked-512" if args.quick else ",".join(SCHEDULERS))).split(",")
     routers = (args.routers or ("least_outstanding" if args.quick else ",".join(ROUTERS))).split(",")
@@ -839,14 +895,29 @@ def main() -> int:
                 for ld in loads:
                     w = at_rate(w0, LOADS[ld] * sat)
                     cells.append((tr, sc, ro, ld, sat, w, cfg))
-    est = sum(float(np.nanmax(simulate(w, cfg, cost=cost).records["finish"])) + 6 for *_, w, cfg in cells)
-    print(f"{len(cells)} cells, {n_req} requests each; the simulator expects about {est / 60:.1f} min of replay",
-          flush=True)
+    if args.budget is not None:
+        cells = interleaved(cells)
+    # each cell's predicted replay: the simulator's makespan, and a few seconds to start the replicas
+    predicted = [float(np.nanmax(simulate(w, cfg, cost=cost).records["finish"])) + 6 for *_, w, cfg in cells]
+    print(f"{len(cells)} cells, {n_req} requests each; the simulator expects about {sum(predicted) / 60:.1f} min of "
+          "replay" + (f"; budget {args.budget:g} min, profiling included: cells in interleaved order, none started "
+                      "that would end past it" if args.budget is not None else ""), flush=True)
 
     rows = []
     loop_prev = None  # the loop drift check after the previous cell: this cell's before
     prev_trace = None
+    done: list[tuple[float, float]] = []  # (wall s, predicted replay s) of each cell run, for --budget
+    skipped: list[str] = []
     for k, (tr, sc, ro, ld, sat, w, cfg) in enumerate(cells):
+        if args.budget is not None:
+            fits, est_s = next_cell_fits(time.perf_counter() - t_start, args.budget * 60, predicted[k], done)
+            if not fits:
+                skipped = [" ".join(c[:4]) for c in cells[k:]]
+                print(f"budget: cell {k + 1} would take about {est_s:.0f} s and end past {args.budget:g} min "
+                      f"({(time.perf_counter() - t_start) / 60:.1f} min gone); {len(skipped)} cells left out",
+                      flush=True)
+                break
+        t_cell = time.perf_counter()
         if (args.loop_mix == "workload" and tr != prev_trace) or args.loop_mix == "cell":
             loop_prev = None  # another trace's mix, or (cell) another configuration and rate
         prev_trace = tr
@@ -934,6 +1005,7 @@ def main() -> int:
                                   for m in ("ttft", "tpot", "e2e")},
                "real_status": res["real"][0]["ok"], "notes": res["notes"]}
         rows.append(row)
+        done.append((time.perf_counter() - t_cell, predicted[k]))
         drift_txt = ""
         if row["drift"]:
             d = row["drift"]
@@ -978,11 +1050,11 @@ def main() -> int:
               + f"; other load before {other:.0%} (waited {waited:.0f} s), niced load during {niced:.0%}",
               flush=True)
         if out_dir:
-            write_json(out_dir, prof_path, args, rows)
+            write_json(out_dir, prof_path, args, rows, **budget_record(args.budget, len(cells), skipped))
 
-    report(rows, con, args.replicas, n_req, t_start)
+    report(rows, con, args.replicas, n_req, t_start, skipped=skipped, planned=len(cells))
     if out_dir:
-        write_json(out_dir, prof_path, args, rows)
+        write_json(out_dir, prof_path, args, rows, **budget_record(args.budget, len(cells), skipped))
     return 0
 
 

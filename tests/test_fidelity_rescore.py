@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sim.calibrate import drift_corrected, kind_corrected, save_profile_file, scaled
 from sim.calibrate_cli import fit_to_model
@@ -348,3 +350,71 @@ def test_the_pace_swing_summary_sets_the_cells_that_moved_against_the_others():
     assert "2/4 cells moved by 10% or more: |error| at real pace median 13.0% there against 2.5%" in line
     assert "p50 TTFT / TPOT / E2E 15.0% / 15.0% / 15.0% against 2.0% / 2.0% / 2.0%" in line
     assert fid.pace_swing_summary([{"corrected_median_abs_rel_error": 0.1}]) is None
+
+
+def grid(traces, scheds, routers, loads) -> list[tuple]:
+    return [(tr, sc, ro, ld, object()) for tr in traces for sc in scheds for ro in routers for ld in loads]
+
+
+def test_interleaved_cells_cover_traces_loads_and_settings_early():
+    fid = fidelity_module()
+    cells = grid(list(fid.TRACES), list(fid.SCHEDULERS), list(fid.ROUTERS), list(fid.LOADS))
+    order = fid.interleaved(cells)
+    assert sorted(map(id, order)) == sorted(map(id, cells))  # the same cells, each once
+    assert [c[0] for c in order[:4]] == ["azure-conv", "azure-code"] * 2  # the traces take turns
+    first6 = order[:6]
+    assert {(c[0], c[3]) for c in first6} == {(tr, ld) for tr in fid.TRACES for ld in fid.LOADS}
+    first12 = order[:12]  # two scheduler x router settings per trace, which share neither
+    for tr in fid.TRACES:
+        settings = {(c[1], c[2]) for c in first12 if c[0] == tr}
+        assert len(settings) == 2
+        assert {s for s, _ in settings} == set(fid.SCHEDULERS) and {r for _, r in settings} == set(fid.ROUTERS)
+
+
+FID = fidelity_module()  # one load for the property test's examples (it reads no module state)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4))
+def test_interleaved_is_a_permutation_with_alternating_traces(n_tr, n_s, n_r, n_l):
+    fid = FID
+    cells = grid([f"t{i}" for i in range(n_tr)], [f"s{i}" for i in range(n_s)], [f"r{i}" for i in range(n_r)],
+                 [f"l{i}" for i in range(n_l)])
+    order = fid.interleaved(cells)
+    assert sorted(map(id, order)) == sorted(map(id, cells))
+    assert [c[0] for c in order] == [f"t{k % n_tr}" for k in range(len(cells))]
+    per = n_s * n_r * n_l  # within a trace, each setting runs through its loads in a row
+    for tr in range(n_tr):
+        mine = [c for c in order if c[0] == f"t{tr}"]
+        assert len(mine) == per
+        for k in range(0, per, n_l):
+            assert len({(c[1], c[2]) for c in mine[k:k + n_l]}) == 1
+            assert [c[3] for c in mine[k:k + n_l]] == [f"l{i}" for i in range(n_l)]
+
+
+def test_the_budget_runs_the_first_cell_then_extrapolates_the_cells_own_pace():
+    fid = fidelity_module()
+    fits, est = fid.next_cell_fits(elapsed_s=9999.0, budget_s=60.0, predicted_s=100.0, done=[])
+    assert fits and math.isnan(est)  # one cell at least, whatever the budget
+    # two cells took 3 x and 5 x their predicted replay: the next, predicted 20 s, is taken as 4 x 20 s
+    done = [(30.0, 10.0), (100.0, 20.0)]
+    fits, est = fid.next_cell_fits(100.0, 180.0, 20.0, done)
+    assert est == pytest.approx(80.0) and fits
+    fits, _ = fid.next_cell_fits(100.1, 180.0, 20.0, done)
+    assert not fits
+    with pytest.raises(ValueError, match="--budget"):
+        fid.next_cell_fits(0.0, 0.0, 1.0, done)
+
+
+def test_rescoring_a_partial_run_keeps_its_cells_left_out_in_the_report_and_json(tmp_path, monkeypatch, capsys):
+    fid = fidelity_module()
+    prof = busy_profile(1.2)
+    path = str(save_profile_file(prof, tmp_path / "p.toml"))
+    run = recorded_run(fid, path, prof, 1.1)
+    left_out = ["azure-conv prefill-first round_robin light", "azure-code prefill-first round_robin light"]
+    run.update(fid.budget_record(5.0, 4, left_out))
+    res = rescore_run(fid, monkeypatch, tmp_path, run, path)
+    assert res["cells_skipped"] == left_out and res["cells_planned"] == 4 and res["budget_min"] == 5.0
+    assert len(res["cells"]) == 2
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "PARTIAL: the budget ran 2 of 4 cells" in out and left_out[1] in out
+    assert fid.budget_record(None, 4, []) == {}  # a run without a budget records none
