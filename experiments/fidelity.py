@@ -510,7 +510,8 @@ def report(rows: list[dict], con, replicas: int, n_req: int, t_start: float, ski
         p50_ok = all(a[m]["median"] <= 0.05 for m in ("ttft.p50", "tpot.p50", "e2e.p50"))
         p99_ok = all(a[m]["median"] <= 0.10 for m in ("ttft.p99", "tpot.p99", "e2e.p99"))
         return (f"median p50 error <= 5%: {'met' if p50_ok else 'MISSED'}; "
-                f"median p99 error <= 10%: {'met' if p99_ok else 'MISSED'}")
+                f"median p99 error <= 10%: {'met' if p99_ok else 'MISSED'}"
+                + (f" (PARTIAL: {len(rows)} of {planned} cells)" if skipped else ""))
 
     con.print(f"inside the real run's {SAMPLING_LEVEL:.0%} resampling band (the measurement's own sampling error "
               "over its requests; marked * per cell above): "

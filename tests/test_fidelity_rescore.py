@@ -417,4 +417,5 @@ def test_rescoring_a_partial_run_keeps_its_cells_left_out_in_the_report_and_json
     assert len(res["cells"]) == 2
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "PARTIAL: the budget ran 2 of 4 cells" in out and left_out[1] in out
+    assert "median p99 error <= 10%: met (PARTIAL: 2 of 4 cells)" in out  # and every target line says so
     assert fid.budget_record(None, 4, []) == {}  # a run without a budget records none
