@@ -65,6 +65,7 @@ out of both sides. Loads are shares of a saturation rate the fitted simulator gi
     python experiments/fidelity.py              # all 24 cells (about an hour on 2 cores with the default checks)
     python experiments/fidelity.py --profile p.toml --out results/   # reuse a profile; write JSON
     python experiments/fidelity.py --repeat 2 --out results/   # two real runs per cell: the executor against itself
+    python experiments/fidelity.py --budget 8 --out results/   # the cells that fit 8 minutes, interleaved
     python experiments/fidelity.py --device cuda --model /models/llama --out fid-gpu/   # 2 replicas on one GPU
     # one cell (the four filters pick the cells):
     python experiments/fidelity.py --profile p.toml --traces azure-conv --loads light --schedulers chunked-512 --routers least_outstanding
