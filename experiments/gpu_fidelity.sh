@@ -12,7 +12,8 @@
 #              directory; nothing is downloaded
 #
 # Environment: DEVICE (default cuda; cpu runs the same steps here, for a dry run), PROFILE (a profile
-# file to reuse instead of profiling), PYTHON (default python3).
+# file to reuse instead of profiling), PYTHON (default python3), WHEELS (default .whl: wheels to install
+# when simpy is missing).
 #
 # A machine with no network and no simpy (the lent GPU machines have torch, numpy, scipy, rich, psutil
 # and nvidia-ml-py, not simpy): fetch the wheel first where pip works,
@@ -25,16 +26,17 @@ budget=${2:-8}
 model=${3:-default}
 device=${DEVICE:-cuda}
 py=${PYTHON:-python3}
+wheels=${WHEELS:-.whl}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 
 if ! "$py" -c "import simpy" 2>/dev/null; then
-  if compgen -G ".whl/*.whl" >/dev/null; then
+  if compgen -G "$wheels/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/twinfer-site \
-      .whl/*.whl
+      "$wheels"/*.whl
     export PYTHONPATH=/tmp/twinfer-site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "gpu_fidelity: simpy is not installed and .whl/ holds no wheel to install it from (see the header)" >&2
+    echo "gpu_fidelity: simpy is not installed and $wheels/ holds no wheel to install it from (see the header)" >&2
     exit 2
   fi
 fi
