@@ -406,7 +406,7 @@ def write_json(out_dir: Path, prof_path: str, args: argparse.Namespace, rows: li
          **({"aggregate_noise": noise_aggregate(rows)} if noise_aggregate(rows) else {})}, indent=2) + "\n")
 
 
-def budget_record(budget_min: float | None, planned: int, skipped: list[str]) -> dict:
+def budget_record(budget_min: float | None, planned: int | None, skipped: list[str]) -> dict:
     """What fidelity.json says of a --budget run: the budget, the cells planned and those left out."""
     return {} if budget_min is None else {"budget_min": budget_min, "cells_planned": planned,
                                           "cells_skipped": skipped}

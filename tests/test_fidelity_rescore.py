@@ -376,10 +376,9 @@ FID = fidelity_module()  # one load for the property test's examples (it reads n
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4))
 def test_interleaved_is_a_permutation_with_alternating_traces(n_tr, n_s, n_r, n_l):
-    fid = FID
     cells = grid([f"t{i}" for i in range(n_tr)], [f"s{i}" for i in range(n_s)], [f"r{i}" for i in range(n_r)],
                  [f"l{i}" for i in range(n_l)])
-    order = fid.interleaved(cells)
+    order = FID.interleaved(cells)
     assert sorted(map(id, order)) == sorted(map(id, cells))
     assert [c[0] for c in order] == [f"t{k % n_tr}" for k in range(len(cells))]
     per = n_s * n_r * n_l  # within a trace, each setting runs through its loads in a row
